@@ -1,0 +1,1 @@
+"""Command-line entry points: ``sam-worker``, ``sam-admin`` and ``sam``."""

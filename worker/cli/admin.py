@@ -1,0 +1,98 @@
+"""``sam-admin``: provision the SAM's HSM keys and verify audit trails."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from worker.domain.audit import verify_records
+from worker.errors import SamError
+from worker.hsm.pkcs11_hsm import open_session, provision_sam_keys
+from worker.settings import Infrastructure, KeyInfo, load_infrastructure, read_secret
+
+__all__ = ["main"]
+
+
+def _create(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        print(f"{args.out} exists; the SAM keys were created already (use --force for new ones)", file=sys.stderr)
+        return 1
+    session = open_session(args.pkcs11_module, args.token_label, read_secret(args.pin_file))
+    try:
+        suffix = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+        keys = provision_sam_keys(session, suffix)
+    finally:
+        session.close()
+    infrastructure = Infrastructure(
+        node=args.node,
+        token_label=args.token_label,
+        kek_label=keys.kek_label,
+        state_key=KeyInfo(label=keys.state_key_label, public_key=keys.state_public_key_pem),
+        audit_key=KeyInfo(label=keys.audit_key_label, public_key=keys.audit_public_key_pem),
+        created=datetime.datetime.now(datetime.UTC).isoformat(),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(infrastructure.model_dump_json(indent=2) + "\n")
+    print(f"created {keys.kek_label}, {keys.state_key_label}, {keys.audit_key_label}; wrote {args.out}")
+    return 0
+
+
+def _lines(path: Path) -> Iterator[tuple[str, int, bytes]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            yield str(path), number, line
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    infrastructure = load_infrastructure(args.infrastructure)
+    key = serialization.load_pem_public_key(infrastructure.audit_key.public_key.encode())
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+
+    def every_line() -> Iterator[tuple[str, int, bytes]]:
+        for path in args.files:
+            yield from _lines(path)
+
+    report = verify_records(every_line(), key)
+    for problem in report.problems:
+        print(f"BAD {problem}")
+    for chain, (first, last) in sorted(report.chains.items()):
+        print(f"chain {chain}: records {first}..{last}")
+    print(f"{report.records} records, {len(report.problems)} problems")
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sam-admin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="create the KEK, state key and audit key in the token")
+    create.add_argument("--pkcs11-module", default="/usr/lib/softhsm/libsofthsm2.so")
+    create.add_argument("--token-label", default="sam")
+    create.add_argument("--pin-file", type=Path, required=True, help="file with the token user PIN")
+    create.add_argument("--node", required=True, help="name of this SAM node in audit records")
+    create.add_argument("--out", type=Path, required=True, help="where to write sam_infrastructure.json")
+    create.add_argument("--force", action="store_true")
+    create.set_defaults(run=_create)
+    audit = sub.add_parser("audit", help="audit trail tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="verify chains and signatures of audit files")
+    verify.add_argument("--infrastructure", type=Path, required=True, help="sam_infrastructure.json")
+    verify.add_argument("files", type=Path, nargs="+")
+    verify.set_defaults(run=_audit_verify)
+    args = parser.parse_args(argv)
+    try:
+        sys.exit(args.run(args))
+    except SamError as exc:
+        print(f"sam-admin: {exc.code.name}: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""``sam``: the SSA / administrator command line over the SDK.
+
+Identity comes from a client profile (``--profile FILE`` or ``SAM_PROFILE``), a JSON
+file naming the broker URL, the CA, the client certificate and key, the user id and
+the JWS key that signs requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ConfigDict
+
+from worker.client import SamClient, SamClientError, SamRequestError
+from worker.settings import TlsFiles
+
+__all__ = ["ClientProfile", "main"]
+
+
+class ClientProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str
+    user_id: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    jws_key_file: Path
+
+    def client(self) -> SamClient:
+        tls = TlsFiles(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
+        return SamClient(self.url, tls, self.user_id, self.jws_key_file.read_bytes())
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _emit(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
+    async with profile.client() as client:
+        if args.command == "config-put":
+            config = _load_json(args.file)
+            if args.bump:
+                try:
+                    current = (await client.get_configuration())["version"]
+                except SamRequestError as exc:
+                    if exc.code != "configuration_missing":
+                        raise
+                    current = 0
+                config["version"] = current + 1
+            await client.put_configuration(config)
+            print(f"dynamic configuration version {config['version']} accepted", file=sys.stderr)
+        elif args.command == "config-get":
+            _emit(await client.get_configuration())
+        elif args.command == "key-create":
+            _emit(await client.create_key_pair(args.algorithm, size=args.size, named_curve=args.curve))
+        elif args.command == "key-assign":
+            _emit(await client.assign_key_pair(_load_json(args.key_pair), args.signer, args.subject))
+        elif args.command == "sign":
+            digests = [base64.b64decode(d) for d in args.dtbs]
+            digests += [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
+            sad = args.sad_file.read_text().strip()
+            signatures = await client.sign(_load_json(args.key_pair), args.signer, args.algorithm, digests, sad)
+            _emit(
+                {
+                    "signature_algorithm": args.algorithm,
+                    "signatures": [
+                        {"dtbs": base64.b64encode(d).decode(), "signature": base64.b64encode(s).decode()}
+                        for d, s in zip(digests, signatures, strict=True)
+                    ],
+                }
+            )
+
+
+def _public_key(args: argparse.Namespace) -> None:
+    der = base64.b64decode(_load_json(args.key_pair)["public_key"])
+    key = serialization.load_der_public_key(der)
+    sys.stdout.write(
+        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sam", description=__doc__)
+    parser.add_argument("--profile", type=Path, default=os.environ.get("SAM_PROFILE"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    put = sub.add_parser("config-put", help="set the dynamic configuration (administrators)")
+    put.add_argument("file", type=Path)
+    put.add_argument("--bump", action="store_true", help="set version to the current one + 1")
+    sub.add_parser("config-get", help="print the current dynamic configuration")
+    create = sub.add_parser("key-create", help="create a key pair")
+    create.add_argument("--algorithm", choices=["RSA", "ECDSA"], required=True)
+    create.add_argument("--size", type=int)
+    create.add_argument("--curve")
+    assign = sub.add_parser("key-assign", help="assign a key pair to a signer")
+    assign.add_argument("key_pair", type=Path)
+    assign.add_argument("--signer", required=True)
+    assign.add_argument("--subject", required=True)
+    sign = sub.add_parser("sign", help="sign DTBS/R with a SAD")
+    sign.add_argument("key_pair", type=Path)
+    sign.add_argument("--signer", required=True)
+    sign.add_argument("--algorithm", required=True, help="signature algorithm OID")
+    sign.add_argument("--dtbs", action="append", default=[], help="base64 DTBS/R (repeatable)")
+    sign.add_argument("--file", type=Path, action="append", default=[], help="a document to hash with SHA-256")
+    sign.add_argument("--sad-file", type=Path, required=True)
+    public = sub.add_parser("public-key", help="print a key pair's public key as PEM (offline)")
+    public.add_argument("key_pair", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "public-key":
+        _public_key(args)
+        return
+    if args.profile is None:
+        parser.error("--profile (or SAM_PROFILE) is required")
+    profile = ClientProfile.model_validate(_load_json(args.profile))
+    try:
+        asyncio.run(_run(args, profile))
+    except SamRequestError as exc:
+        print(f"sam: refused: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+    except SamClientError as exc:
+        print(f"sam: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

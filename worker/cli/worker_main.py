@@ -1,0 +1,36 @@
+"""``sam-worker``: run one worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from worker.app import run_worker
+from worker.settings import load_settings
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sam-worker", description=__doc__)
+    parser.add_argument("--config", type=Path, help="settings file (TOML); SAM_* variables override it")
+    parser.add_argument("--queues", help="comma-separated queue classes to consume: admin,keys,signatures")
+    parser.add_argument("--instance", help="name of this process in audit records and logs")
+    parser.add_argument("--ready-file", type=Path, help="written once the worker consumes")
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.queues:
+        overrides["queues"] = args.queues
+    if args.instance:
+        overrides["instance"] = args.instance
+    settings = load_settings(args.config, **overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    asyncio.run(run_worker(settings, args.ready_file))
+
+
+if __name__ == "__main__":
+    main()

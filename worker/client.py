@@ -1,0 +1,234 @@
+"""The SSA SDK: an async client that signs each request, publishes it and awaits the
+correlated reply.
+
+It connects with a TLS client certificate (EXTERNAL), keeps one exclusive reply queue
+named under its own user (``<user>.replies.<uuid>``, the only queues its broker
+permissions let it read), signs every request with its registered JWS key and raises
+``SamRequestError`` carrying the SAM's stable error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from joserfc import jws
+from joserfc.jwk import ECKey, RSAKey
+
+from worker.domain.authorization import RequestBinding, request_jws_payload
+from worker.domain.contract import (
+    HEADER_REQUEST_JWS,
+    HEADER_SAD,
+    HEADER_STATUS,
+    OPERATION_QUEUE,
+    Operation,
+)
+from worker.settings import TlsFiles
+from worker.transport.amqp import tls_context
+from worker.transport.topology import REQUESTS_EXCHANGE, reply_queue_prefix
+
+__all__ = ["RawReply", "SamClient", "SamClientError", "SamRequestError", "SamTimeout"]
+
+
+class SamClientError(Exception):
+    """Base of every error the SDK raises."""
+
+
+class SamTimeout(SamClientError):
+    def __init__(self, request_id: str, seconds: float) -> None:
+        super().__init__(f"no reply to {request_id} within {seconds} s")
+        self.request_id = request_id
+
+
+class SamRequestError(SamClientError):
+    """The SAM refused the request; ``code`` is its stable error code."""
+
+    def __init__(self, status: int, code: str, message: str, request_id: str | None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class RawReply:
+    status: int
+    body: bytes
+    correlation_id: str | None
+
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
+
+
+def _jws_key(pem: bytes) -> ECKey | RSAKey:
+    text = pem.decode()
+    return RSAKey.import_key(text) if "RSA" in text.split("\n", 1)[0] else ECKey.import_key(text)
+
+
+class SamClient:
+    def __init__(
+        self,
+        url: str,
+        tls: TlsFiles,
+        user_id: str,
+        jws_key_pem: bytes,
+        timeout: float = 15.0,
+    ) -> None:
+        self.url = url
+        self.tls = tls
+        self.user_id = user_id
+        self._key = _jws_key(jws_key_pem)
+        self._alg = "ES256" if isinstance(self._key, ECKey) else "PS256"
+        self.timeout = timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._reply_queue: AbstractQueue | None = None
+        self._pending: dict[str, asyncio.Future[RawReply]] = {}
+
+    async def __aenter__(self) -> SamClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._connection = await aio_pika.connect_robust(self.url, ssl_context=tls_context(self.tls))
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._reply_queue = await self._channel.declare_queue(
+            f"{reply_queue_prefix(self.user_id)}{uuid.uuid4()}", exclusive=True, auto_delete=True
+        )
+        await self._reply_queue.consume(self._on_reply, no_ack=True)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    def _on_reply_sync(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            status = (message.headers or {}).get(HEADER_STATUS)
+            future.set_result(RawReply(int(status) if isinstance(status, int) else 0, message.body, message.correlation_id))
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        self._on_reply_sync(message)
+
+    def sign_request(self, body: bytes, message_id: str, operation: str, user_id: str | None = None) -> str:
+        binding = RequestBinding(body, message_id, operation, user_id or self.user_id)
+        payload = request_jws_payload(binding, int(time.time()))
+        return jws.serialize_compact({"alg": self._alg, "kid": self.user_id}, payload, self._key)
+
+    async def send(
+        self,
+        operation: str,
+        body: bytes,
+        *,
+        sad: str | None = None,
+        request_jws: str | None = None,
+        sign: bool = True,
+        message_id: str | None = None,
+        user_id: str | None = "",
+        routing_key: str | None = None,
+        reply_to: str | None = "",
+        headers: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        wait: bool = True,
+    ) -> RawReply | None:
+        """Publish one request as given and wait for its reply (low level; tests use
+        it to send what a well-behaved SSA would not)."""
+        assert self._channel is not None and self._reply_queue is not None, "not connected"
+        message_id = message_id or str(uuid.uuid4())
+        correlation_id = str(uuid.uuid4())
+        if request_jws is None and sign:
+            request_jws = self.sign_request(body, message_id, operation)
+        all_headers: dict[str, Any] = dict(headers or {})
+        if request_jws is not None:
+            all_headers[HEADER_REQUEST_JWS] = request_jws
+        if sad is not None:
+            all_headers[HEADER_SAD] = sad
+        if routing_key is None:
+            try:
+                routing_key = OPERATION_QUEUE[Operation(operation)].value
+            except ValueError:
+                routing_key = "signatures"
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=self._reply_queue.name if reply_to == "" else reply_to,
+            user_id=self.user_id if user_id == "" else user_id,
+            type=operation,
+            timestamp=time.time(),
+            headers=all_headers,
+        )
+        future: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            exchange = await self._channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            if not wait:
+                return None
+            seconds = timeout or self.timeout
+            try:
+                return await asyncio.wait_for(future, seconds)
+            except TimeoutError:
+                raise SamTimeout(message_id, seconds) from None
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    async def call(self, operation: Operation | str, body: Any = None, *, sad: str | None = None) -> Any:
+        """Send a well-formed request; return the reply document or raise ``SamRequestError``."""
+        payload = orjson.dumps(body if body is not None else {})
+        reply = await self.send(str(operation), payload, sad=sad)
+        assert reply is not None
+        document = reply.json()
+        if reply.status >= 400:
+            error = (document or {}).get("error", {})
+            raise SamRequestError(reply.status, error.get("code", "unknown"), error.get("message", ""), error.get("request_id"))
+        return document
+
+    # --- operations -------------------------------------------------------------------
+
+    async def put_configuration(self, configuration: dict[str, Any]) -> None:
+        await self.call(Operation.configurations_dynamic_put, configuration)
+
+    async def get_configuration(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(Operation.configurations_dynamic_get)
+        return result
+
+    async def create_key_pair(self, algorithm: str, *, size: int | None = None, named_curve: str | None = None) -> dict[str, Any]:
+        template: dict[str, Any] = {"algorithm": algorithm}
+        if size is not None:
+            template["size"] = size
+        if named_curve is not None:
+            template["named_curve"] = named_curve
+        result = await self.call(Operation.key_pairs_create, {"key_template": template})
+        return dict(result["key_pair"])
+
+    async def assign_key_pair(self, key_pair: dict[str, Any], signer: str, subject: str) -> dict[str, Any]:
+        body = {"key_pair": key_pair, "signer": {"id": signer}, "subject": subject}
+        result = await self.call(Operation.signers_key_pairs_assign, body)
+        return dict(result["key_pair"])
+
+    async def sign(
+        self, key_pair: dict[str, Any], signer: str, signature_algorithm: str, digests: list[bytes], sad: str
+    ) -> list[bytes]:
+        body = {
+            "signature_algorithm": signature_algorithm,
+            "requests": [{"dtbs": base64.b64encode(d).decode()} for d in digests],
+            "key_pair": key_pair,
+            "signer": {"id": signer},
+        }
+        result = await self.call(Operation.signatures_create, body, sad=sad)
+        return [base64.b64decode(s["signature"]) for s in result["signatures"]]

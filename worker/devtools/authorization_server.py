@@ -1,0 +1,97 @@
+"""TEST TOOLING: a development authorization server that issues SADs.
+
+It signs whatever it is asked to, which is exactly what a real IdP/AS must not do;
+it exists so tests and the demo can produce SADs shaped like CSC v2 / OAuth2 RAR
+access tokens. Run ``python -m worker.devtools.authorization_server --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from joserfc import jws
+from joserfc.jwk import ECKey
+
+__all__ = ["DevAuthorizationServer", "main"]
+
+
+class DevAuthorizationServer:
+    def __init__(self, server_id: str, private_key_pem: bytes) -> None:
+        self.id = server_id
+        self._key = ECKey.import_key(private_key_pem.decode())
+
+    def sign_claims(self, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+        protected = {"alg": "ES256", "typ": "JWT", "kid": self.id, **(header or {})}
+        return jws.serialize_compact(protected, orjson.dumps(claims), self._key)
+
+    def sad_claims(
+        self,
+        audience: str,
+        signer: str,
+        key_pair_id: str,
+        digests: Sequence[bytes],
+        hash_oid: str = "2.16.840.1.101.3.4.2.1",
+        lifetime: int = 120,
+        amr: Sequence[str] = ("pwd", "otp"),
+        detail_type: str = "credential",
+    ) -> dict[str, Any]:
+        now = int(time.time())
+        return {
+            "iss": self.id,
+            "aud": audience,
+            "sub": signer,
+            "iat": now,
+            "exp": now + lifetime,
+            "jti": str(uuid.uuid4()),
+            "amr": list(amr),
+            "authorization_details": [
+                {
+                    "type": detail_type,
+                    "credentialID": key_pair_id,
+                    "hashAlgorithmOID": hash_oid,
+                    "documentDigests": [
+                        {"hash": base64.b64encode(d).decode(), "label": f"document {i + 1}"}
+                        for i, d in enumerate(digests)
+                    ],
+                    "numSignatures": len(digests),
+                }
+            ],
+        }
+
+    def issue_sad(self, audience: str, signer: str, key_pair_id: str, digests: Sequence[bytes], **options: Any) -> str:
+        return self.sign_claims(self.sad_claims(audience, signer, key_pair_id, digests, **options))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sam-dev-as", description="TEST TOOLING: issue a SAD from the development authorization server"
+    )
+    parser.add_argument("--id", required=True, help="authorization server id (its registered id)")
+    parser.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
+    parser.add_argument("--audience", required=True, help="the SAM id")
+    parser.add_argument("--signer", required=True)
+    parser.add_argument("--key-pair-id", required=True)
+    parser.add_argument("--dtbs", action="append", default=[], help="base64 DTBS/R (repeatable)")
+    parser.add_argument("--file", type=Path, action="append", default=[], help="a document to hash with SHA-256")
+    parser.add_argument("--hash-oid", default="2.16.840.1.101.3.4.2.1")
+    parser.add_argument("--lifetime", type=int, default=120)
+    args = parser.parse_args(argv)
+    digests = [base64.b64decode(d) for d in args.dtbs] + [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
+    server = DevAuthorizationServer(args.id, args.key.read_bytes())
+    sys.stdout.write(
+        server.issue_sad(args.audience, args.signer, args.key_pair_id, digests, hash_oid=args.hash_oid, lifetime=args.lifetime)
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""TEST TOOLING: the local stack — dev PKI, an isolated RabbitMQ node on loopback,
+a SoftHSM2 token with the SAM's keys, and worker processes — all under one folder.
+
+``ops/stack up|down|status`` drives it; the test session uses the same class with its
+own folder and ports, so the demo stack and a test run never collide. ``down`` stops
+exactly what ``up`` started (by the pids it recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.devtools.pki import DevPki
+from worker.transport.topology import VHOST, definitions
+
+__all__ = ["Stack", "main"]
+
+WORKER_USER = "sam-worker"
+ADMINS = ["admin-1"]
+SSAS = ["ssa-1", "ssa-2"]
+SIEMS = ["siem-1"]
+AUTHORIZATION_SERVERS = ["dev-as", "other-as"]
+SAM_ID = "sam-dev"
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); reap it if it is ours
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _stop_pid(pid: int, timeout: float, sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Stack:
+    root: Path
+    port_base: int = 25671
+
+    # --- layout -----------------------------------------------------------------------
+
+    @property
+    def amqps_port(self) -> int:
+        return self.port_base
+
+    @property
+    def dist_port(self) -> int:
+        return self.port_base + 1
+
+    @property
+    def epmd_port(self) -> int:
+        return self.port_base + 2
+
+    @property
+    def node_name(self) -> str:
+        return f"sam{self.port_base}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqps://127.0.0.1:{self.amqps_port}/{VHOST}?auth=external&name=sam"
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def pki(self) -> DevPki:
+        return DevPki(self.path("pki"))
+
+    @property
+    def infrastructure_file(self) -> Path:
+        return self.path("config", "sam_infrastructure.json")
+
+    @property
+    def worker_config(self) -> Path:
+        return self.path("config", "worker.toml")
+
+    def profile(self, user: str) -> Path:
+        return self.path("clients", f"{user}.json")
+
+    # --- up ---------------------------------------------------------------------------
+
+    def up(self, workers: int = 2) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in ("run", "logs", "audit", "config", "clients", "secrets"):
+            self.path(folder).mkdir(exist_ok=True)
+        self.path("secrets").chmod(0o700)
+        self._pki()
+        self._rabbitmq()
+        self._token()
+        self._configuration()
+        self.start_workers(workers)
+
+    def _pki(self) -> None:
+        pki = self.pki
+        pki.ensure_ca()
+        pki.issue("rabbitmq", server=True)
+        for user in [WORKER_USER, *ADMINS, *SSAS, *SIEMS]:
+            pki.issue(user)
+        for user in [*ADMINS, *SSAS, *AUTHORIZATION_SERVERS]:
+            pki.jws_key(user)
+
+    def _rabbitmq_env(self) -> dict[str, str]:
+        base = self.path("rabbitmq")
+        env = dict(os.environ)
+        env.update(
+            HOME=str(base / "home"),
+            RABBITMQ_NODENAME=self.node_name,
+            RABBITMQ_USE_LONGNAME="false",
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(base / "log"),
+            RABBITMQ_CONFIG_FILE=str(base / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(base / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
+            RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),
+            RABBITMQ_PID_FILE=str(base / "rabbitmq.pid"),
+        )
+        return env
+
+    def rabbitmqctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [RABBITMQCTL, "-n", self.node_name, *args],
+            env=self._rabbitmq_env(),
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def _rabbitmq(self) -> None:
+        base = self.path("rabbitmq")
+        for sub in ("home", "mnesia", "log"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        pki = self.pki
+        server = pki.root / "rabbitmq"
+        (base / "definitions.json").write_text(
+            json.dumps(definitions([WORKER_USER], ADMINS, SSAS, SIEMS), indent=2)
+        )
+        (base / "rabbitmq.conf").write_text(
+            "\n".join(
+                [
+                    "listeners.tcp = none",
+                    f"listeners.ssl.1 = 127.0.0.1:{self.amqps_port}",
+                    f"ssl_options.cacertfile = {pki.ca_file}",
+                    f"ssl_options.certfile = {server / 'cert.pem'}",
+                    f"ssl_options.keyfile = {server / 'key.pem'}",
+                    "ssl_options.verify = verify_peer",
+                    "ssl_options.fail_if_no_peer_cert = true",
+                    "ssl_options.versions.1 = tlsv1.3",
+                    "ssl_options.versions.2 = tlsv1.2",
+                    "auth_mechanisms.1 = EXTERNAL",
+                    "ssl_cert_login_from = common_name",
+                    "loopback_users = none",
+                    f"load_definitions = {base / 'definitions.json'}",
+                    "log.console = false",
+                    "log.file.level = warning",
+                    "",
+                ]
+            )
+        )
+        (base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+        (base / "rabbitmq-env.conf").write_text("")
+        (base / "advanced.config").write_text("[].\n")
+        pid_file = self.path("run", "rabbitmq.pid")
+        if pid_file.exists() and _pid_alive(int(pid_file.read_text())):
+            return
+        log = (self.path("logs", "rabbitmq.out")).open("ab")
+        process = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            env=self._rabbitmq_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        pid_file.write_text(str(process.pid))
+        # await_startup fails at once while the node is not yet registered with epmd
+        deadline = time.monotonic() + 90
+        while True:
+            result = self.rabbitmqctl("await_startup", "--timeout", "30", check=False)
+            if result.returncode == 0:
+                return
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ did not start: {result.stderr.strip()[-500:]} (see {base / 'log'})")
+            time.sleep(0.5)
+
+    def _token(self) -> None:
+        softhsm = self.path("softhsm")
+        (softhsm / "tokens").mkdir(parents=True, exist_ok=True)
+        conf = softhsm / "softhsm2.conf"
+        conf.write_text(
+            f"directories.tokendir = {softhsm / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+        )
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        pin_file, so_pin_file = self.path("secrets", "token-pin"), self.path("secrets", "token-so-pin")
+        for path in (pin_file, so_pin_file):
+            if not path.exists():
+                path.write_text(secrets.token_hex(8))
+                path.chmod(0o600)
+        if not any((softhsm / "tokens").iterdir()):
+            subprocess.run(
+                [
+                    "softhsm2-util", "--init-token", "--free", "--label", "sam",
+                    "--pin", pin_file.read_text(), "--so-pin", so_pin_file.read_text(),
+                ],
+                check=True,
+                capture_output=True,
+            )
+        if not self.infrastructure_file.exists():
+            subprocess.run(
+                [
+                    sys.executable, "-m", "worker.cli.admin", "create",
+                    "--pin-file", str(pin_file), "--node", "node-1",
+                    "--out", str(self.infrastructure_file),
+                ],
+                check=True,
+                capture_output=True,
+            )
+
+    def _configuration(self) -> None:
+        pki = self.pki
+
+        def pub(user: str) -> str:
+            return (pki.root / user / "jws-pub.pem").read_text()
+
+        static = {
+            "sam_id": SAM_ID,
+            "administrators": [{"id": a, "public_key": pub(a)} for a in ADMINS],
+        }
+        self.path("config", "static_config.json").write_text(json.dumps(static, indent=2))
+        dynamic = {
+            "version": 1,
+            "authorization_servers": [{"id": a, "public_key": pub(a)} for a in AUTHORIZATION_SERVERS],
+            "signing_service_privileged_users": [
+                {"id": "ssa-1", "public_key": pub("ssa-1"), "allowed_authorization_servers": ["dev-as"]},
+                {"id": "ssa-2", "public_key": pub("ssa-2"), "allowed_authorization_servers": ["other-as"]},
+            ],
+        }
+        self.path("config", "dynamic_config.json").write_text(json.dumps(dynamic, indent=2))
+        worker = pki.root / WORKER_USER
+        self.worker_config.write_text(
+            "\n".join(
+                [
+                    f'broker_url = "{self.url}"',
+                    f'tls_ca_file = "{pki.ca_file}"',
+                    f'tls_cert_file = "{worker / "cert.pem"}"',
+                    f'tls_key_file = "{worker / "key.pem"}"',
+                    f'pkcs11_module = "{SOFTHSM_MODULE}"',
+                    'token_label = "sam"',
+                    f'token_pin_file = "{self.path("secrets", "token-pin")}"',
+                    f'infrastructure_file = "{self.infrastructure_file}"',
+                    f'static_config_file = "{self.path("config", "static_config.json")}"',
+                    f'audit_dir = "{self.path("audit")}"',
+                    "",
+                ]
+            )
+        )
+        for user in [*ADMINS, *SSAS]:
+            self.profile(user).write_text(
+                json.dumps(
+                    {
+                        "url": self.url,
+                        "user_id": user,
+                        "ca_file": str(pki.ca_file),
+                        "cert_file": str(pki.root / user / "cert.pem"),
+                        "key_file": str(pki.root / user / "key.pem"),
+                        "jws_key_file": str(pki.root / user / "jws-key.pem"),
+                    },
+                    indent=2,
+                )
+            )
+
+    # --- workers ----------------------------------------------------------------------
+
+    def worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SOFTHSM2_CONF"] = str(self.path("softhsm", "softhsm2.conf"))
+        env["SAM_CONFIG_FILE"] = str(self.worker_config)
+        return env
+
+    def start_worker(self, instance: str, *, queues: str | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
+        ready = self.path("run", f"{instance}.ready")
+        ready.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "worker.cli.worker_main", "--instance", instance, "--ready-file", str(ready)]
+        if queues:
+            command += ["--queues", queues]
+        log = self.path("logs", f"{instance}.log").open("ab")
+        process = subprocess.Popen(
+            command, env=self.worker_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.path("run", f"{instance}.pid").write_text(str(process.pid))
+        if wait:
+            self.wait_ready(instance, process)
+        return process
+
+    def wait_ready(self, instance: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+        ready = self.path("run", f"{instance}.ready")
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if process.poll() is not None:
+                tail = self.path("logs", f"{instance}.log").read_text()[-3000:]
+                raise RuntimeError(f"worker {instance} exited with {process.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {instance} not ready after {timeout} s")
+            time.sleep(0.05)
+
+    def start_workers(self, count: int) -> None:
+        for index in range(1, count + 1):
+            instance = f"worker-{index}"
+            pid_file = self.path("run", f"{instance}.pid")
+            if pid_file.exists() and _pid_alive(int(pid_file.read_text())):
+                continue
+            self.start_worker(instance)
+
+    def _pids(self) -> dict[str, int]:
+        pids = {}
+        for pid_file in sorted(self.path("run").glob("*.pid")) if self.path("run").exists() else []:
+            with contextlib.suppress(ValueError):
+                pids[pid_file.stem] = int(pid_file.read_text())
+        return pids
+
+    # --- down / status ----------------------------------------------------------------
+
+    def down(self) -> None:
+        pids = self._pids()
+        for name, pid in pids.items():
+            if name != "rabbitmq":
+                _stop_pid(pid, timeout=15)
+                self.path("run", f"{name}.pid").unlink(missing_ok=True)
+        if "rabbitmq" in pids:
+            _stop_pid(pids["rabbitmq"], timeout=30)
+            self.path("run", "rabbitmq.pid").unlink(missing_ok=True)
+            # epmd was started by this node on its own port; stop that one only
+            epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
+            subprocess.run(
+                [epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, check=False, timeout=30,
+                env=self._rabbitmq_env(),
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {name: ("running" if _pid_alive(pid) else "stopped") for name, pid in self._pids().items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ops/stack", description="the local sam-worker stack (test tooling)")
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("SAM_STACK_DIR", ".stack")))
+    parser.add_argument("--port-base", type=int, default=int(os.environ.get("SAM_STACK_PORT_BASE", "25671")))
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    stack = Stack(args.root.resolve(), args.port_base)
+    if args.command == "up":
+        stack.up(args.workers)
+        print(f"stack up in {stack.root}: RabbitMQ {stack.url}, {args.workers} worker(s)")
+        for name, state in stack.status().items():
+            print(f"  {name}: {state}")
+    elif args.command == "down":
+        stack.down()
+        print("stack down")
+    else:
+        status = stack.status()
+        for name, state in status.items():
+            print(f"{name}: {state}")
+        if not status:
+            print("nothing running")
+
+
+if __name__ == "__main__":
+    main()

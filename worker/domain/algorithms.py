@@ -1,0 +1,187 @@
+"""Key templates and signature algorithms the SAM supports, as pure data.
+
+A signature algorithm is named by OID as in the CSC API. Choosing one yields a frozen
+``SignatureScheme`` that says which key type it needs, which hash the DTBS/R must
+come from and how the HSM is to be driven (``HsmMechanism``); the HSM adapter maps
+that to PKCS#11 mechanisms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from worker.errors import ErrorCode, SamError
+
+__all__ = [
+    "CURVES",
+    "HsmMechanism",
+    "KeySpec",
+    "KeyType",
+    "SignatureScheme",
+    "key_spec_from_template",
+    "signature_scheme",
+]
+
+
+class KeyType(StrEnum):
+    RSA = "RSA"
+    EC = "ECDSA"
+
+
+class HsmMechanism(StrEnum):
+    """How the HSM signs a prepared input (see ``SignatureScheme.hsm_input``)."""
+
+    RSA_PKCS = "RSA_PKCS"  # raw PKCS#1 v1.5 over a DigestInfo
+    ECDSA = "ECDSA"  # ECDSA over the hash, raw r||s out
+
+
+@dataclass(frozen=True)
+class Curve:
+    name: str
+    oid: str
+    field_bytes: int
+
+
+# The brief's aliases name the same curves; the canonical name is the SEC one.
+_P256 = Curve("secp256r1", "1.2.840.10045.3.1.7", 32)
+_P384 = Curve("secp384r1", "1.3.132.0.34", 48)
+_P521 = Curve("secp521r1", "1.3.132.0.35", 66)
+CURVES: dict[str, Curve] = {
+    "secp256r1": _P256,
+    "prime256v1": _P256,
+    "secp384r1": _P384,
+    "prime384v1": _P384,
+    "secp521r1": _P521,
+    "prime521v1": _P521,
+}
+RSA_SIZES = (2048, 3072, 4096)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What ``key_pairs.create`` makes: RSA with ``size`` or EC on ``curve``."""
+
+    key_type: KeyType
+    size: int | None = None
+    curve: Curve | None = None
+
+    @property
+    def description(self) -> str:
+        if self.key_type is KeyType.RSA:
+            return f"RSA-{self.size}"
+        assert self.curve is not None
+        return f"ECDSA-{self.curve.name}"
+
+
+def key_spec_from_template(algorithm: str, size: int | None, named_curve: str | None) -> KeySpec:
+    """Validate a ``key_template`` and return what to generate."""
+    if algorithm == KeyType.RSA:
+        if size not in RSA_SIZES:
+            raise SamError(
+                ErrorCode.unsupported_algorithm,
+                f"RSA size must be one of {', '.join(map(str, RSA_SIZES))}",
+            )
+        return KeySpec(KeyType.RSA, size=size)
+    if algorithm == KeyType.EC:
+        curve = CURVES.get(named_curve or "")
+        if curve is None:
+            raise SamError(
+                ErrorCode.unsupported_algorithm,
+                f"named_curve must be one of {', '.join(CURVES)}",
+            )
+        return KeySpec(KeyType.EC, curve=curve)
+    raise SamError(ErrorCode.unsupported_algorithm, "algorithm must be RSA or ECDSA")
+
+
+@dataclass(frozen=True)
+class _Hash:
+    name: str
+    oid: str
+    size: int
+    digest_info_prefix: bytes
+
+
+_SHA256 = _Hash(
+    "SHA-256",
+    "2.16.840.1.101.3.4.2.1",
+    32,
+    bytes.fromhex("3031300d060960864801650304020105000420"),
+)
+_SHA384 = _Hash(
+    "SHA-384",
+    "2.16.840.1.101.3.4.2.2",
+    48,
+    bytes.fromhex("3041300d060960864801650304020205000430"),
+)
+_SHA512 = _Hash(
+    "SHA-512",
+    "2.16.840.1.101.3.4.2.3",
+    64,
+    bytes.fromhex("3051300d060960864801650304020305000440"),
+)
+
+
+@dataclass(frozen=True)
+class SignatureScheme:
+    oid: str
+    name: str
+    key_type: KeyType
+    hash: _Hash
+    mechanism: HsmMechanism
+
+    @property
+    def hash_name(self) -> str:
+        return self.hash.name
+
+    @property
+    def hash_oid(self) -> str:
+        return self.hash.oid
+
+    @property
+    def digest_size(self) -> int:
+        return self.hash.size
+
+    def check_dtbs(self, dtbs: bytes) -> None:
+        if len(dtbs) != self.hash.size:
+            raise SamError(
+                ErrorCode.invalid_dtbs,
+                f"{self.name} needs a {self.hash.size}-byte {self.hash.name} DTBS/R, got {len(dtbs)}",
+            )
+
+    def hsm_input(self, dtbs: bytes) -> bytes:
+        """What the HSM mechanism signs for this DTBS/R (a hash)."""
+        if self.mechanism is HsmMechanism.RSA_PKCS:
+            return self.hash.digest_info_prefix + dtbs
+        return dtbs
+
+
+_SCHEMES = {
+    s.oid: s
+    for s in (
+        SignatureScheme("1.2.840.113549.1.1.11", "sha256WithRSAEncryption", KeyType.RSA, _SHA256, HsmMechanism.RSA_PKCS),
+        SignatureScheme("1.2.840.113549.1.1.12", "sha384WithRSAEncryption", KeyType.RSA, _SHA384, HsmMechanism.RSA_PKCS),
+        SignatureScheme("1.2.840.113549.1.1.13", "sha512WithRSAEncryption", KeyType.RSA, _SHA512, HsmMechanism.RSA_PKCS),
+        SignatureScheme("1.2.840.10045.4.3.2", "ecdsa-with-SHA256", KeyType.EC, _SHA256, HsmMechanism.ECDSA),
+        SignatureScheme("1.2.840.10045.4.3.3", "ecdsa-with-SHA384", KeyType.EC, _SHA384, HsmMechanism.ECDSA),
+        SignatureScheme("1.2.840.10045.4.3.4", "ecdsa-with-SHA512", KeyType.EC, _SHA512, HsmMechanism.ECDSA),
+    )
+}
+_HASH_OIDS = {h.oid for h in (_SHA256, _SHA384, _SHA512)}
+
+
+def signature_scheme(oid: str, key_type: KeyType) -> SignatureScheme:
+    """The scheme for ``oid``, refused if unknown or not fit for ``key_type``."""
+    scheme = _SCHEMES.get(oid)
+    if scheme is None:
+        raise SamError(ErrorCode.unsupported_algorithm, f"signature algorithm {oid!r} is not supported")
+    if scheme.key_type is not key_type:
+        raise SamError(
+            ErrorCode.algorithm_key_mismatch,
+            f"{scheme.name} does not fit a {key_type.value} key pair",
+        )
+    return scheme
+
+
+def is_supported_hash_oid(oid: str) -> bool:
+    return oid in _HASH_OIDS

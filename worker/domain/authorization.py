@@ -1,0 +1,215 @@
+"""Who may ask, and whether the signer authorized exactly this.
+
+Two checks live here, both pure: the request JWS that binds an AMQP message to its
+sender's registered key, and the SAD (a JWT from a registered authorization server)
+that binds the signer, the key pair and the exact DTBS/R. Single use of the SAD's
+``jti`` needs the cluster-wide ledger and is decided by the service, not here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+from joserfc import jws
+from joserfc.errors import JoseError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.domain.configuration import DynamicState, SadPolicy
+from worker.domain.keys import RegisteredKey
+from worker.errors import ErrorCode, SamError
+
+__all__ = [
+    "RequestBinding",
+    "SadClaims",
+    "SadExpectation",
+    "b64url",
+    "request_jws_payload",
+    "verify_request_jws",
+    "verify_sad",
+]
+
+SAD_TYPE_SIGNATURE = "credential"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class RequestBinding:
+    """What a request JWS must bind: the message as the broker delivered it."""
+
+    body: bytes
+    message_id: str
+    operation: str
+    user_id: str
+
+
+def request_jws_payload(binding: RequestBinding, iat: int) -> bytes:
+    """The payload an SSA or administrator signs for one message (the SDK uses this)."""
+    return orjson.dumps(
+        {
+            "body_sha256": b64url(hashlib.sha256(binding.body).digest()),
+            "message_id": binding.message_id,
+            "type": binding.operation,
+            "user_id": binding.user_id,
+            "iat": iat,
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+
+
+def verify_request_jws(
+    token: str | None,
+    key: RegisteredKey,
+    binding: RequestBinding,
+    now: int | None,
+    max_age: int,
+) -> None:
+    """Raise unless ``token`` is a JWS by ``key`` over exactly this message.
+
+    ``now=None`` skips the freshness check: used when replaying the configuration
+    stream, where the record was checked fresh when it was first accepted.
+    """
+    if not token:
+        raise SamError(ErrorCode.request_signature_missing)
+    try:
+        verified = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms)
+        claims = orjson.loads(verified.payload)
+    except (JoseError, ValueError, orjson.JSONDecodeError) as exc:
+        raise SamError(
+            ErrorCode.request_signature_invalid, f"request JWS rejected ({type(exc).__name__})"
+        ) from exc
+    expected = orjson.loads(request_jws_payload(binding, 0))
+    if not isinstance(claims, dict):
+        raise SamError(ErrorCode.request_signature_invalid, "request JWS payload is not an object")
+    for name in ("body_sha256", "message_id", "type", "user_id"):
+        if claims.get(name) != expected[name]:
+            raise SamError(ErrorCode.request_signature_invalid, f"request JWS does not bind this {name}")
+    iat = claims.get("iat")
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise SamError(ErrorCode.request_signature_invalid, "request JWS has no integer iat")
+    if now is not None and abs(now - iat) > max_age:
+        raise SamError(ErrorCode.request_signature_invalid, "request JWS is too old or from the future")
+
+
+# --- SAD -------------------------------------------------------------------------------
+
+
+class _Claims(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class DocumentDigest(_Claims):
+    hash: str
+    label: str | None = None
+
+
+class AuthorizationDetail(_Claims):
+    type: str
+    credentialID: str  # noqa: N815 — the CSC / RAR claim name
+    hashAlgorithmOID: str | None = None  # noqa: N815
+    documentDigests: list[DocumentDigest] = Field(default_factory=list, max_length=10_000)  # noqa: N815
+    numSignatures: int | None = None  # noqa: N815
+
+
+class SadClaims(_Claims):
+    iss: str
+    aud: str | list[str]
+    sub: str
+    iat: int
+    exp: int
+    jti: str = Field(min_length=8, max_length=256)
+    amr: list[str] = Field(default_factory=list)
+    acr: str | None = None
+    authorization_details: list[AuthorizationDetail] = Field(min_length=1, max_length=16)
+
+
+@dataclass(frozen=True)
+class SadExpectation:
+    """What the request asks for; the SAD must authorize exactly this."""
+
+    ssa: str
+    signer: str
+    key_pair_id: str
+    hash_oid: str
+    digests: tuple[bytes, ...]
+    detail_type: Literal["credential"] = SAD_TYPE_SIGNATURE
+
+
+def verify_sad(
+    token: str | None,
+    state: DynamicState,
+    audience: str,
+    policy: SadPolicy,
+    expected: SadExpectation,
+    now: int,
+) -> SadClaims:
+    """Check a SAD end to end except ``jti`` single use; return its claims."""
+    if not token:
+        raise SamError(ErrorCode.sad_missing)
+    try:
+        header = jws.extract_compact(token.encode()).headers()
+    except (JoseError, ValueError) as exc:
+        raise SamError(ErrorCode.sad_invalid, f"SAD is not a compact JWS ({type(exc).__name__})") from exc
+    issuer = header.get("kid")
+    if not isinstance(issuer, str) or issuer not in state.authorization_servers:
+        raise SamError(ErrorCode.sad_issuer_unknown, "SAD kid names no registered authorization server")
+    ssa = state.ssa(expected.ssa)
+    if ssa is None or issuer not in ssa.allowed_authorization_servers:
+        raise SamError(ErrorCode.sad_issuer_not_allowed, f"{expected.ssa} may not use {issuer}")
+    key = state.authorization_servers[issuer]
+    if header.get("alg") not in key.algorithms:
+        raise SamError(ErrorCode.sad_invalid, f"SAD alg {header.get('alg')!r} is not allowed for {issuer}")
+    try:
+        payload = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms).payload
+    except JoseError as exc:
+        raise SamError(ErrorCode.sad_signature_invalid, f"SAD signature rejected ({type(exc).__name__})") from exc
+    try:
+        claims = SadClaims.model_validate_json(payload)
+    except ValidationError as exc:
+        raise SamError(ErrorCode.sad_invalid, "SAD claims do not match the SAD schema") from exc
+    if claims.iss != issuer:
+        raise SamError(ErrorCode.sad_invalid, "SAD iss differs from its kid")
+    audiences = [claims.aud] if isinstance(claims.aud, str) else claims.aud
+    if audience not in audiences:
+        raise SamError(ErrorCode.sad_audience_mismatch)
+    skew = policy.clock_skew_seconds
+    if claims.iat > now + skew or claims.exp <= now - skew:
+        raise SamError(ErrorCode.sad_expired)
+    if claims.exp - claims.iat > policy.max_lifetime_seconds:
+        raise SamError(ErrorCode.sad_expired, "SAD lifetime exceeds the policy maximum")
+    if claims.sub != expected.signer:
+        raise SamError(ErrorCode.sad_signer_mismatch)
+    details = [d for d in claims.authorization_details if d.type == expected.detail_type]
+    if len(details) != 1:
+        raise SamError(ErrorCode.sad_invalid, f"SAD needs exactly one {expected.detail_type!r} detail")
+    detail = details[0]
+    if detail.credentialID != expected.key_pair_id:
+        raise SamError(ErrorCode.sad_key_pair_mismatch)
+    if detail.hashAlgorithmOID != expected.hash_oid:
+        raise SamError(ErrorCode.sad_digest_mismatch, "SAD authorizes another hash algorithm")
+    authorized = Counter(_b64_any(d.hash) for d in detail.documentDigests)
+    if authorized != Counter(expected.digests):
+        raise SamError(ErrorCode.sad_digest_mismatch)
+    if detail.numSignatures is not None and detail.numSignatures != len(expected.digests):
+        raise SamError(ErrorCode.sad_digest_mismatch, "SAD numSignatures differs from the request")
+    if len(set(claims.amr)) < policy.min_authentication_factors:
+        raise SamError(ErrorCode.sad_authentication_insufficient)
+    return claims
+
+
+def _b64_any(text: str) -> bytes | None:
+    """Decode base64 or base64url; ``None`` (never equal to a digest) if neither."""
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except ValueError:
+        return None

@@ -1,0 +1,121 @@
+"""The stateless key pair: what the SAM seals, hands to the SSA and trusts again.
+
+A key pair leaves the SAM as a compact JWS signed by the HSM state key. Everything
+the SAM relies on later — id, algorithm, public key, the KEK-wrapped private key,
+signer binding and status — is read back from inside that signature; the readable
+copy beside it is for the SSA only.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import orjson
+from joserfc import jws
+from joserfc.errors import JoseError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from worker.domain.algorithms import CURVES, KeySpec, KeyType
+from worker.domain.authorization import b64url
+from worker.domain.contract import KeyPairObject, KeyPairStatus, Signer
+from worker.domain.keys import RegisteredKey
+from worker.errors import ErrorCode, SamError
+
+__all__ = ["KeyPairSealer", "SealedKeyPair"]
+
+SEAL_TYPE = "sam-key-pair+jws"
+
+
+class SealedKeyPair(BaseModel):
+    """The payload of a sealed key pair (format version 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = 1
+    sam: str
+    id: str
+    algorithm: KeyType
+    size: int | None = None
+    named_curve: str | None = None
+    public_key: str  # base64 DER SubjectPublicKeyInfo
+    wrapped_private_key: str  # base64, KEK-wrapped
+    kek: str  # label of the wrapping key in the HSM
+    wrap_mechanism: str
+    status: KeyPairStatus
+    signer: str | None = None
+    subject: str | None = None
+    created: int
+
+    @property
+    def key_spec(self) -> KeySpec:
+        if self.algorithm is KeyType.RSA:
+            return KeySpec(KeyType.RSA, size=self.size)
+        return KeySpec(KeyType.EC, curve=CURVES[self.named_curve or ""])
+
+    @property
+    def wrapped_key_bytes(self) -> bytes:
+        return base64.b64decode(self.wrapped_private_key)
+
+    @property
+    def public_key_der(self) -> bytes:
+        return base64.b64decode(self.public_key)
+
+    def assigned_to(self, signer: str, subject: str) -> SealedKeyPair:
+        status = self.status.model_copy(update={"assigned": True})
+        return self.model_copy(update={"signer": signer, "subject": subject, "status": status})
+
+    def readable(self, sealed: str) -> KeyPairObject:
+        return KeyPairObject(
+            sealed=sealed,
+            id=self.id,
+            algorithm=self.algorithm.value,
+            size=self.size,
+            named_curve=self.named_curve,
+            public_key=self.public_key,
+            status=self.status,
+            signer=Signer(id=self.signer) if self.signer else None,
+            subject=self.subject,
+        )
+
+
+class KeyPairSealer:
+    """Seals key pairs with the HSM state key and opens them with its public key.
+
+    ``sign_es256`` returns the raw r||s ECDSA P-256 signature of SHA-256(input) — the
+    JWS ES256 form, as PKCS#11 ``CKM_ECDSA`` returns it.
+    """
+
+    def __init__(
+        self,
+        sam_id: str,
+        state_key_label: str,
+        state_public_key: RegisteredKey,
+        sign_es256: Callable[[bytes], bytes],
+    ) -> None:
+        self._sam_id = sam_id
+        self._kid = state_key_label
+        self._public_key = state_public_key
+        self._sign = sign_es256
+        self._header = b64url(orjson.dumps({"alg": "ES256", "kid": state_key_label, "typ": SEAL_TYPE}))
+
+    def seal(self, key_pair: SealedKeyPair) -> str:
+        signing_input = f"{self._header}.{b64url(key_pair.model_dump_json().encode())}"
+        return f"{signing_input}.{b64url(self._sign(signing_input.encode()))}"
+
+    def open(self, sealed: str) -> SealedKeyPair:
+        try:
+            verified = jws.deserialize_compact(sealed, self._public_key.jwk, algorithms=["ES256"])
+        except (JoseError, ValueError) as exc:
+            raise SamError(
+                ErrorCode.key_pair_invalid, f"key pair seal does not verify ({type(exc).__name__})"
+            ) from exc
+        if verified.headers().get("typ") != SEAL_TYPE:
+            raise SamError(ErrorCode.key_pair_invalid, "not a sealed key pair")
+        try:
+            key_pair = SealedKeyPair.model_validate_json(verified.payload)
+        except ValidationError as exc:
+            raise SamError(ErrorCode.key_pair_invalid, "sealed key pair payload is malformed") from exc
+        if key_pair.sam != self._sam_id:
+            raise SamError(ErrorCode.key_pair_invalid, "key pair was sealed by another SAM")
+        return key_pair

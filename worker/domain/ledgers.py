@@ -1,0 +1,121 @@
+"""The state every replica rebuilds from the shared logs, as pure reducers.
+
+A stateless SAM still has facts that must hold across replicas: the current dynamic
+configuration, which key pairs are assigned, which SAD ``jti`` were used. Each fact
+lives in a RabbitMQ stream; every worker replays it and applies records in log order
+with the reducers below. A record's verdict (``None`` = accepted, else the refusal)
+depends only on the records before it, so every replica reaches the same verdict and
+the appender can learn its own outcome by reading its record back.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from worker.domain.authorization import RequestBinding, verify_request_jws
+from worker.domain.configuration import DynamicState, StaticConfiguration, parse_dynamic
+from worker.domain.contract import DynamicConfiguration, Operation
+from worker.domain.keys import RegisteredKey, load_public_key
+from worker.errors import ErrorCode, SamError
+
+__all__ = ["ConfigurationLog", "KeyEventLog", "Reducer", "SadUseLog"]
+
+
+class Reducer(Protocol):
+    def apply(self, data: Mapping[str, Any]) -> SamError | None: ...
+
+
+class ConfigurationLog:
+    """Applies dynamic-configuration records; each carries the administrator's own
+    signed request, re-verified here, so the stream cannot be fed a configuration no
+    administrator signed."""
+
+    def __init__(self, static: StaticConfiguration) -> None:
+        self._admins: dict[str, RegisteredKey] = {
+            admin.id: load_public_key(admin.public_key) for admin in static.administrators
+        }
+        self.state = DynamicState()
+
+    def admin_key(self, user_id: str) -> RegisteredKey | None:
+        return self._admins.get(user_id)
+
+    @staticmethod
+    def record(user_id: str, message_id: str, body: bytes, request_jws: str) -> dict[str, Any]:
+        return {
+            "user_id": user_id,
+            "message_id": message_id,
+            "body": base64.b64encode(body).decode(),
+            "request_jws": request_jws,
+        }
+
+    def apply(self, data: Mapping[str, Any]) -> SamError | None:
+        try:
+            user_id, body = str(data["user_id"]), base64.b64decode(data["body"])
+            key = self._admins.get(user_id)
+            if key is None:
+                return SamError(ErrorCode.unknown_user, "configuration record from no administrator")
+            binding = RequestBinding(body, str(data["message_id"]), Operation.configurations_dynamic_put, user_id)
+            verify_request_jws(str(data["request_jws"]), key, binding, now=None, max_age=0)
+            config = DynamicConfiguration.model_validate_json(body)
+            candidate = parse_dynamic(config)
+        except SamError as exc:
+            return exc
+        except (KeyError, TypeError, ValueError, ValidationError):
+            return SamError(ErrorCode.configuration_invalid, "configuration record is malformed")
+        if config.version <= self.state.version:
+            return SamError(
+                ErrorCode.configuration_version_conflict,
+                f"version {config.version} is not above the current {self.state.version}",
+            )
+        self.state = candidate
+        return None
+
+
+@dataclass
+class KeyEventLog:
+    """Assignments (and later deletions) of key pairs; the first record per key pair wins."""
+
+    assigned: dict[str, str] = field(default_factory=dict)  # key pair id -> signer
+
+    @staticmethod
+    def assignment(key_pair_id: str, signer: str) -> dict[str, Any]:
+        return {"event": "assigned", "key_pair": key_pair_id, "signer": signer}
+
+    def apply(self, data: Mapping[str, Any]) -> SamError | None:
+        key_pair, event = str(data.get("key_pair")), data.get("event")
+        if event != "assigned":
+            return SamError(ErrorCode.internal_error, f"unknown key event {event!r}")
+        if key_pair in self.assigned:
+            return SamError(ErrorCode.key_pair_already_assigned)
+        self.assigned[key_pair] = str(data.get("signer"))
+        return None
+
+
+@dataclass
+class SadUseLog:
+    """``jti`` already used, remembered until their SAD expires (plus the skew)."""
+
+    clock_skew: int
+    used: dict[str, int] = field(default_factory=dict)  # "iss jti" -> exp
+    _applied: int = 0
+
+    @staticmethod
+    def use(issuer: str, jti: str, exp: int) -> dict[str, Any]:
+        return {"iss": issuer, "jti": jti, "exp": exp}
+
+    def apply(self, data: Mapping[str, Any]) -> SamError | None:
+        key = f"{data.get('iss')} {data.get('jti')}"
+        if key in self.used:
+            return SamError(ErrorCode.sad_replayed)
+        self.used[key] = int(data.get("exp", 0))
+        return None
+
+    def forget_expired(self, now: int) -> None:
+        """Drop what can no longer be replayed: its SAD would be refused as expired."""
+        horizon = now - self.clock_skew
+        self.used = {key: exp for key, exp in self.used.items() if exp > horizon}

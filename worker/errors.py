@@ -1,0 +1,90 @@
+"""The one error tree of sam-worker.
+
+Every refusal the worker can send has a stable ``ErrorCode`` with its status and a
+one-line meaning; the catalogue in ``schemas/error-codes.json`` is generated from
+this module. Library exceptions are translated into a ``SamError`` where the library
+is called, so their messages never reach the wire.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+__all__ = ["ErrorCode", "SamError"]
+
+
+class _Code(NamedTuple):
+    status: int
+    meaning: str
+
+
+class ErrorCode(Enum):
+    """Stable error codes; the value is (status, meaning)."""
+
+    # 400 — the request itself is malformed
+    malformed_message = _Code(400, "The body is not a JSON object (bad UTF-8, bad JSON, duplicate keys, too deep).")
+    schema_violation = _Code(400, "The body does not match the operation's schema.")
+    message_too_large = _Code(400, "The body is larger than the configured limit.")
+    unknown_operation = _Code(400, "The AMQP `type` names no operation.")
+    missing_properties = _Code(400, "A required AMQP property (message_id, reply_to, correlation_id) is missing.")
+    invalid_dtbs = _Code(400, "A DTBS/R is not base64 or its length does not match the hash algorithm.")
+    too_many_digests = _Code(400, "More DTBS/R in one request than the configured cap.")
+    unsupported_algorithm = _Code(422, "The key template or signature algorithm is not supported.")
+    algorithm_key_mismatch = _Code(422, "The signature algorithm does not fit the key pair's key type.")
+    # 401 — who is asking could not be established
+    missing_user_id = _Code(401, "The message has no broker-validated user_id.")
+    unknown_user = _Code(401, "The user_id is not a registered SSA or administrator.")
+    request_signature_missing = _Code(401, "The request carries no sam-request-jws header.")
+    request_signature_invalid = _Code(401, "The request JWS does not verify or does not bind this message.")
+    # 403 — known, but not allowed
+    operation_not_permitted = _Code(403, "This user may not call this operation (e.g. an admin operation from an SSA).")
+    sad_missing = _Code(403, "The operation needs a SAD and none was given.")
+    sad_invalid = _Code(403, "The SAD is not a well-formed JWT with an allowed algorithm.")
+    sad_issuer_unknown = _Code(403, "The SAD is not signed by a registered authorization server.")
+    sad_issuer_not_allowed = _Code(403, "The SAD's authorization server is not allowed for this SSA.")
+    sad_signature_invalid = _Code(403, "The SAD's signature does not verify.")
+    sad_audience_mismatch = _Code(403, "The SAD is not addressed to this SAM.")
+    sad_expired = _Code(403, "The SAD is expired, not yet valid, or lives longer than the policy allows.")
+    sad_signer_mismatch = _Code(403, "The SAD is for another signer.")
+    sad_key_pair_mismatch = _Code(403, "The SAD authorizes another key pair.")
+    sad_digest_mismatch = _Code(403, "The DTBS/R, their count or their hash algorithm differ from what the SAD authorizes.")
+    sad_replayed = _Code(403, "The SAD's jti was already used.")
+    sad_authentication_insufficient = _Code(403, "The SAD's authentication does not meet the policy.")
+    # 404 / 409 / 422 — key pair state
+    key_pair_invalid = _Code(422, "The key pair's seal does not verify (altered, or from another SAM).")
+    key_pair_not_assigned = _Code(409, "The key pair is not assigned to a signer.")
+    key_pair_already_assigned = _Code(409, "The key pair is already assigned to a signer.")
+    signer_mismatch = _Code(403, "The signer does not own this key pair.")
+    configuration_version_conflict = _Code(409, "The dynamic configuration version is not above the current one.")
+    configuration_invalid = _Code(422, "The dynamic configuration is inconsistent (unknown AS, bad key, duplicate id).")
+    configuration_missing = _Code(404, "No dynamic configuration has been set yet.")
+    # 5xx — the SAM cannot serve now; the caller may retry
+    hsm_unavailable = _Code(503, "The HSM failed or is unreachable.")
+    audit_unavailable = _Code(503, "The audit record could not be made durable in time; nothing was done.")
+    ledger_unavailable = _Code(503, "The shared event log (config, key events, SAD use) did not answer in time.")
+    internal_error = _Code(500, "An unexpected fault; the incident is in the worker log.")
+
+    @property
+    def status(self) -> int:
+        return self.value.status
+
+    @property
+    def meaning(self) -> str:
+        return self.value.meaning
+
+
+class SamError(Exception):
+    """A refusal with a stable code; ``message`` is ours and safe to send."""
+
+    def __init__(self, code: ErrorCode, message: str | None = None) -> None:
+        super().__init__(message or code.meaning)
+        self.code = code
+        self.message = message or code.meaning
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+    def __repr__(self) -> str:
+        return f"SamError({self.code.name}, {self.message!r})"

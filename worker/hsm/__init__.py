@@ -1,0 +1,1 @@
+"""HSM adapters: the ``Hsm`` interface and its PKCS#11 implementation."""

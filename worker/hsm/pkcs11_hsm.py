@@ -1,0 +1,218 @@
+"""PKCS#11 implementation of ``Hsm`` (python-pkcs11; SoftHSM2 by default).
+
+Also provisions the SAM's own keys for ``sam-admin create``. python-pkcs11 raises
+exceptions without messages, so every translation names the exception class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.exceptions import PKCS11Error
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from worker.domain import algorithms
+from worker.domain.algorithms import HsmMechanism, KeySpec
+from worker.errors import ErrorCode, SamError
+from worker.hsm.api import GeneratedKeyPair, WrappedKey
+
+__all__ = ["Pkcs11Hsm", "ProvisionedKeys", "provision_sam_keys"]
+
+_WRAP_MECHANISMS = {"AES_KEY_WRAP_PAD": Mechanism.AES_KEY_WRAP_PAD}
+_SIGN_MECHANISMS = {HsmMechanism.RSA_PKCS: Mechanism.RSA_PKCS, HsmMechanism.ECDSA: Mechanism.ECDSA}
+_P256 = algorithms.CURVES["secp256r1"].oid
+
+# SoftHSM refuses an unwrap template that carries these (AttributeTypeInvalid), so
+# they are removed from python-pkcs11's defaults for a private key.
+_UNWRAP_TEMPLATE: dict[Any, Any] = {
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.ENCRYPT: pkcs11.DEFAULT,
+    Attribute.VERIFY: pkcs11.DEFAULT,
+    Attribute.WRAP: pkcs11.DEFAULT,
+}
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except PKCS11Error as exc:
+        raise SamError(ErrorCode.hsm_unavailable, f"HSM {action} failed ({type(exc).__name__})") from exc
+
+
+def open_session(module: str, token_label: str, pin: str) -> Any:
+    with _translated("login"):
+        lib = pkcs11.lib(module)
+        token = lib.get_token(token_label=token_label)
+        return token.open(user_pin=pin, rw=True)
+
+
+def _spki_of(public_key: Any, key_type: KeyType) -> bytes:
+    if key_type == KeyType.EC:
+        return bytes(encode_ec_public_key(public_key))
+    numbers = rsa.RSAPublicNumbers(
+        int.from_bytes(public_key[Attribute.PUBLIC_EXPONENT], "big"),
+        int.from_bytes(public_key[Attribute.MODULUS], "big"),
+    )
+    return numbers.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _spki_pem(spki_der: bytes) -> str:
+    key = serialization.load_der_public_key(spki_der)
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+@dataclass(frozen=True)
+class ProvisionedKeys:
+    kek_label: str
+    state_key_label: str
+    state_public_key_pem: str
+    audit_key_label: str
+    audit_public_key_pem: str
+
+
+def provision_sam_keys(session: Any, suffix: str) -> ProvisionedKeys:
+    """Create the KEK, the state (sealing) key and the audit key inside the token.
+
+    All are token objects, sensitive and never extractable. ``suffix`` keeps labels
+    unique so a KEK rotation can add keys beside the old ones.
+    """
+    kek_label, state_label, audit_label = (f"sam-{name}-{suffix}" for name in ("kek", "state", "audit"))
+    with _translated("key provisioning"):
+        for label in (kek_label, state_label, audit_label):
+            if list(session.get_objects({Attribute.LABEL: label})):
+                raise SamError(ErrorCode.hsm_unavailable, f"the token already holds {label!r}")
+        session.generate_key(
+            KeyType.AES,
+            256,
+            label=kek_label,
+            store=True,
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+        )
+        pems = []
+        for label in (state_label, audit_label):
+            params = session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_P256)}, local=True
+            )
+            public, _ = params.generate_keypair(
+                store=True,
+                label=label,
+                public_template={Attribute.VERIFY: True},
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True},
+            )
+            pems.append(_spki_pem(_spki_of(public, KeyType.EC)))
+    return ProvisionedKeys(kek_label, state_label, pems[0], audit_label, pems[1])
+
+
+class Pkcs11Hsm:
+    """One PKCS#11 session per process, used from one thread only."""
+
+    def __init__(
+        self,
+        session: Any,
+        current_kek_label: str,
+        state_key_label: str,
+        audit_key_label: str,
+        wrap_mechanism: str = "AES_KEY_WRAP_PAD",
+    ) -> None:
+        if wrap_mechanism not in _WRAP_MECHANISMS:
+            raise ValueError(f"unknown wrap mechanism {wrap_mechanism}")
+        self._session = session
+        self._kek_label = current_kek_label
+        self._wrap_mechanism = wrap_mechanism
+        self._keks: dict[str, Any] = {}
+        with _translated("key lookup"):
+            self._state_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=state_key_label)
+            self._audit_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=audit_key_label)
+            self._kek(current_kek_label)
+
+    def _kek(self, label: str) -> Any:
+        kek = self._keks.get(label)
+        if kek is None:
+            try:
+                kek = self._session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+            except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as exc:
+                raise SamError(
+                    ErrorCode.key_pair_invalid, f"key encryption key {label!r} is not in this HSM"
+                ) from exc
+            self._keks[label] = kek
+        return kek
+
+    def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
+        # Generated as session objects: extractable only so the KEK can wrap them,
+        # and destroyed before this returns.
+        private_template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True}
+        with _translated("key generation"):
+            if spec.key_type is algorithms.KeyType.RSA:
+                public, private = self._session.generate_keypair(
+                    KeyType.RSA, spec.size, store=False, private_template=private_template
+                )
+                key_type = KeyType.RSA
+            else:
+                assert spec.curve is not None
+                params = self._session.create_domain_parameters(
+                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve.oid)}, local=True
+                )
+                public, private = params.generate_keypair(store=False, private_template=private_template)
+                key_type = KeyType.EC
+            try:
+                wrapped = self._kek(self._kek_label).wrap_key(
+                    private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism]
+                )
+                spki = _spki_of(public, key_type)
+            finally:
+                private.destroy()
+                public.destroy()
+        return GeneratedKeyPair(spki, bytes(wrapped), self._kek_label, self._wrap_mechanism)
+
+    def sign_with_wrapped_key(
+        self, key: WrappedKey, mechanism: HsmMechanism, inputs: Sequence[bytes]
+    ) -> list[bytes]:
+        wrap = _WRAP_MECHANISMS.get(key.wrap_mechanism)
+        if wrap is None:
+            raise SamError(ErrorCode.key_pair_invalid, f"unknown wrap mechanism {key.wrap_mechanism!r}")
+        key_type = KeyType.RSA if key.spec.key_type is algorithms.KeyType.RSA else KeyType.EC
+        kek = self._kek(key.kek_label)
+        try:
+            private = kek.unwrap_key(
+                ObjectClass.PRIVATE_KEY,
+                key_type,
+                key.wrapped,
+                mechanism=wrap,
+                store=False,
+                capabilities=MechanismFlag.SIGN,
+                template=_UNWRAP_TEMPLATE,
+            )
+        except PKCS11Error as exc:
+            raise SamError(
+                ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({type(exc).__name__})"
+            ) from exc
+        try:
+            with _translated("signing"):
+                sign_mechanism = _SIGN_MECHANISMS[mechanism]
+                return [bytes(private.sign(data, mechanism=sign_mechanism)) for data in inputs]
+        finally:
+            with _translated("session key destruction"):
+                private.destroy()
+
+    def sign_with_state_key(self, data: bytes) -> bytes:
+        with _translated("seal signing"):
+            return bytes(self._state_key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA))
+
+    def sign_audit_digest(self, digest: bytes) -> bytes:
+        with _translated("audit signing"):
+            return bytes(self._audit_key.sign(digest, mechanism=Mechanism.ECDSA))

@@ -1,0 +1,135 @@
+"""The one place that reads configuration: the worker's settings file and ``SAM_``
+environment overrides, the private infrastructure file, the static configuration
+and secrets. Everything else receives typed objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from worker.domain.configuration import StaticConfiguration
+from worker.domain.contract import QueueClass
+
+__all__ = [
+    "Infrastructure",
+    "TlsFiles",
+    "WorkerSettings",
+    "load_infrastructure",
+    "load_settings",
+    "load_static_configuration",
+    "read_secret",
+]
+
+
+class TlsFiles(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of one worker process; ``SAM_<NAME>`` overrides the file."""
+
+    model_config = SettingsConfigDict(env_prefix="SAM_", extra="forbid", frozen=True)
+
+    broker_url: str = Field(
+        default="amqps://127.0.0.1:5671/sam?auth=external",
+        description="AMQP URL; authentication is EXTERNAL (the TLS client certificate)",
+    )
+    tls_ca_file: Path
+    tls_cert_file: Path
+    tls_key_file: Path
+    pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = "sam"
+    token_pin_file: Path = Field(description="file holding the token user PIN (never on the command line)")
+    infrastructure_file: Path = Field(description="sam_infrastructure.json written by `sam-admin create`")
+    static_config_file: Path
+    audit_dir: Path
+    instance: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    queues: tuple[QueueClass, ...] = tuple(QueueClass)
+    prefetch: int = Field(default=16, ge=1, le=1000)
+    audit_timeout_seconds: float = Field(default=5.0, gt=0)
+    ledger_timeout_seconds: float = Field(default=5.0, gt=0)
+    publish_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(ca_file=self.tls_ca_file, cert_file=self.tls_cert_file, key_file=self.tls_key_file)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = os.environ.get("SAM_CONFIG_FILE")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> WorkerSettings:
+    """Settings from ``config_file`` (TOML), then ``SAM_*`` variables, then ``overrides``."""
+    if config_file is not None:
+        os.environ["SAM_CONFIG_FILE"] = str(config_file)
+    return WorkerSettings(**overrides)  # type: ignore[arg-type]
+
+
+class KeyInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str
+    public_key: str
+
+
+class Infrastructure(BaseModel):
+    """The private configuration (``sam_infrastructure.json``): no secrets, but it
+    names the HSM keys every node of this SAM must hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int = 1
+    node: str
+    token_label: str
+    kek_label: str
+    wrap_mechanism: str = "AES_KEY_WRAP_PAD"
+    state_key: KeyInfo
+    audit_key: KeyInfo
+    created: str
+
+
+def load_infrastructure(path: Path) -> Infrastructure:
+    return Infrastructure.model_validate_json(path.read_bytes())
+
+
+def load_static_configuration(path: Path) -> StaticConfiguration:
+    return StaticConfiguration.model_validate(json.loads(path.read_text()))
+
+
+def read_secret(path: Path) -> str:
+    """A secret from a file, trailing newline removed; refuse group/world-readable files."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise PermissionError(f"{path} must not be readable by group or others (chmod 600)")
+    return path.read_text().rstrip("\n")

@@ -1,0 +1,1 @@
+"""AMQP adapters: connection, topology, request consumer, ledger streams, audit sink."""

@@ -1,0 +1,145 @@
+"""Broker topology (DESIGN.md §2) in one place, and the RabbitMQ definitions that
+declare it with least-privilege users."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from worker.domain.contract import QueueClass
+
+__all__ = [
+    "AUDIT_ARCHIVE_QUEUE",
+    "AUDIT_EXCHANGE",
+    "CONFIG_STREAM",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "DELIVERY_LIMIT",
+    "KEY_EVENTS_STREAM",
+    "REQUESTS_EXCHANGE",
+    "SAD_USE_STREAM",
+    "VHOST",
+    "definitions",
+    "reply_queue_prefix",
+]
+
+VHOST = "sam"
+REQUESTS_EXCHANGE = "sam.requests"
+AUDIT_EXCHANGE = "sam.audit"
+AUDIT_ARCHIVE_QUEUE = "sam.audit.archive"
+DEAD_LETTER_EXCHANGE = "sam.dead-letter"
+DEAD_LETTER_QUEUE = "sam.dead"
+CONFIG_STREAM = "sam.config"
+KEY_EVENTS_STREAM = "sam.key-events"
+# Single use of SAD jti across replicas. Kept apart from key events because it grows
+# with every signature; retention only needs to outlive the longest SAD lifetime.
+SAD_USE_STREAM = "sam.sad-use"
+SAD_USE_RETENTION = "1h"
+DELIVERY_LIMIT = 3
+
+
+def reply_queue_prefix(user: str) -> str:
+    """Reply queues of a user must start with this; permissions rely on it."""
+    return f"{user}.replies."
+
+
+def _queue(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "vhost": VHOST, "durable": True, "auto_delete": False, "arguments": arguments}
+
+
+def _exchange(name: str, kind: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": VHOST,
+        "type": kind,
+        "durable": True,
+        "auto_delete": False,
+        "internal": False,
+        "arguments": {},
+    }
+
+
+def _binding(source: str, destination: str, key: str) -> dict[str, Any]:
+    return {
+        "source": source,
+        "vhost": VHOST,
+        "destination": destination,
+        "destination_type": "queue",
+        "routing_key": key,
+        "arguments": {},
+    }
+
+
+def _permission(user: str, configure: str, write: str, read: str) -> dict[str, Any]:
+    return {"user": user, "vhost": VHOST, "configure": configure, "write": write, "read": read}
+
+
+def _exact(*names: str) -> str:
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def definitions(workers: list[str], admins: list[str], ssas: list[str], siems: list[str]) -> dict[str, Any]:
+    """RabbitMQ definitions for vhost ``sam``: topology, users (no passwords — EXTERNAL
+    only) and least-privilege permissions."""
+    work_queue_args = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-most-once",
+    }
+    queues = [_queue(q.queue_name, work_queue_args) for q in QueueClass]
+    queues += [
+        _queue(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum"}),
+        _queue(AUDIT_ARCHIVE_QUEUE, {"x-queue-type": "quorum"}),
+        _queue(CONFIG_STREAM, {"x-queue-type": "stream"}),
+        _queue(KEY_EVENTS_STREAM, {"x-queue-type": "stream"}),
+        _queue(SAD_USE_STREAM, {"x-queue-type": "stream", "x-max-age": SAD_USE_RETENTION}),
+    ]
+    exchanges = [
+        _exchange(REQUESTS_EXCHANGE, "direct"),
+        _exchange(AUDIT_EXCHANGE, "topic"),
+        _exchange(DEAD_LETTER_EXCHANGE, "fanout"),
+    ]
+    bindings = [_binding(REQUESTS_EXCHANGE, q.queue_name, q.value) for q in QueueClass]
+    bindings += [
+        _binding(AUDIT_EXCHANGE, AUDIT_ARCHIVE_QUEUE, "#"),
+        _binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
+    ]
+    users = [
+        {"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
+        for name in [*workers, *admins, *ssas, *siems]
+    ]
+    streams = (CONFIG_STREAM, KEY_EVENTS_STREAM, SAD_USE_STREAM)
+    permissions = [
+        _permission(
+            w,
+            configure="^$",
+            # the default exchange carries replies and ledger appends
+            write=_exact("amq.default", AUDIT_EXCHANGE),
+            read=_exact(*(q.queue_name for q in QueueClass), *streams),
+        )
+        for w in workers
+    ]
+    for caller in [*admins, *ssas]:
+        own = "^" + re.escape(reply_queue_prefix(caller)) + ".*$"
+        permissions.append(
+            _permission(caller, configure=own, write=_exact(REQUESTS_EXCHANGE), read=own)
+        )
+    for siem in siems:
+        own = "^" + re.escape(f"{siem}.") + ".*$"
+        permissions.append(
+            _permission(siem, configure=own, write=own, read=f"{own}|{_exact(AUDIT_EXCHANGE)}")
+        )
+    return {
+        "rabbit_version": "3.10.8",
+        "users": users,
+        "vhosts": [{"name": VHOST}],
+        "permissions": permissions,
+        "queues": queues,
+        "exchanges": exchanges,
+        "bindings": bindings,
+        "policies": [],
+        "parameters": [],
+        "global_parameters": [],
+        "topic_permissions": [],
+    }
