@@ -14,8 +14,8 @@ from pathlib import Path
 import aio_pika
 
 from worker.audit_trail import AuditTrail
-from worker.domain.keys import load_public_key
 from worker.domain.key_pair import KeyPairSealer
+from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
 from worker.service import SamService
@@ -72,8 +72,16 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         # the SAD-use stream is read from that horizon only.
         horizon = static.sad_policy.max_lifetime_seconds + 2 * static.sad_policy.clock_skew_seconds
         ledgers = {
-            "config": StreamLedger(CONFIG_STREAM, configuration, ledger_channel, publish_channel, settings.ledger_timeout_seconds),
-            "key_events": StreamLedger(KEY_EVENTS_STREAM, key_events, ledger_channel, publish_channel, settings.ledger_timeout_seconds),
+            "config": StreamLedger(
+                CONFIG_STREAM, configuration, ledger_channel, publish_channel, settings.ledger_timeout_seconds
+            ),
+            "key_events": StreamLedger(
+                KEY_EVENTS_STREAM,
+                key_events,
+                ledger_channel,
+                publish_channel,
+                settings.ledger_timeout_seconds,
+            ),
             "sad_use": StreamLedger(
                 SAD_USE_STREAM,
                 sad_use,
@@ -94,7 +102,9 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             settings.audit_timeout_seconds,
         )
         service = SamService(static, configuration, key_events, sad_use, dict(ledgers), hsm, sealer, audit)
-        consumer = RequestConsumer(service.process, consume_channel, publish_channel, settings.publish_timeout_seconds)
+        consumer = RequestConsumer(
+            service.process, consume_channel, publish_channel, settings.publish_timeout_seconds
+        )
         await consumer.start(settings.queues)
         log.info(
             "worker %s ready: queues %s, configuration version %d",
@@ -103,7 +113,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             configuration.state.version,
         )
         if ready_file is not None:
-            ready_file.write_text(settings.instance)
+            await asyncio.to_thread(ready_file.write_text, settings.instance)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

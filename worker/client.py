@@ -13,6 +13,7 @@ import asyncio
 import base64
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,8 @@ class SamClient:
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
+        # every reply that arrived, by correlation id: a duplicate shows up here
+        self.replies_seen: Counter[str] = Counter()
 
     async def __aenter__(self) -> SamClient:
         await self.connect()
@@ -113,14 +116,15 @@ class SamClient:
             await self._connection.close()
             self._connection = None
 
-    def _on_reply_sync(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        self.replies_seen[message.correlation_id or ""] += 1
         future = self._pending.get(message.correlation_id or "")
         if future is not None and not future.done():
             status = (message.headers or {}).get(HEADER_STATUS)
-            future.set_result(RawReply(int(status) if isinstance(status, int) else 0, message.body, message.correlation_id))
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        self._on_reply_sync(message)
+            reply = RawReply(
+                int(status) if isinstance(status, int) else 0, message.body, message.correlation_id
+            )
+            future.set_result(reply)
 
     def sign_request(self, body: bytes, message_id: str, operation: str, user_id: str | None = None) -> str:
         binding = RequestBinding(body, message_id, operation, user_id or self.user_id)
@@ -140,7 +144,7 @@ class SamClient:
         routing_key: str | None = None,
         reply_to: str | None = "",
         headers: dict[str, Any] | None = None,
-        timeout: float | None = None,
+        reply_timeout: float | None = None,
         wait: bool = True,
     ) -> RawReply | None:
         """Publish one request as given and wait for its reply (low level; tests use
@@ -179,7 +183,7 @@ class SamClient:
             await exchange.publish(message, routing_key=routing_key, mandatory=True)
             if not wait:
                 return None
-            seconds = timeout or self.timeout
+            seconds = reply_timeout or self.timeout
             try:
                 return await asyncio.wait_for(future, seconds)
             except TimeoutError:
@@ -195,7 +199,9 @@ class SamClient:
         document = reply.json()
         if reply.status >= 400:
             error = (document or {}).get("error", {})
-            raise SamRequestError(reply.status, error.get("code", "unknown"), error.get("message", ""), error.get("request_id"))
+            raise SamRequestError(
+                reply.status, error.get("code", "unknown"), error.get("message", ""), error.get("request_id")
+            )
         return document
 
     # --- operations -------------------------------------------------------------------
@@ -207,7 +213,9 @@ class SamClient:
         result: dict[str, Any] = await self.call(Operation.configurations_dynamic_get)
         return result
 
-    async def create_key_pair(self, algorithm: str, *, size: int | None = None, named_curve: str | None = None) -> dict[str, Any]:
+    async def create_key_pair(
+        self, algorithm: str, *, size: int | None = None, named_curve: str | None = None
+    ) -> dict[str, Any]:
         template: dict[str, Any] = {"algorithm": algorithm}
         if size is not None:
             template["size"] = size

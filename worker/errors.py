@@ -23,11 +23,15 @@ class ErrorCode(Enum):
     """Stable error codes; the value is (status, meaning)."""
 
     # 400 — the request itself is malformed
-    malformed_message = _Code(400, "The body is not a JSON object (bad UTF-8, bad JSON, duplicate keys, too deep).")
+    malformed_message = _Code(
+        400, "The body is not a JSON object (bad UTF-8, bad JSON, duplicate keys, too deep)."
+    )
     schema_violation = _Code(400, "The body does not match the operation's schema.")
     message_too_large = _Code(400, "The body is larger than the configured limit.")
     unknown_operation = _Code(400, "The AMQP `type` names no operation.")
-    missing_properties = _Code(400, "A required AMQP property (message_id, reply_to, correlation_id) is missing.")
+    missing_properties = _Code(
+        400, "A required AMQP property (message_id, reply_to, correlation_id) is missing."
+    )
     invalid_dtbs = _Code(400, "A DTBS/R is not base64 or its length does not match the hash algorithm.")
     too_many_digests = _Code(400, "More DTBS/R in one request than the configured cap.")
     unsupported_algorithm = _Code(422, "The key template or signature algorithm is not supported.")
@@ -38,7 +42,9 @@ class ErrorCode(Enum):
     request_signature_missing = _Code(401, "The request carries no sam-request-jws header.")
     request_signature_invalid = _Code(401, "The request JWS does not verify or does not bind this message.")
     # 403 — known, but not allowed
-    operation_not_permitted = _Code(403, "This user may not call this operation (e.g. an admin operation from an SSA).")
+    operation_not_permitted = _Code(
+        403, "This user may not call this operation (e.g. an admin operation from an SSA)."
+    )
     sad_missing = _Code(403, "The operation needs a SAD and none was given.")
     sad_invalid = _Code(403, "The SAD is not a well-formed JWT with an allowed algorithm.")
     sad_issuer_unknown = _Code(403, "The SAD is not signed by a registered authorization server.")
@@ -48,7 +54,9 @@ class ErrorCode(Enum):
     sad_expired = _Code(403, "The SAD is expired, not yet valid, or lives longer than the policy allows.")
     sad_signer_mismatch = _Code(403, "The SAD is for another signer.")
     sad_key_pair_mismatch = _Code(403, "The SAD authorizes another key pair.")
-    sad_digest_mismatch = _Code(403, "The DTBS/R, their count or their hash algorithm differ from what the SAD authorizes.")
+    sad_digest_mismatch = _Code(
+        403, "The DTBS/R, their count or their hash algorithm differ from what the SAD authorizes."
+    )
     sad_replayed = _Code(403, "The SAD's jti was already used.")
     sad_authentication_insufficient = _Code(403, "The SAD's authentication does not meet the policy.")
     # 404 / 409 / 422 — key pair state
@@ -56,13 +64,19 @@ class ErrorCode(Enum):
     key_pair_not_assigned = _Code(409, "The key pair is not assigned to a signer.")
     key_pair_already_assigned = _Code(409, "The key pair is already assigned to a signer.")
     signer_mismatch = _Code(403, "The signer does not own this key pair.")
-    configuration_version_conflict = _Code(409, "The dynamic configuration version is not above the current one.")
-    configuration_invalid = _Code(422, "The dynamic configuration is inconsistent (unknown AS, bad key, duplicate id).")
+    configuration_version_conflict = _Code(
+        409, "The dynamic configuration version is not above the current one."
+    )
+    configuration_invalid = _Code(
+        422, "The dynamic configuration is inconsistent (unknown AS, bad key, duplicate id)."
+    )
     configuration_missing = _Code(404, "No dynamic configuration has been set yet.")
     # 5xx — the SAM cannot serve now; the caller may retry
     hsm_unavailable = _Code(503, "The HSM failed or is unreachable.")
     audit_unavailable = _Code(503, "The audit record could not be made durable in time; nothing was done.")
-    ledger_unavailable = _Code(503, "The shared event log (config, key events, SAD use) did not answer in time.")
+    ledger_unavailable = _Code(
+        503, "The shared event log (config, key events, SAD use) did not answer in time."
+    )
     internal_error = _Code(500, "An unexpected fault; the incident is in the worker log.")
 
     @property

@@ -178,7 +178,9 @@ class SamService:
         }
 
     async def process(self, request: IncomingRequest) -> Reply:
-        trace = _Trace(operation=request.operation or "unknown", actor=request.user_id, request_id=request.message_id)
+        trace = _Trace(
+            operation=request.operation or "unknown", actor=request.user_id, request_id=request.message_id
+        )
         detail: str | None = None
         try:
             reply = await self._authenticate_and_handle(request, trace)
@@ -211,9 +213,11 @@ class SamService:
         if key is None:
             raise SamError(ErrorCode.unknown_user, f"{user!r} is not a registered SSA or administrator")
         binding = RequestBinding(request.body, request.message_id, request.operation or "", user)
-        verify_request_jws(request.request_jws, key, binding, int(self._clock()), limits.request_max_age_seconds)
+        verify_request_jws(
+            request.request_jws, key, binding, int(self._clock()), limits.request_max_age_seconds
+        )
         try:
-            operation = Operation(request.operation)
+            operation = Operation(request.operation or "")
         except ValueError:
             raise SamError(ErrorCode.unknown_operation, f"no operation {request.operation!r}") from None
         needs_admin = OPERATION_QUEUE[operation] is QueueClass.admin
@@ -232,7 +236,9 @@ class SamService:
                 f"version {config.version} is not above the current {current}",
             )
         assert request.user_id and request.message_id and request.request_jws
-        record = ConfigurationLog.record(request.user_id, request.message_id, request.body, request.request_jws)
+        record = ConfigurationLog.record(
+            request.user_id, request.message_id, request.body, request.request_jws
+        )
         verdict = await self._config_ledger.append(record)
         if verdict is not None:
             raise verdict
@@ -296,14 +302,18 @@ class SamService:
         main = signature_scheme(body.signature_algorithm, key_pair.algorithm)
         schemes, digests = [], []
         for item in body.requests:
-            scheme = signature_scheme(item.signature_algorithm or body.signature_algorithm, key_pair.algorithm)
+            scheme = signature_scheme(
+                item.signature_algorithm or body.signature_algorithm, key_pair.algorithm
+            )
             try:
                 dtbs = base64.b64decode(item.dtbs, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise SamError(ErrorCode.invalid_dtbs, "DTBS/R is not base64") from exc
             scheme.check_dtbs(dtbs)
             if scheme.hash_oid != main.hash_oid:
-                raise SamError(ErrorCode.sad_digest_mismatch, "all DTBS/R of one request share one hash algorithm")
+                raise SamError(
+                    ErrorCode.sad_digest_mismatch, "all DTBS/R of one request share one hash algorithm"
+                )
             schemes.append(scheme)
             digests.append(dtbs)
         trace.dtbs_sha256 = [hashlib.sha256(d).hexdigest() for d in digests]
@@ -322,7 +332,9 @@ class SamService:
         verdict = await self._sad_ledger.append(SadUseLog.use(claims.iss, claims.jti, claims.exp))
         if verdict is not None:
             raise verdict
-        wrapped = WrappedKey(key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism)
+        wrapped = WrappedKey(
+            key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism
+        )
         # One scheme family per key type, so one unwrap serves the whole request.
         raw = self._hsm.sign_with_wrapped_key(
             wrapped, main.mechanism, [s.hsm_input(d) for s, d in zip(schemes, digests, strict=True)]
@@ -339,4 +351,3 @@ class SamService:
 def _ecdsa_der(raw: bytes) -> bytes:
     half = len(raw) // 2
     return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
-

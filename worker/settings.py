@@ -52,7 +52,7 @@ class WorkerSettings(BaseSettings):
     tls_cert_file: Path
     tls_key_file: Path
     pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
-    token_label: str = "sam"
+    token_label: str = "sam"  # noqa: S105 — a label, not a secret
     token_pin_file: Path = Field(description="file holding the token user PIN (never on the command line)")
     infrastructure_file: Path = Field(description="sam_infrastructure.json written by `sam-admin create`")
     static_config_file: Path

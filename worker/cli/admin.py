@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from worker.domain.audit import verify_records
 from worker.errors import SamError
 from worker.hsm.pkcs11_hsm import open_session, provision_sam_keys
+from worker.schemas import write
 from worker.settings import Infrastructure, KeyInfo, load_infrastructure, read_secret
 
 __all__ = ["main"]
@@ -22,7 +23,10 @@ __all__ = ["main"]
 
 def _create(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
-        print(f"{args.out} exists; the SAM keys were created already (use --force for new ones)", file=sys.stderr)
+        print(
+            f"{args.out} exists; the SAM keys were created already (use --force for new ones)",
+            file=sys.stderr,
+        )
         return 1
     session = open_session(args.pkcs11_module, args.token_label, read_secret(args.pin_file))
     try:
@@ -69,6 +73,12 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _schemas(args: argparse.Namespace) -> int:
+    for name in write(args.out):
+        print(args.out / name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sam-admin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_argument("--infrastructure", type=Path, required=True, help="sam_infrastructure.json")
     verify.add_argument("files", type=Path, nargs="+")
     verify.set_defaults(run=_audit_verify)
+    schemas = sub.add_parser("schemas", help="write the JSON Schemas and error catalogue")
+    schemas.add_argument("--out", type=Path, default=Path("schemas"))
+    schemas.set_defaults(run=_schemas)
     args = parser.parse_args(argv)
     try:
         sys.exit(args.run(args))

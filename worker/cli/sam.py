@@ -72,7 +72,9 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
             digests = [base64.b64decode(d) for d in args.dtbs]
             digests += [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
             sad = args.sad_file.read_text().strip()
-            signatures = await client.sign(_load_json(args.key_pair), args.signer, args.algorithm, digests, sad)
+            signatures = await client.sign(
+                _load_json(args.key_pair), args.signer, args.algorithm, digests, sad
+            )
             _emit(
                 {
                     "signature_algorithm": args.algorithm,
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     sign.add_argument("--signer", required=True)
     sign.add_argument("--algorithm", required=True, help="signature algorithm OID")
     sign.add_argument("--dtbs", action="append", default=[], help="base64 DTBS/R (repeatable)")
-    sign.add_argument("--file", type=Path, action="append", default=[], help="a document to hash with SHA-256")
+    sign.add_argument(
+        "--file", type=Path, action="append", default=[], help="a document to hash with SHA-256"
+    )
     sign.add_argument("--sad-file", type=Path, required=True)
     public = sub.add_parser("public-key", help="print a key pair's public key as PEM (offline)")
     public.add_argument("key_pair", type=Path)

@@ -67,7 +67,9 @@ class DevAuthorizationServer:
             ],
         }
 
-    def issue_sad(self, audience: str, signer: str, key_pair_id: str, digests: Sequence[bytes], **options: Any) -> str:
+    def issue_sad(
+        self, audience: str, signer: str, key_pair_id: str, digests: Sequence[bytes], **options: Any
+    ) -> str:
         return self.sign_claims(self.sad_claims(audience, signer, key_pair_id, digests, **options))
 
 
@@ -81,14 +83,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--signer", required=True)
     parser.add_argument("--key-pair-id", required=True)
     parser.add_argument("--dtbs", action="append", default=[], help="base64 DTBS/R (repeatable)")
-    parser.add_argument("--file", type=Path, action="append", default=[], help="a document to hash with SHA-256")
+    parser.add_argument(
+        "--file", type=Path, action="append", default=[], help="a document to hash with SHA-256"
+    )
     parser.add_argument("--hash-oid", default="2.16.840.1.101.3.4.2.1")
     parser.add_argument("--lifetime", type=int, default=120)
     args = parser.parse_args(argv)
-    digests = [base64.b64decode(d) for d in args.dtbs] + [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
+    digests = [base64.b64decode(d) for d in args.dtbs] + [
+        hashlib.sha256(f.read_bytes()).digest() for f in args.file
+    ]
     server = DevAuthorizationServer(args.id, args.key.read_bytes())
     sys.stdout.write(
-        server.issue_sad(args.audience, args.signer, args.key_pair_id, digests, hash_oid=args.hash_oid, lifetime=args.lifetime)
+        server.issue_sad(
+            args.audience,
+            args.signer,
+            args.key_pair_id,
+            digests,
+            hash_oid=args.hash_oid,
+            lifetime=args.lifetime,
+        )
         + "\n"
     )
 

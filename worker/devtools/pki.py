@@ -22,9 +22,11 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def public_key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def _write(path: Path, data: bytes, secret: bool = False) -> None:

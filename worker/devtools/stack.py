@@ -215,7 +215,9 @@ class Stack:
             if result.returncode == 0:
                 return
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"RabbitMQ did not start: {result.stderr.strip()[-500:]} (see {base / 'log'})")
+                raise RuntimeError(
+                    f"RabbitMQ did not start: {result.stderr.strip()[-500:]} (see {base / 'log'})"
+                )
             time.sleep(0.5)
 
     def _token(self) -> None:
@@ -234,8 +236,15 @@ class Stack:
         if not any((softhsm / "tokens").iterdir()):
             subprocess.run(
                 [
-                    "softhsm2-util", "--init-token", "--free", "--label", "sam",
-                    "--pin", pin_file.read_text(), "--so-pin", so_pin_file.read_text(),
+                    "softhsm2-util",
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    "sam",
+                    "--pin",
+                    pin_file.read_text(),
+                    "--so-pin",
+                    so_pin_file.read_text(),
                 ],
                 check=True,
                 capture_output=True,
@@ -243,9 +252,16 @@ class Stack:
         if not self.infrastructure_file.exists():
             subprocess.run(
                 [
-                    sys.executable, "-m", "worker.cli.admin", "create",
-                    "--pin-file", str(pin_file), "--node", "node-1",
-                    "--out", str(self.infrastructure_file),
+                    sys.executable,
+                    "-m",
+                    "worker.cli.admin",
+                    "create",
+                    "--pin-file",
+                    str(pin_file),
+                    "--node",
+                    "node-1",
+                    "--out",
+                    str(self.infrastructure_file),
                 ],
                 check=True,
                 capture_output=True,
@@ -312,15 +328,29 @@ class Stack:
         env["SAM_CONFIG_FILE"] = str(self.worker_config)
         return env
 
-    def start_worker(self, instance: str, *, queues: str | None = None, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, instance: str, *, queues: str | None = None, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
         ready = self.path("run", f"{instance}.ready")
         ready.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "worker.cli.worker_main", "--instance", instance, "--ready-file", str(ready)]
+        command = [
+            sys.executable,
+            "-m",
+            "worker.cli.worker_main",
+            "--instance",
+            instance,
+            "--ready-file",
+            str(ready),
+        ]
         if queues:
             command += ["--queues", queues]
         log = self.path("logs", f"{instance}.log").open("ab")
         process = subprocess.Popen(
-            command, env=self.worker_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command,
+            env=self.worker_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.path("run", f"{instance}.pid").write_text(str(process.pid))
@@ -368,7 +398,10 @@ class Stack:
             # epmd was started by this node on its own port; stop that one only
             epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
             subprocess.run(
-                [epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, check=False, timeout=30,
+                [epmd, "-port", str(self.epmd_port), "-kill"],
+                capture_output=True,
+                check=False,
+                timeout=30,
                 env=self._rabbitmq_env(),
             )
 
@@ -377,7 +410,9 @@ class Stack:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ops/stack", description="the local sam-worker stack (test tooling)")
+    parser = argparse.ArgumentParser(
+        prog="ops/stack", description="the local sam-worker stack (test tooling)"
+    )
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("SAM_STACK_DIR", ".stack")))
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("SAM_STACK_PORT_BASE", "25671")))

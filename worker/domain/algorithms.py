@@ -159,9 +159,15 @@ class SignatureScheme:
 _SCHEMES = {
     s.oid: s
     for s in (
-        SignatureScheme("1.2.840.113549.1.1.11", "sha256WithRSAEncryption", KeyType.RSA, _SHA256, HsmMechanism.RSA_PKCS),
-        SignatureScheme("1.2.840.113549.1.1.12", "sha384WithRSAEncryption", KeyType.RSA, _SHA384, HsmMechanism.RSA_PKCS),
-        SignatureScheme("1.2.840.113549.1.1.13", "sha512WithRSAEncryption", KeyType.RSA, _SHA512, HsmMechanism.RSA_PKCS),
+        SignatureScheme(
+            "1.2.840.113549.1.1.11", "sha256WithRSAEncryption", KeyType.RSA, _SHA256, HsmMechanism.RSA_PKCS
+        ),
+        SignatureScheme(
+            "1.2.840.113549.1.1.12", "sha384WithRSAEncryption", KeyType.RSA, _SHA384, HsmMechanism.RSA_PKCS
+        ),
+        SignatureScheme(
+            "1.2.840.113549.1.1.13", "sha512WithRSAEncryption", KeyType.RSA, _SHA512, HsmMechanism.RSA_PKCS
+        ),
         SignatureScheme("1.2.840.10045.4.3.2", "ecdsa-with-SHA256", KeyType.EC, _SHA256, HsmMechanism.ECDSA),
         SignatureScheme("1.2.840.10045.4.3.3", "ecdsa-with-SHA384", KeyType.EC, _SHA384, HsmMechanism.ECDSA),
         SignatureScheme("1.2.840.10045.4.3.4", "ecdsa-with-SHA512", KeyType.EC, _SHA512, HsmMechanism.ECDSA),

@@ -87,7 +87,9 @@ class AuditChain:
     seq: int = 0
     prev: str = GENESIS
 
-    def append(self, event: AuditEvent, time_ms: int, sign_digest: Callable[[bytes], bytes]) -> dict[str, Any]:
+    def append(
+        self, event: AuditEvent, time_ms: int, sign_digest: Callable[[bytes], bytes]
+    ) -> dict[str, Any]:
         """Make the next record, signed; the chain advances only on success."""
         record: dict[str, Any] = {
             "seq": self.seq + 1,
@@ -201,7 +203,9 @@ def verify_records(
                 )
                 report.problems.append(ChainProblem(source, number, chain, seq, what))
             elif prev != cursor.hash:
-                report.problems.append(ChainProblem(source, number, chain, seq, "link to previous record broken (fork)"))
+                report.problems.append(
+                    ChainProblem(source, number, chain, seq, "link to previous record broken (fork)")
+                )
         first = report.chains.get(chain, (seq, seq))[0]
         report.chains[chain] = (first, seq)
         cursors[chain] = _ChainCursor(seq, claimed)

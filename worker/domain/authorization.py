@@ -12,7 +12,6 @@ import base64
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
 
 import orjson
 from joserfc import jws
@@ -112,10 +111,10 @@ class DocumentDigest(_Claims):
 
 class AuthorizationDetail(_Claims):
     type: str
-    credentialID: str  # noqa: N815 — the CSC / RAR claim name
-    hashAlgorithmOID: str | None = None  # noqa: N815
-    documentDigests: list[DocumentDigest] = Field(default_factory=list, max_length=10_000)  # noqa: N815
-    numSignatures: int | None = None  # noqa: N815
+    credentialID: str
+    hashAlgorithmOID: str | None = None
+    documentDigests: list[DocumentDigest] = Field(default_factory=list, max_length=10_000)
+    numSignatures: int | None = None
 
 
 class SadClaims(_Claims):
@@ -139,7 +138,7 @@ class SadExpectation:
     key_pair_id: str
     hash_oid: str
     digests: tuple[bytes, ...]
-    detail_type: Literal["credential"] = SAD_TYPE_SIGNATURE
+    detail_type: str = SAD_TYPE_SIGNATURE
 
 
 def verify_sad(
@@ -169,7 +168,9 @@ def verify_sad(
     try:
         payload = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms).payload
     except JoseError as exc:
-        raise SamError(ErrorCode.sad_signature_invalid, f"SAD signature rejected ({type(exc).__name__})") from exc
+        raise SamError(
+            ErrorCode.sad_signature_invalid, f"SAD signature rejected ({type(exc).__name__})"
+        ) from exc
     try:
         claims = SadClaims.model_validate_json(payload)
     except ValidationError as exc:

@@ -59,7 +59,9 @@ class ConfigurationLog:
             key = self._admins.get(user_id)
             if key is None:
                 return SamError(ErrorCode.unknown_user, "configuration record from no administrator")
-            binding = RequestBinding(body, str(data["message_id"]), Operation.configurations_dynamic_put, user_id)
+            binding = RequestBinding(
+                body, str(data["message_id"]), Operation.configurations_dynamic_put, user_id
+            )
             verify_request_jws(str(data["request_jws"]), key, binding, now=None, max_age=0)
             config = DynamicConfiguration.model_validate_json(body)
             candidate = parse_dynamic(config)

@@ -112,7 +112,11 @@ def provision_sam_keys(session: Any, suffix: str) -> ProvisionedKeys:
                 store=True,
                 label=label,
                 public_template={Attribute.VERIFY: True},
-                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True},
+                private_template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.SIGN: True,
+                },
             )
             pems.append(_spki_pem(_spki_of(public, KeyType.EC)))
     return ProvisionedKeys(kek_label, state_label, pems[0], audit_label, pems[1])
@@ -165,7 +169,9 @@ class Pkcs11Hsm:
             else:
                 assert spec.curve is not None
                 params = self._session.create_domain_parameters(
-                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve.oid)}, local=True
+                    KeyType.EC,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve.oid)},
+                    local=True,
                 )
                 public, private = params.generate_keypair(store=False, private_template=private_template)
                 key_type = KeyType.EC

@@ -61,6 +61,8 @@ class RequestConsumer:
         self._queues: list[AbstractQueue] = []  # references kept (aio-pika #536)
         self._tags: list[tuple[AbstractQueue, str]] = []
         self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self, queues: tuple[QueueClass, ...]) -> None:
         for queue_class in queues:
@@ -73,11 +75,11 @@ class RequestConsumer:
         for queue, tag in self._tags:
             await queue.cancel(tag)
         self._tags.clear()
-        while self.in_flight:
-            await asyncio.sleep(0.01)
+        await self._idle.wait()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.in_flight += 1
+        self._idle.clear()
         try:
             request = to_request(message)
             try:
@@ -91,6 +93,8 @@ class RequestConsumer:
             await message.ack()
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
     async def _send_reply(self, request: IncomingRequest, reply: Reply) -> None:
         message = aio_pika.Message(
@@ -106,4 +110,9 @@ class RequestConsumer:
                     message, routing_key=request.reply_to or "", mandatory=False
                 )
         except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            log.error("reply to %s for %s not confirmed: %s", request.reply_to, request.message_id, type(exc).__name__)
+            log.error(
+                "reply to %s for %s not confirmed: %s",
+                request.reply_to,
+                request.message_id,
+                type(exc).__name__,
+            )

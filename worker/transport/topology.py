@@ -122,9 +122,7 @@ def definitions(workers: list[str], admins: list[str], ssas: list[str], siems: l
     ]
     for caller in [*admins, *ssas]:
         own = "^" + re.escape(reply_queue_prefix(caller)) + ".*$"
-        permissions.append(
-            _permission(caller, configure=own, write=_exact(REQUESTS_EXCHANGE), read=own)
-        )
+        permissions.append(_permission(caller, configure=own, write=_exact(REQUESTS_EXCHANGE), read=own))
     for siem in siems:
         own = "^" + re.escape(f"{siem}.") + ".*$"
         permissions.append(

@@ -1,0 +1,133 @@
+"""The integration session: one RabbitMQ node and one SoftHSM token for the whole run
+(started here, in a folder and on ports of their own), two worker processes, and
+clients for an administrator, a registered SSA and an unregistered one."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from worker.cli.sam import ClientProfile
+from worker.client import SamClient
+from worker.devtools.authorization_server import DevAuthorizationServer
+from worker.devtools.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+PORT_BASE = int(os.environ.get("SAM_TEST_PORT_BASE", "26671"))
+
+
+class Harness:
+    """What the tests need of the running stack."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.static = json.loads(stack.path("config", "static_config.json").read_text())
+        self.sam_id: str = self.static["sam_id"]
+        self.dev_as = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
+        self.other_as = DevAuthorizationServer("other-as", stack.pki.jws_key("other-as").read_bytes())
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def base_configuration(self) -> dict[str, Any]:
+        """The demo configuration less ssa-2, which the tests use as the unregistered SSA."""
+        config = json.loads(self.stack.path("config", "dynamic_config.json").read_text())
+        config["signing_service_privileged_users"] = [
+            u for u in config["signing_service_privileged_users"] if u["id"] == "ssa-1"
+        ]
+        return copy.deepcopy(config)
+
+    def client(self, user: str) -> SamClient:
+        return ClientProfile.model_validate_json(self.stack.profile(user).read_text()).client()
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        records = []
+        for path in sorted(self.stack.path("audit").glob("*/*.jsonl")):
+            records += [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        return records
+
+    def audit_record(self, request_id: str) -> dict[str, Any]:
+        found = [r for r in self.audit_records() if r["request_id"] == request_id]
+        assert len(found) == 1, f"expected one audit record for {request_id}, found {len(found)}"
+        return found[0]
+
+    def start_worker(self, instance: str, **options: Any) -> subprocess.Popen[bytes]:
+        process = self.stack.start_worker(instance, **options)
+        self.workers[instance] = process
+        return process
+
+    def queue_depths(self) -> dict[str, tuple[int, int]]:
+        out = self.stack.rabbitmqctl(
+            "list_queues",
+            "-p",
+            "sam",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "--no-table-headers",
+            "-q",
+        ).stdout
+        depths = {}
+        for line in out.splitlines():
+            name, ready, unacked = line.split("\t")
+            depths[name] = (int(ready), int(unacked))
+        return depths
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    root = Path(tempfile.mkdtemp(prefix="sam-test-stack-"))
+    stack = Stack(root, PORT_BASE)
+    try:
+        stack.up(workers=0)
+        yield stack
+    finally:
+        stack.down()
+        if os.environ.get("SAM_TEST_KEEP_STACK") != "1":
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def harness(stack: Stack) -> AsyncIterator[Harness]:
+    harness = Harness(stack)
+    harness.start_worker("worker-1")
+    harness.start_worker("worker-2")
+    async with harness.client("admin-1") as admin:
+        await admin.put_configuration(harness.base_configuration())
+    yield harness
+    for process in harness.workers.values():
+        if process.poll() is None:
+            process.terminate()
+    for process in harness.workers.values():
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+async def admin(harness: Harness) -> AsyncIterator[SamClient]:
+    async with harness.client("admin-1") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def ssa(harness: Harness) -> AsyncIterator[SamClient]:
+    async with harness.client("ssa-1") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def unregistered_ssa(harness: Harness) -> AsyncIterator[SamClient]:
+    async with harness.client("ssa-2") as client:
+        yield client
