@@ -29,8 +29,13 @@ ensure_venv() {
   echo "preparing the virtualenv in $VENV" >&2
   mkdir -p "$ROOT/.stack"
   [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1" >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$ROOT" --group "$ROOT/pyproject.toml:dev" >/dev/null
+  local log="$ROOT/.stack/pip-install.log"
+  if ! { "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1" &&
+    "$VENV/bin/python" -m pip install -q -e "$ROOT" --group "$ROOT/pyproject.toml:dev"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installing the Python packages failed (log: $log)" >&2
+    return 1
+  fi
   echo "$want" >"$stamp"
 }
 

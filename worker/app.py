@@ -44,6 +44,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         infrastructure.kek_label,
         infrastructure.state_key.label,
         infrastructure.audit_key.label,
+        infrastructure.factor_key_label,
         infrastructure.wrap_mechanism,
     )
     sealer = KeyPairSealer(

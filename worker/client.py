@@ -24,6 +24,7 @@ from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
 
 from worker.domain.authorization import RequestBinding, request_jws_payload
+from worker.domain.certification import assemble_certification_request, build_certification_request_info
 from worker.domain.contract import (
     HEADER_REQUEST_JWS,
     HEADER_SAD,
@@ -224,19 +225,101 @@ class SamClient:
         result = await self.call(Operation.key_pairs_create, {"key_template": template})
         return dict(result["key_pair"])
 
-    async def assign_key_pair(self, key_pair: dict[str, Any], signer: str, subject: str) -> dict[str, Any]:
-        body = {"key_pair": key_pair, "signer": {"id": signer}, "subject": subject}
-        result = await self.call(Operation.signers_key_pairs_assign, body)
+    async def assign_key_pair(
+        self,
+        key_pair: dict[str, Any],
+        signer: str,
+        subject: str,
+        *,
+        skad: str | None = None,
+        pin: str | None = None,
+    ) -> dict[str, Any]:
+        """Assign to ``signer`` (RFC 4514 ``subject``); ``pin`` enrols a SAM-managed factor."""
+        body: dict[str, Any] = {"key_pair": key_pair, "signer": {"id": signer}, "subject": subject}
+        if pin is not None:
+            body["sam_factor"] = {"type": "pin", "value": pin}
+        result = await self.call(Operation.signers_key_pairs_assign, body, sad=skad)
         return dict(result["key_pair"])
 
     async def sign(
-        self, key_pair: dict[str, Any], signer: str, signature_algorithm: str, digests: list[bytes], sad: str
+        self,
+        key_pair: dict[str, Any],
+        signer: str,
+        signature_algorithm: str,
+        digests: list[bytes],
+        sad: str,
+        *,
+        parameters: bytes | None = None,
+        pin: str | None = None,
     ) -> list[bytes]:
-        body = {
+        """Sign DTBS/R (hashes); ``parameters`` is DER RSASSA-PSS-params for RSASSA-PSS."""
+        body: dict[str, Any] = {
             "signature_algorithm": signature_algorithm,
             "requests": [{"dtbs": base64.b64encode(d).decode()} for d in digests],
             "key_pair": key_pair,
             "signer": {"id": signer},
         }
+        if parameters is not None:
+            body["signature_algorithm_parameters"] = base64.b64encode(parameters).decode()
+        if pin is not None:
+            body["sam_factor"] = {"type": "pin", "value": pin}
         result = await self.call(Operation.signatures_create, body, sad=sad)
         return [base64.b64decode(s["signature"]) for s in result["signatures"]]
+
+    async def prove_possession(
+        self,
+        key_pair: dict[str, Any],
+        info_der: bytes,
+        signature_algorithm: str,
+        parameters: bytes | None = None,
+    ) -> bytes:
+        """The SAM's signature over a DER CertificationRequestInfo for this key pair."""
+        request: dict[str, Any] = {
+            "dtbs": base64.b64encode(info_der).decode(),
+            "signature_algorithm": signature_algorithm,
+        }
+        if parameters is not None:
+            request["signature_algorithm_parameters"] = base64.b64encode(parameters).decode()
+        result = await self.call(
+            Operation.proofs_of_possession_create, {"key_pair": key_pair, "request": request}
+        )
+        return base64.b64decode(result["signature"])
+
+    async def certification_request(
+        self, key_pair: dict[str, Any], signature_algorithm: str, parameters: bytes | None = None
+    ) -> bytes:
+        """A DER PKCS#10 request for an assigned key pair, signed by the SAM as proof of possession."""
+        info = build_certification_request_info(base64.b64decode(key_pair["public_key"]), key_pair["subject"])
+        signature = await self.prove_possession(key_pair, info, signature_algorithm, parameters)
+        return assemble_certification_request(info, signature_algorithm, parameters, signature)
+
+    async def update_key_pair(
+        self,
+        key_pair: dict[str, Any],
+        signer: str,
+        *,
+        certified: bool = True,
+        enabled: bool = True,
+        certificate: bytes | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "key_pair": key_pair,
+            "signer": {"id": signer},
+            "status": {"assigned": True, "certified": certified, "enabled": enabled},
+        }
+        if certificate is not None:
+            body["certificate"] = base64.b64encode(certificate).decode()
+        result = await self.call(Operation.key_pairs_update, body)
+        return dict(result["key_pair"])
+
+    async def delete_key_pair(
+        self, key_pair: dict[str, Any], signer: str | None, sad: str | None = None
+    ) -> None:
+        body: dict[str, Any] = {"key_pair": key_pair}
+        if signer is not None:
+            body["signer"] = {"id": signer}
+        await self.call(Operation.key_pairs_delete, body, sad=sad)
+
+    async def rewrap_key_pair(self, key_pair: dict[str, Any]) -> dict[str, Any]:
+        result = await self.call(Operation.key_pairs_rewrap, {"key_pair": key_pair})
+        return dict(result["key_pair"])

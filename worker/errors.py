@@ -34,7 +34,11 @@ class ErrorCode(Enum):
     )
     invalid_dtbs = _Code(400, "A DTBS/R is not base64 or its length does not match the hash algorithm.")
     too_many_digests = _Code(400, "More DTBS/R in one request than the configured cap.")
+    invalid_subject = _Code(400, "The subject is not an RFC 4514 distinguished name.")
     unsupported_algorithm = _Code(422, "The key template or signature algorithm is not supported.")
+    invalid_algorithm_parameters = _Code(
+        422, "The signature algorithm parameters are malformed or weak (RSASSA-PSS-params)."
+    )
     algorithm_key_mismatch = _Code(422, "The signature algorithm does not fit the key pair's key type.")
     # 401 — who is asking could not be established
     missing_user_id = _Code(401, "The message has no broker-validated user_id.")
@@ -63,6 +67,26 @@ class ErrorCode(Enum):
     key_pair_invalid = _Code(422, "The key pair's seal does not verify (altered, or from another SAM).")
     key_pair_not_assigned = _Code(409, "The key pair is not assigned to a signer.")
     key_pair_already_assigned = _Code(409, "The key pair is already assigned to a signer.")
+    key_pair_outdated = _Code(409, "A newer revision of this key pair exists; send the latest copy.")
+    key_pair_deleted = _Code(404, "The key pair was deleted.")
+    key_pair_not_certified = _Code(409, "The key pair is not certified yet.")
+    key_pair_disabled = _Code(409, "The key pair is disabled.")
+    key_pair_certified = _Code(409, "The key pair is certified: no more proofs of possession.")
+    status_transition_invalid = _Code(422, "That status change is not allowed (e.g. un-certifying).")
+    certificate_required = _Code(422, "Certifying a key pair needs its certificate.")
+    certificate_invalid = _Code(422, "The certificate is not a DER X.509 certificate.")
+    certificate_key_mismatch = _Code(422, "The certificate is for another public key.")
+    certificate_subject_mismatch = _Code(422, "The certificate's subject is not the signer's subject.")
+    pop_not_a_certification_request = _Code(
+        422, "A proof of possession signs only a DER CertificationRequestInfo."
+    )
+    pop_public_key_mismatch = _Code(422, "The CertificationRequestInfo is for another public key.")
+    pop_subject_mismatch = _Code(422, "The CertificationRequestInfo's subject is not the signer's subject.")
+    sam_factor_missing = _Code(403, "The key pair needs its SAM-managed factor and none was given.")
+    sam_factor_invalid = _Code(403, "The SAM-managed factor is wrong.")
+    sam_factor_unavailable = _Code(
+        422, "This SAM has no factor key, so it cannot enrol a SAM-managed factor."
+    )
     signer_mismatch = _Code(403, "The signer does not own this key pair.")
     configuration_version_conflict = _Code(
         409, "The dynamic configuration version is not above the current one."

@@ -15,8 +15,10 @@ from worker.domain.contract import (
     OPERATION_QUEUE,
     REQUEST_MODELS,
     ErrorReply,
+    KeyPairDeleteReply,
     KeyPairReply,
     Operation,
+    ProofOfPossessionReply,
     SignaturesReply,
 )
 from worker.errors import ErrorCode
@@ -28,6 +30,10 @@ _REPLIES: dict[Operation, type[BaseModel] | None] = {
     Operation.configurations_dynamic_get: REQUEST_MODELS[Operation.configurations_dynamic_put],
     Operation.key_pairs_create: KeyPairReply,
     Operation.signers_key_pairs_assign: KeyPairReply,
+    Operation.proofs_of_possession_create: ProofOfPossessionReply,
+    Operation.key_pairs_update: KeyPairReply,
+    Operation.key_pairs_delete: KeyPairDeleteReply,
+    Operation.key_pairs_rewrap: KeyPairReply,
     Operation.signatures_create: SignaturesReply,
 }
 _STATUS = {

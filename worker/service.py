@@ -8,9 +8,11 @@ made durable the reply becomes ``audit_unavailable`` and the result is dropped.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
 import time
@@ -22,9 +24,18 @@ from typing import Any, Protocol, TypeVar
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pydantic import BaseModel, ValidationError
 
-from worker.domain.algorithms import HsmMechanism, key_spec_from_template, signature_scheme
+from worker.domain.algorithms import HsmMechanism, SignatureScheme, key_spec_from_template, signature_scheme
 from worker.domain.audit import AuditEvent, AuditLog, Outcome
-from worker.domain.authorization import RequestBinding, SadExpectation, verify_request_jws, verify_sad
+from worker.domain.authorization import (
+    SAD_TYPE_DELETION,
+    SKAD_TYPE_ASSIGNMENT,
+    RequestBinding,
+    SadClaims,
+    SadExpectation,
+    verify_request_jws,
+    verify_sad,
+)
+from worker.domain.certification import canonical_subject, check_certificate, check_certification_request_info
 from worker.domain.configuration import StaticConfiguration
 from worker.domain.contract import (
     OPERATION_QUEUE,
@@ -33,16 +44,23 @@ from worker.domain.contract import (
     ErrorBody,
     ErrorReply,
     KeyPairCreateRequest,
+    KeyPairDeleteReply,
+    KeyPairDeleteRequest,
     KeyPairReply,
+    KeyPairRewrapRequest,
     KeyPairStatus,
+    KeyPairUpdateRequest,
     Operation,
+    ProofOfPossessionReply,
+    ProofOfPossessionRequest,
     QueueClass,
+    SamFactor,
     Signature,
     SignaturesCreateRequest,
     SignaturesReply,
 )
 from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
-from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
+from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
 from worker.errors import ErrorCode, SamError
 from worker.hsm.api import Hsm, WrappedKey
 
@@ -76,6 +94,10 @@ class Reply:
 
 class Appender(Protocol):
     async def append(self, data: dict[str, Any]) -> SamError | None: ...
+
+    async def sync(self) -> None:
+        """Return once every record appended before this call has been applied here."""
+        ...
 
 
 class AuditSink(Protocol):
@@ -174,6 +196,10 @@ class SamService:
             Operation.configurations_dynamic_get: self._get_configuration,
             Operation.key_pairs_create: self._create_key_pair,
             Operation.signers_key_pairs_assign: self._assign_key_pair,
+            Operation.proofs_of_possession_create: self._prove_possession,
+            Operation.key_pairs_update: self._update_key_pair,
+            Operation.key_pairs_delete: self._delete_key_pair,
+            Operation.key_pairs_rewrap: self._rewrap_key_pair,
             Operation.signatures_create: self._create_signatures,
         }
 
@@ -252,6 +278,53 @@ class SamService:
 
     # --- key pairs --------------------------------------------------------------------
 
+    def _open(self, sealed: str, trace: _Trace, *, assigning: bool = False) -> SealedKeyPair:
+        """The key pair inside the seal, refused if deleted or an outdated copy."""
+        key_pair = self._sealer.open(sealed)
+        trace.key_pair = key_pair.id
+        refusal = self._key_events.refusal(key_pair.id, key_pair.revision, assigning=assigning)
+        if refusal is not None:
+            raise refusal
+        return key_pair
+
+    @staticmethod
+    def _owned(key_pair: SealedKeyPair, signer: str | None) -> str:
+        if not key_pair.status.assigned or key_pair.signer is None:
+            raise SamError(ErrorCode.key_pair_not_assigned)
+        if signer != key_pair.signer:
+            raise SamError(ErrorCode.signer_mismatch)
+        return key_pair.signer
+
+    async def _record(self, event: KeyEvent, key_pair: SealedKeyPair) -> None:
+        """Append the change to sam.key-events; the log's order decides races."""
+        record = KeyEventLog.event(event, key_pair.id, key_pair.revision, key_pair.signer)
+        verdict = await self._key_ledger.append(record)
+        if verdict is not None:
+            raise verdict
+
+    def _sealed_reply(self, key_pair: SealedKeyPair, status: int = 200) -> Reply:
+        return _ok(status, KeyPairReply(key_pair=key_pair.readable(self._sealer.seal(key_pair))))
+
+    async def _authorize(
+        self, request: IncomingRequest, trace: _Trace, expected: SadExpectation
+    ) -> SadClaims:
+        """Verify a SAD (or SKAD) and spend its jti cluster-wide."""
+        claims = verify_sad(
+            request.sad,
+            self._configuration.state,
+            self._static.sam_id,
+            self._static.sad_policy,
+            expected,
+            int(self._clock()),
+        )
+        trace.sad_jti = claims.jti
+        if f"{claims.iss} {claims.jti}" in self._sad_use.used:
+            raise SamError(ErrorCode.sad_replayed)
+        verdict = await self._sad_ledger.append(SadUseLog.use(claims.iss, claims.jti, claims.exp))
+        if verdict is not None:
+            raise verdict
+        return claims
+
     async def _create_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
         template = _parse(KeyPairCreateRequest, request.body).key_template
         spec = key_spec_from_template(template.algorithm, template.size, template.named_curve)
@@ -270,22 +343,128 @@ class SamService:
             created=int(self._clock()),
         )
         trace.key_pair = key_pair.id
-        return _ok(201, KeyPairReply(key_pair=key_pair.readable(self._sealer.seal(key_pair))))
+        return self._sealed_reply(key_pair, 201)
 
     async def _assign_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
         body = _parse(AssignRequest, request.body)
         trace.signer = body.signer.id
-        key_pair = self._sealer.open(body.key_pair.sealed)
-        trace.key_pair = key_pair.id
-        if key_pair.status.assigned or key_pair.id in self._key_events.assigned:
+        key_pair = self._open(body.key_pair.sealed, trace, assigning=True)
+        if key_pair.status.assigned:
             raise SamError(ErrorCode.key_pair_already_assigned)
-        verdict = await self._key_ledger.append(KeyEventLog.assignment(key_pair.id, body.signer.id))
-        if verdict is not None:
-            raise verdict
-        assigned = key_pair.assigned_to(body.signer.id, body.subject)
-        return _ok(200, KeyPairReply(key_pair=assigned.readable(self._sealer.seal(assigned))))
+        subject = canonical_subject(body.subject)
+        if request.sad is not None or self._static.sad_policy.assignment_skad == "required":
+            assert request.user_id
+            expected = SadExpectation(
+                request.user_id, body.signer.id, key_pair.id, detail_type=SKAD_TYPE_ASSIGNMENT
+            )
+            await self._authorize(request, trace, expected)
+        factor: dict[str, object] = {}
+        if body.sam_factor is not None:
+            mac = self._hsm.factor_mac(_factor_input(key_pair.id, body.sam_factor))
+            factor = {"factor_type": body.sam_factor.type, "factor_verifier": base64.b64encode(mac).decode()}
+        assigned = key_pair.next_revision(
+            signer=body.signer.id,
+            subject=subject,
+            status=key_pair.status.model_copy(update={"assigned": True}),
+            **factor,
+        )
+        await self._record(KeyEvent.assigned, assigned)
+        return self._sealed_reply(assigned)
+
+    async def _prove_possession(self, request: IncomingRequest, trace: _Trace) -> Reply:
+        body = _parse(ProofOfPossessionRequest, request.body)
+        key_pair = self._open(body.key_pair.sealed, trace)
+        trace.signer = key_pair.signer
+        if not key_pair.status.assigned or key_pair.subject is None:
+            raise SamError(ErrorCode.key_pair_not_assigned)
+        if key_pair.status.certified:
+            raise SamError(ErrorCode.key_pair_certified)
+        scheme = signature_scheme(
+            body.request.signature_algorithm, key_pair.algorithm, body.request.signature_algorithm_parameters
+        )
+        try:
+            info = base64.b64decode(body.request.dtbs, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SamError(ErrorCode.pop_not_a_certification_request, "dtbs is not base64") from exc
+        check_certification_request_info(info, key_pair.public_key_der, key_pair.subject)
+        trace.dtbs_sha256 = [hashlib.sha256(info).hexdigest()]
+        [signature] = self._sign(key_pair, scheme, [scheme.digest(info)])
+        return _ok(
+            200,
+            ProofOfPossessionReply(
+                signature=base64.b64encode(signature).decode(), signature_algorithm=scheme.oid
+            ),
+        )
+
+    async def _update_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
+        body = _parse(KeyPairUpdateRequest, request.body)
+        trace.signer = body.signer.id
+        key_pair = self._open(body.key_pair.sealed, trace)
+        self._owned(key_pair, body.signer.id)
+        wanted = body.status
+        if not wanted.assigned or (key_pair.status.certified and not wanted.certified):
+            raise SamError(
+                ErrorCode.status_transition_invalid, "a key pair cannot be unassigned or un-certified"
+            )
+        certificate = key_pair.certificate
+        if body.certificate is not None:
+            if not wanted.certified:
+                raise SamError(
+                    ErrorCode.status_transition_invalid, "a certificate comes with certified: true"
+                )
+            try:
+                der = base64.b64decode(body.certificate, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise SamError(ErrorCode.certificate_invalid, "certificate is not base64") from exc
+            assert key_pair.subject is not None
+            check_certificate(der, key_pair.public_key_der, key_pair.subject)
+            certificate = base64.b64encode(der).decode()
+        elif wanted.certified and certificate is None:
+            raise SamError(ErrorCode.certificate_required)
+        updated = key_pair.next_revision(status=wanted, certificate=certificate)
+        await self._record(KeyEvent.updated, updated)
+        return self._sealed_reply(updated)
+
+    async def _delete_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
+        body = _parse(KeyPairDeleteRequest, request.body)
+        key_pair = self._open(body.key_pair.sealed, trace)
+        trace.signer = key_pair.signer
+        if key_pair.signer is not None:
+            self._owned(key_pair, body.signer.id if body.signer else None)
+        if request.sad is not None:
+            # the signer's own request, relayed by the SSA
+            assert request.user_id
+            expected = SadExpectation(
+                request.user_id, key_pair.signer or "", key_pair.id, detail_type=SAD_TYPE_DELETION
+            )
+            await self._authorize(request, trace, expected)
+        await self._record(KeyEvent.deleted, key_pair.next_revision())
+        return _ok(200, KeyPairDeleteReply(key_pair_id=key_pair.id, deleted=True))
+
+    async def _rewrap_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
+        body = _parse(KeyPairRewrapRequest, request.body)
+        key_pair = self._open(body.key_pair.sealed, trace)
+        trace.signer = key_pair.signer
+        if key_pair.kek == self._hsm.current_kek_label:
+            return _ok(200, KeyPairReply(key_pair=key_pair.readable(body.key_pair.sealed)))
+        rewrapped = self._hsm.rewrap(_wrapped(key_pair))
+        updated = key_pair.next_revision(
+            wrapped_private_key=base64.b64encode(rewrapped.wrapped).decode(),
+            kek=rewrapped.kek_label,
+            wrap_mechanism=rewrapped.wrap_mechanism,
+        )
+        await self._record(KeyEvent.rewrapped, updated)
+        return self._sealed_reply(updated)
 
     # --- signatures -------------------------------------------------------------------
+
+    def _sign(self, key_pair: SealedKeyPair, scheme: SignatureScheme, digests: list[bytes]) -> list[bytes]:
+        raw = self._hsm.sign_with_wrapped_key(
+            _wrapped(key_pair), scheme, [scheme.hsm_input(d) for d in digests]
+        )
+        if scheme.mechanism is HsmMechanism.ECDSA:
+            return [_ecdsa_der(sig) for sig in raw]
+        return raw
 
     async def _create_signatures(self, request: IncomingRequest, trace: _Trace) -> Reply:
         body = _parse(SignaturesCreateRequest, request.body)
@@ -293,59 +472,71 @@ class SamService:
         limit = self._static.limits.max_digests_per_request
         if len(body.requests) > limit:
             raise SamError(ErrorCode.too_many_digests, f"at most {limit} DTBS/R per request")
-        key_pair = self._sealer.open(body.key_pair.sealed)
-        trace.key_pair = key_pair.id
-        if not key_pair.status.assigned or key_pair.signer is None:
-            raise SamError(ErrorCode.key_pair_not_assigned)
-        if key_pair.signer != body.signer.id:
-            raise SamError(ErrorCode.signer_mismatch)
-        main = signature_scheme(body.signature_algorithm, key_pair.algorithm)
-        schemes, digests = [], []
+        key_pair = self._open(body.key_pair.sealed, trace)
+        signer = self._owned(key_pair, body.signer.id)
+        if not key_pair.status.certified:
+            raise SamError(ErrorCode.key_pair_not_certified)
+        if not key_pair.status.enabled:
+            raise SamError(ErrorCode.key_pair_disabled)
+        scheme = signature_scheme(
+            body.signature_algorithm, key_pair.algorithm, body.signature_algorithm_parameters
+        )
+        digests = []
         for item in body.requests:
-            scheme = signature_scheme(
-                item.signature_algorithm or body.signature_algorithm, key_pair.algorithm
-            )
+            if item.signature_algorithm is not None and (
+                item.signature_algorithm != scheme.oid
+                or (item.signature_algorithm_parameters or body.signature_algorithm_parameters)
+                != body.signature_algorithm_parameters
+            ):
+                # One SAD names one hash algorithm, and one unwrap serves one scheme.
+                raise SamError(
+                    ErrorCode.unsupported_algorithm, "all DTBS/R of one request use one signature algorithm"
+                )
             try:
                 dtbs = base64.b64decode(item.dtbs, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise SamError(ErrorCode.invalid_dtbs, "DTBS/R is not base64") from exc
             scheme.check_dtbs(dtbs)
-            if scheme.hash_oid != main.hash_oid:
-                raise SamError(
-                    ErrorCode.sad_digest_mismatch, "all DTBS/R of one request share one hash algorithm"
-                )
-            schemes.append(scheme)
             digests.append(dtbs)
         trace.dtbs_sha256 = [hashlib.sha256(d).hexdigest() for d in digests]
         assert request.user_id
-        claims = verify_sad(
-            request.sad,
-            self._configuration.state,
-            self._static.sam_id,
-            self._static.sad_policy,
-            SadExpectation(request.user_id, key_pair.signer, key_pair.id, main.hash_oid, tuple(digests)),
-            int(self._clock()),
+        expected = SadExpectation(request.user_id, signer, key_pair.id, scheme.hash_oid, tuple(digests))
+        # The key-events barrier runs beside the jti append: a deletion or change
+        # confirmed before this request arrived is seen before anything is signed.
+        # Both are awaited to the end (no task left behind); the SAD's refusal wins.
+        authorized, synced = await asyncio.gather(
+            self._authorize(request, trace, expected), self._key_ledger.sync(), return_exceptions=True
         )
-        trace.sad_jti = claims.jti
-        if f"{claims.iss} {claims.jti}" in self._sad_use.used:
-            raise SamError(ErrorCode.sad_replayed)
-        verdict = await self._sad_ledger.append(SadUseLog.use(claims.iss, claims.jti, claims.exp))
-        if verdict is not None:
-            raise verdict
-        wrapped = WrappedKey(
-            key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism
-        )
-        # One scheme family per key type, so one unwrap serves the whole request.
-        raw = self._hsm.sign_with_wrapped_key(
-            wrapped, main.mechanism, [s.hsm_input(d) for s, d in zip(schemes, digests, strict=True)]
-        )
-        if main.mechanism is HsmMechanism.ECDSA:
-            raw = [_ecdsa_der(sig) for sig in raw]
+        for outcome in (authorized, synced):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        refusal = self._key_events.refusal(key_pair.id, key_pair.revision)
+        if refusal is not None:
+            raise refusal
+        self._check_factor(key_pair, body.sam_factor)
         signatures = [
-            Signature(signature=base64.b64encode(sig).decode(), signature_algorithm=s.oid)
-            for sig, s in zip(raw, schemes, strict=True)
+            Signature(signature=base64.b64encode(sig).decode(), signature_algorithm=scheme.oid)
+            for sig in self._sign(key_pair, scheme, digests)
         ]
         return _ok(200, SignaturesReply(signatures=signatures))
+
+    def _check_factor(self, key_pair: SealedKeyPair, factor: SamFactor | None) -> None:
+        if key_pair.factor_verifier is None:
+            return
+        if factor is None or factor.type != key_pair.factor_type:
+            raise SamError(ErrorCode.sam_factor_missing)
+        expected = base64.b64decode(key_pair.factor_verifier)
+        if not hmac.compare_digest(self._hsm.factor_mac(_factor_input(key_pair.id, factor)), expected):
+            raise SamError(ErrorCode.sam_factor_invalid)
+
+
+def _factor_input(key_pair_id: str, factor: SamFactor) -> bytes:
+    # bound to the key pair, so a verifier copied into another key pair is useless
+    return b"\0".join([b"sam-factor-v1", key_pair_id.encode(), factor.type.encode(), factor.value.encode()])
+
+
+def _wrapped(key_pair: SealedKeyPair) -> WrappedKey:
+    return WrappedKey(key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism)
 
 
 def _ecdsa_der(raw: bytes) -> bytes:

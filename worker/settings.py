@@ -112,10 +112,12 @@ class Infrastructure(BaseModel):
     version: int = 1
     node: str
     token_label: str
-    kek_label: str
+    kek_label: str = Field(description="the current KEK: new key pairs are wrapped under it")
+    previous_kek_labels: list[str] = Field(default_factory=list, description="older KEKs, still unwrapping")
     wrap_mechanism: str = "AES_KEY_WRAP_PAD"
     state_key: KeyInfo
     audit_key: KeyInfo
+    factor_key_label: str | None = Field(default=None, description="HMAC key for SAM-managed factors")
     created: str
 
 

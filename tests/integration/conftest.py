@@ -25,6 +25,8 @@ from worker.devtools.stack import Stack
 
 pytestmark = pytest.mark.integration
 
+EC_SHA256 = "1.2.840.10045.4.3.2"
+RSA_SHA256 = "1.2.840.113549.1.1.11"
 PORT_BASE = int(os.environ.get("SAM_TEST_PORT_BASE", "26671"))
 
 
@@ -49,6 +51,26 @@ class Harness:
 
     def client(self, user: str) -> SamClient:
         return ClientProfile.model_validate_json(self.stack.profile(user).read_text()).client()
+
+    async def certified_key_pair(
+        self,
+        client: SamClient,
+        signer: str,
+        template: dict[str, Any] | None = None,
+        *,
+        pop_algorithm: str | None = None,
+        pop_parameters: bytes | None = None,
+        **assign_options: Any,
+    ) -> dict[str, Any]:
+        """The whole path to a usable key pair: create, assign, PoP, dev CA, update."""
+        template = template or {"algorithm": "ECDSA", "named_curve": "secp256r1"}
+        created = await client.create_key_pair(**template)
+        assigned = await client.assign_key_pair(created, signer, f"CN={signer},O=Example", **assign_options)
+        if pop_algorithm is None:
+            pop_algorithm = EC_SHA256 if template["algorithm"] == "ECDSA" else RSA_SHA256
+        request = await client.certification_request(assigned, pop_algorithm, pop_parameters)
+        certificate = self.stack.pki.issue_from_request(request)
+        return await client.update_key_pair(assigned, signer, certificate=certificate)
 
     def audit_records(self) -> list[dict[str, Any]]:
         records = []

@@ -36,9 +36,7 @@ def run_verify(harness: Harness, files: list[Path]) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 async def service_file(harness: Harness, ssa: SamClient, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    key_pair = await ssa.assign_key_pair(
-        await ssa.create_key_pair("ECDSA", named_curve="secp256r1"), "dora", "CN=Dora"
-    )
+    key_pair = await harness.certified_key_pair(ssa, "dora")
     for n in range(12):
         digest = hashlib.sha256(bytes([n])).digest()
         sad = harness.dev_as.issue_sad(harness.sam_id, "dora", key_pair["id"], [digest])

@@ -222,9 +222,7 @@ CASES: list[tuple[str, str, Callable[[World], Awaitable[RawReply]]]] = [
 
 @pytest.fixture(scope="module")
 async def world(harness: Harness, ssa: SamClient, admin: SamClient, unregistered_ssa: SamClient) -> World:
-    key_pair = await ssa.assign_key_pair(
-        await ssa.create_key_pair("ECDSA", named_curve="secp256r1"), "alice", "CN=Alice"
-    )
+    key_pair = await harness.certified_key_pair(ssa, "alice")
     other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
     return World(harness, ssa, admin, unregistered_ssa, key_pair, other["id"])
 

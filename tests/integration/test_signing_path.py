@@ -44,10 +44,9 @@ def verify(public_key_b64: str, algorithm: str, digest: bytes, signature: bytes)
 async def test_happy_path_across_two_workers(
     harness: Harness, ssa: SamClient, template: dict[str, object], algorithm: str
 ) -> None:
-    key_pair = await ssa.create_key_pair(**template)  # type: ignore[arg-type]
-    assert key_pair["status"] == {"assigned": False, "certified": False, "enabled": False}
-    assigned = await ssa.assign_key_pair(key_pair, "alice", "CN=Alice")
-    assert assigned["status"]["assigned"] and assigned["signer"] == {"id": "alice"}
+    assigned = await harness.certified_key_pair(ssa, "alice", template)
+    assert assigned["status"] == {"assigned": True, "certified": True, "enabled": True}
+    assert assigned["signer"] == {"id": "alice"}
 
     async def sign_one(n: int) -> None:
         digest = hashlib.sha256(f"document {n}".encode()).digest()
@@ -65,8 +64,8 @@ async def test_happy_path_across_two_workers(
 
 
 async def test_several_digests_in_one_request(harness: Harness, ssa: SamClient) -> None:
-    key_pair = await ssa.assign_key_pair(
-        await ssa.create_key_pair("ECDSA", named_curve="prime256v1"), "carol", "CN=Carol"
+    key_pair = await harness.certified_key_pair(
+        ssa, "carol", {"algorithm": "ECDSA", "named_curve": "prime256v1"}
     )
     digests = [hashlib.sha256(os.urandom(16)).digest() for _ in range(5)]
     sad = harness.dev_as.issue_sad(harness.sam_id, "carol", key_pair["id"], digests)

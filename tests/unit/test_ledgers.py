@@ -12,7 +12,7 @@ from joserfc.jwk import ECKey
 from worker.devtools.pki import private_key_pem, public_key_pem
 from worker.domain.authorization import RequestBinding, request_jws_payload
 from worker.domain.configuration import StaticConfiguration
-from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
+from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
 
 ADMIN = ec.generate_private_key(ec.SECP256R1())
 STATIC = StaticConfiguration.model_validate(
@@ -55,10 +55,34 @@ def test_configuration_record_needs_an_administrators_signature() -> None:
 
 def test_first_assignment_wins() -> None:
     log = KeyEventLog()
-    assert log.apply(KeyEventLog.assignment("kp-1", "alice")) is None
-    second = log.apply(KeyEventLog.assignment("kp-1", "bob"))
+    assert log.apply(KeyEventLog.event(KeyEvent.assigned, "kp-1", 1, "alice")) is None
+    second = log.apply(KeyEventLog.event(KeyEvent.assigned, "kp-1", 1, "bob"))
     assert second is not None and second.code.name == "key_pair_already_assigned"
-    assert log.assigned == {"kp-1": "alice"}
+    assert log.history["kp-1"].signer == "alice"
+
+
+def test_copies_older_than_the_latest_revision_are_refused() -> None:
+    log = KeyEventLog()
+    assert log.refusal("kp-1", 0) is None  # never changed: any copy is current
+    assert log.apply(KeyEventLog.event(KeyEvent.assigned, "kp-1", 1, "alice")) is None
+    assert log.apply(KeyEventLog.event(KeyEvent.updated, "kp-1", 2, "alice")) is None
+    racing = log.apply(KeyEventLog.event(KeyEvent.updated, "kp-1", 2, "alice"))
+    assert racing is not None and racing.code.name == "key_pair_outdated"
+    outdated = log.refusal("kp-1", 1)
+    assert outdated is not None and outdated.code.name == "key_pair_outdated"
+    assert log.refusal("kp-1", 2) is None
+    reassign = log.refusal("kp-1", 0, assigning=True)
+    assert reassign is not None and reassign.code.name == "key_pair_already_assigned"
+
+
+def test_deletion_is_final() -> None:
+    log = KeyEventLog()
+    assert log.apply(KeyEventLog.event(KeyEvent.deleted, "kp-1", 1, None)) is None
+    for revision in (0, 1, 5):
+        refused = log.refusal("kp-1", revision)
+        assert refused is not None and refused.code.name == "key_pair_deleted"
+    again = log.apply(KeyEventLog.event(KeyEvent.deleted, "kp-1", 2, None))
+    assert again is not None and again.code.name == "key_pair_deleted"
 
 
 def test_jti_single_use_until_expiry() -> None:

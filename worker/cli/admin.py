@@ -14,7 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.domain.audit import verify_records
 from worker.errors import SamError
-from worker.hsm.pkcs11_hsm import open_session, provision_sam_keys
+from worker.hsm.pkcs11_hsm import (
+    create_kek,
+    open_session,
+    provision_sam_keys,
+    token_has,
+    token_public_key_pem,
+)
 from worker.schemas import write
 from worker.settings import Infrastructure, KeyInfo, load_infrastructure, read_secret
 
@@ -40,11 +46,72 @@ def _create(args: argparse.Namespace) -> int:
         kek_label=keys.kek_label,
         state_key=KeyInfo(label=keys.state_key_label, public_key=keys.state_public_key_pem),
         audit_key=KeyInfo(label=keys.audit_key_label, public_key=keys.audit_public_key_pem),
+        factor_key_label=keys.factor_key_label,
         created=datetime.datetime.now(datetime.UTC).isoformat(),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(infrastructure.model_dump_json(indent=2) + "\n")
     print(f"created {keys.kek_label}, {keys.state_key_label}, {keys.audit_key_label}; wrote {args.out}")
+    return 0
+
+
+def _initialize(args: argparse.Namespace) -> int:
+    """Set up this node from another node's private configuration; the token must
+    already hold the same keys (restored the way the HSM replicates keys: an nShield
+    Security World, a network HSM partition, or for SoftHSM a copy of the token)."""
+    source = load_infrastructure(args.source)
+    session = open_session(args.pkcs11_module, args.token_label, read_secret(args.pin_file))
+    try:
+        labels = [
+            source.kek_label,
+            *source.previous_kek_labels,
+            source.state_key.label,
+            source.audit_key.label,
+        ]
+        if source.factor_key_label:
+            labels.append(source.factor_key_label)
+        missing = [label for label in labels if not token_has(session, label)]
+        if missing:
+            print(
+                f"sam-admin: the token lacks {', '.join(missing)}: restore the SAM keys first",
+                file=sys.stderr,
+            )
+            return 1
+        for key in (source.state_key, source.audit_key):
+            if token_public_key_pem(session, key.label) != key.public_key:
+                print(
+                    f"sam-admin: {key.label} in this token is another key than in {args.source}",
+                    file=sys.stderr,
+                )
+                return 1
+    finally:
+        session.close()
+    node = source.model_copy(update={"node": args.node, "token_label": args.token_label})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(node.model_dump_json(indent=2) + "\n")
+    print(f"node {args.node} initialized from {args.source}; wrote {args.out}")
+    return 0
+
+
+def _rotate_kek(args: argparse.Namespace) -> int:
+    infrastructure = load_infrastructure(args.infrastructure)
+    label = "sam-kek-" + datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%f")
+    session = open_session(args.pkcs11_module, infrastructure.token_label, read_secret(args.pin_file))
+    try:
+        create_kek(session, label)
+    finally:
+        session.close()
+    rotated = infrastructure.model_copy(
+        update={
+            "kek_label": label,
+            "previous_kek_labels": [*infrastructure.previous_kek_labels, infrastructure.kek_label],
+        }
+    )
+    args.infrastructure.write_text(rotated.model_dump_json(indent=2) + "\n")
+    print(
+        f"new current KEK {label} (previous: {infrastructure.kek_label}); copy the KEK to every node's HSM, "
+        "restart the workers, then re-wrap key pairs with key_pairs.rewrap"
+    )
     return 0
 
 
@@ -90,6 +157,21 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--out", type=Path, required=True, help="where to write sam_infrastructure.json")
     create.add_argument("--force", action="store_true")
     create.set_defaults(run=_create)
+    initialize = sub.add_parser(
+        "initialize", help="set up this node from another node's private configuration"
+    )
+    initialize.add_argument("--from", dest="source", type=Path, required=True, help="the first node's file")
+    initialize.add_argument("--pkcs11-module", default="/usr/lib/softhsm/libsofthsm2.so")
+    initialize.add_argument("--token-label", default="sam")
+    initialize.add_argument("--pin-file", type=Path, required=True)
+    initialize.add_argument("--node", required=True)
+    initialize.add_argument("--out", type=Path, required=True)
+    initialize.set_defaults(run=_initialize)
+    rotate = sub.add_parser("rotate-kek", help="make a new KEK the current one; older ones keep unwrapping")
+    rotate.add_argument("--infrastructure", type=Path, required=True)
+    rotate.add_argument("--pkcs11-module", default="/usr/lib/softhsm/libsofthsm2.so")
+    rotate.add_argument("--pin-file", type=Path, required=True)
+    rotate.set_defaults(run=_rotate_kek)
     audit = sub.add_parser("audit", help="audit trail tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="verify chains and signatures of audit files")

@@ -68,12 +68,29 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
             _emit(await client.create_key_pair(args.algorithm, size=args.size, named_curve=args.curve))
         elif args.command == "key-assign":
             _emit(await client.assign_key_pair(_load_json(args.key_pair), args.signer, args.subject))
+        elif args.command == "csr":
+            request = await client.certification_request(_load_json(args.key_pair), args.algorithm)
+            sys.stdout.write(_pem("CERTIFICATE REQUEST", request))
+        elif args.command == "key-update":
+            certificate = _der(args.certificate.read_bytes()) if args.certificate else None
+            key_pair = _load_json(args.key_pair)
+            _emit(
+                await client.update_key_pair(
+                    key_pair, args.signer, enabled=args.enable, certificate=certificate
+                )
+            )
+        elif args.command == "key-delete":
+            sad = args.sad_file.read_text().strip() if args.sad_file else None
+            await client.delete_key_pair(_load_json(args.key_pair), args.signer, sad)
+            print("deleted", file=sys.stderr)
+        elif args.command == "key-rewrap":
+            _emit(await client.rewrap_key_pair(_load_json(args.key_pair)))
         elif args.command == "sign":
             digests = [base64.b64decode(d) for d in args.dtbs]
             digests += [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
             sad = args.sad_file.read_text().strip()
             signatures = await client.sign(
-                _load_json(args.key_pair), args.signer, args.algorithm, digests, sad
+                _load_json(args.key_pair), args.signer, args.algorithm, digests, sad, pin=args.pin
             )
             _emit(
                 {
@@ -84,6 +101,20 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
                     ],
                 }
             )
+
+
+def _pem(label: str, der: bytes) -> str:
+    body = base64.b64encode(der).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----", ""])
+
+
+def _der(data: bytes) -> bytes:
+    """DER as is, or the body of a PEM block."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        body = b"".join(line for line in data.splitlines() if line and not line.startswith(b"-----"))
+        return base64.b64decode(body)
+    return data
 
 
 def _public_key(args: argparse.Namespace) -> None:
@@ -119,6 +150,23 @@ def main(argv: list[str] | None = None) -> None:
         "--file", type=Path, action="append", default=[], help="a document to hash with SHA-256"
     )
     sign.add_argument("--sad-file", type=Path, required=True)
+    sign.add_argument("--pin", help="the SAM-managed factor, if the key pair has one")
+    csr = sub.add_parser("csr", help="a PKCS#10 request (PEM) signed by the SAM as proof of possession")
+    csr.add_argument("key_pair", type=Path)
+    csr.add_argument("--algorithm", required=True, help="signature algorithm OID")
+    update = sub.add_parser("key-update", help="record the certificate and enable or disable a key pair")
+    update.add_argument("key_pair", type=Path)
+    update.add_argument("--signer", required=True)
+    update.add_argument("--certificate", type=Path, help="PEM or DER certificate (needed to certify)")
+    enable = update.add_mutually_exclusive_group(required=True)
+    enable.add_argument("--enable", action="store_true", dest="enable")
+    enable.add_argument("--disable", action="store_false", dest="enable")
+    delete = sub.add_parser("key-delete", help="delete a key pair for good")
+    delete.add_argument("key_pair", type=Path)
+    delete.add_argument("--signer")
+    delete.add_argument("--sad-file", type=Path, help="the signer's deletion SAD, if the signer asked")
+    rewrap = sub.add_parser("key-rewrap", help="re-wrap a key pair under the current KEK")
+    rewrap.add_argument("key_pair", type=Path)
     public = sub.add_parser("public-key", help="print a key pair's public key as PEM (offline)")
     public.add_argument("key_pair", type=Path)
     args = parser.parse_args(argv)

@@ -72,6 +72,18 @@ class DevAuthorizationServer:
     ) -> str:
         return self.sign_claims(self.sad_claims(audience, signer, key_pair_id, digests, **options))
 
+    def issue_skad(self, audience: str, signer: str, key_pair_id: str, **options: Any) -> str:
+        """The signer's consent to have ``key_pair_id`` assigned to them."""
+        claims = self.sad_claims(
+            audience, signer, key_pair_id, [], detail_type="sam_key_assignment", **options
+        )
+        return self.sign_claims(claims)
+
+    def issue_deletion_sad(self, audience: str, signer: str, key_pair_id: str, **options: Any) -> str:
+        """The signer's own request to delete ``key_pair_id``."""
+        claims = self.sad_claims(audience, signer, key_pair_id, [], detail_type="sam_key_deletion", **options)
+        return self.sign_claims(claims)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(

@@ -104,6 +104,31 @@ class DevPki:
         _write(folder / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
         return folder
 
+    def issue_from_request(self, request_der: bytes, days: int = 365) -> bytes:
+        """Act as the dev CA: check a PKCS#10 request's signature and certify it (DER)."""
+        request = x509.load_der_x509_csr(request_der)
+        if not request.is_signature_valid:
+            raise ValueError("the certification request's signature does not verify")
+        ca_key = serialization.load_pem_private_key(self._ca_key_file.read_bytes(), None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        ca = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+        now = datetime.datetime.now(datetime.UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(request.subject)
+            .issuer_name(ca.subject)
+            .public_key(request.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=True
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        return certificate.public_bytes(serialization.Encoding.DER)
+
     def jws_key(self, name: str) -> Path:
         """The key ``name`` signs requests (or SADs) with: ``<name>/jws-key.pem`` and ``jws-pub.pem``."""
         folder = self.root / name

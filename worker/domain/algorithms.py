@@ -8,8 +8,12 @@ that to PKCS#11 mechanisms.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
+
+from asn1crypto import algos
 
 from worker.errors import ErrorCode, SamError
 
@@ -20,6 +24,7 @@ __all__ = [
     "KeyType",
     "SignatureScheme",
     "key_spec_from_template",
+    "pss_parameters",
     "signature_scheme",
 ]
 
@@ -33,6 +38,7 @@ class HsmMechanism(StrEnum):
     """How the HSM signs a prepared input (see ``SignatureScheme.hsm_input``)."""
 
     RSA_PKCS = "RSA_PKCS"  # raw PKCS#1 v1.5 over a DigestInfo
+    RSA_PSS = "RSA_PSS"  # RSASSA-PSS over the hash, MGF1 with the same hash
     ECDSA = "ECDSA"  # ECDSA over the hash, raw r||s out
 
 
@@ -129,6 +135,8 @@ class SignatureScheme:
     key_type: KeyType
     hash: _Hash
     mechanism: HsmMechanism
+    pss_salt_length: int | None = None
+    parameters: bytes | None = None  # DER, as they go into an AlgorithmIdentifier
 
     @property
     def hash_name(self) -> str:
@@ -148,6 +156,10 @@ class SignatureScheme:
                 ErrorCode.invalid_dtbs,
                 f"{self.name} needs a {self.hash.size}-byte {self.hash.name} DTBS/R, got {len(dtbs)}",
             )
+
+    def digest(self, data: bytes) -> bytes:
+        """Hash ``data`` with this scheme's hash (for data the SAM itself must hash)."""
+        return hashlib.new(self.hash.name.replace("-", "").lower(), data).digest()
 
     def hsm_input(self, dtbs: bytes) -> bytes:
         """What the HSM mechanism signs for this DTBS/R (a hash)."""
@@ -173,12 +185,58 @@ _SCHEMES = {
         SignatureScheme("1.2.840.10045.4.3.4", "ecdsa-with-SHA512", KeyType.EC, _SHA512, HsmMechanism.ECDSA),
     )
 }
-_HASH_OIDS = {h.oid for h in (_SHA256, _SHA384, _SHA512)}
+_HASHES = {h.oid: h for h in (_SHA256, _SHA384, _SHA512)}
+_HASHES_BY_NAME = {"sha256": _SHA256, "sha384": _SHA384, "sha512": _SHA512}
+RSASSA_PSS = "1.2.840.113549.1.1.10"
 
 
-def signature_scheme(oid: str, key_type: KeyType) -> SignatureScheme:
+def _pss_scheme(parameters_b64: str | None) -> SignatureScheme:
+    """RSASSA-PSS with explicit parameters (CSC ``signAlgoParams``): the hash and the
+    MGF1 hash must be the same SHA-2, the salt as long as the hash, trailer field 1."""
+    if not parameters_b64:
+        # the ASN.1 defaults would be SHA-1: refuse rather than assume
+        raise SamError(ErrorCode.invalid_algorithm_parameters, "RSASSA-PSS needs explicit parameters")
+    try:
+        der = base64.b64decode(parameters_b64, validate=True)
+        params = algos.RSASSAPSSParams.load(der, strict=True)
+        hash_name = params["hash_algorithm"]["algorithm"].native
+        mgf = params["mask_gen_algorithm"]
+        mgf_hash = mgf["parameters"]["algorithm"].native
+        salt = int(params["salt_length"].native)
+        trailer = params["trailer_field"].native
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SamError(
+            ErrorCode.invalid_algorithm_parameters, f"RSASSA-PSS-params do not parse ({type(exc).__name__})"
+        ) from exc
+    digest = _HASHES_BY_NAME.get(str(hash_name))
+    if digest is None or mgf["algorithm"].native != "mgf1" or mgf_hash != hash_name:
+        raise SamError(
+            ErrorCode.invalid_algorithm_parameters, "RSASSA-PSS needs SHA-2 with MGF1 of the same hash"
+        )
+    if salt != digest.size or trailer not in ("trailer_field_bc", 1):
+        raise SamError(ErrorCode.invalid_algorithm_parameters, "RSASSA-PSS salt must be as long as the hash")
+    return SignatureScheme(
+        RSASSA_PSS, f"RSASSA-PSS-{digest.name}", KeyType.RSA, digest, HsmMechanism.RSA_PSS, salt, der
+    )
+
+
+def pss_parameters(hash_name: str) -> bytes:
+    """DER RSASSA-PSS-params for SHA-256/384/512 (``"sha256"`` …), as a caller sends them."""
+    digest = _HASHES_BY_NAME[hash_name]
+    der: bytes = algos.RSASSAPSSParams(
+        {
+            "hash_algorithm": {"algorithm": hash_name},
+            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": hash_name}},
+            "salt_length": digest.size,
+            "trailer_field": "trailer_field_bc",
+        }
+    ).dump()
+    return der
+
+
+def signature_scheme(oid: str, key_type: KeyType, parameters_b64: str | None = None) -> SignatureScheme:
     """The scheme for ``oid``, refused if unknown or not fit for ``key_type``."""
-    scheme = _SCHEMES.get(oid)
+    scheme = _pss_scheme(parameters_b64) if oid == RSASSA_PSS else _SCHEMES.get(oid)
     if scheme is None:
         raise SamError(ErrorCode.unsupported_algorithm, f"signature algorithm {oid!r} is not supported")
     if scheme.key_type is not key_type:
@@ -189,5 +247,7 @@ def signature_scheme(oid: str, key_type: KeyType) -> SignatureScheme:
     return scheme
 
 
-def is_supported_hash_oid(oid: str) -> bool:
-    return oid in _HASH_OIDS
+def hash_for(oid: str) -> str | None:
+    """The hash name ("SHA-256" …) of a supported hash OID."""
+    digest = _HASHES.get(oid)
+    return digest.name if digest else None

@@ -23,6 +23,9 @@ from worker.domain.keys import RegisteredKey
 from worker.errors import ErrorCode, SamError
 
 __all__ = [
+    "SAD_TYPE_DELETION",
+    "SAD_TYPE_SIGNATURE",
+    "SKAD_TYPE_ASSIGNMENT",
     "RequestBinding",
     "SadClaims",
     "SadExpectation",
@@ -33,6 +36,8 @@ __all__ = [
 ]
 
 SAD_TYPE_SIGNATURE = "credential"
+SKAD_TYPE_ASSIGNMENT = "sam_key_assignment"
+SAD_TYPE_DELETION = "sam_key_deletion"
 
 
 def b64url(data: bytes) -> str:
@@ -136,8 +141,8 @@ class SadExpectation:
     ssa: str
     signer: str
     key_pair_id: str
-    hash_oid: str
-    digests: tuple[bytes, ...]
+    hash_oid: str | None = None  # None: the SAD authorizes no digests (SKAD, deletion)
+    digests: tuple[bytes, ...] = ()
     detail_type: str = SAD_TYPE_SIGNATURE
 
 
@@ -193,13 +198,16 @@ def verify_sad(
     detail = details[0]
     if detail.credentialID != expected.key_pair_id:
         raise SamError(ErrorCode.sad_key_pair_mismatch)
-    if detail.hashAlgorithmOID != expected.hash_oid:
-        raise SamError(ErrorCode.sad_digest_mismatch, "SAD authorizes another hash algorithm")
-    authorized = Counter(_b64_any(d.hash) for d in detail.documentDigests)
-    if authorized != Counter(expected.digests):
-        raise SamError(ErrorCode.sad_digest_mismatch)
-    if detail.numSignatures is not None and detail.numSignatures != len(expected.digests):
-        raise SamError(ErrorCode.sad_digest_mismatch, "SAD numSignatures differs from the request")
+    if expected.hash_oid is not None:
+        if detail.hashAlgorithmOID != expected.hash_oid:
+            raise SamError(ErrorCode.sad_digest_mismatch, "SAD authorizes another hash algorithm")
+        authorized = Counter(_b64_any(d.hash) for d in detail.documentDigests)
+        if authorized != Counter(expected.digests):
+            raise SamError(ErrorCode.sad_digest_mismatch)
+        if detail.numSignatures is not None and detail.numSignatures != len(expected.digests):
+            raise SamError(ErrorCode.sad_digest_mismatch, "SAD numSignatures differs from the request")
+    elif detail.documentDigests:
+        raise SamError(ErrorCode.sad_invalid, f"a {expected.detail_type} SAD authorizes no digests")
     if len(set(claims.amr)) < policy.min_authentication_factors:
         raise SamError(ErrorCode.sad_authentication_insufficient)
     return claims

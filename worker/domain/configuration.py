@@ -9,6 +9,7 @@ current one with its keys parsed once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +39,9 @@ class SadPolicy(BaseModel):
     clock_skew_seconds: int = Field(default=30, ge=0, le=600)
     min_authentication_factors: int = Field(
         default=2, ge=1, le=5, description="distinct `amr` values the SAD must carry (SCAL2: 2)"
+    )
+    assignment_skad: Literal["required", "optional"] = Field(
+        default="optional", description="whether signers.key_pairs.assign needs the signer's SKAD"
     )
 
 

@@ -18,18 +18,29 @@ __all__ = [
     "HEADER_STATUS",
     "OPERATION_QUEUE",
     "REQUEST_MODELS",
+    "AlgorithmParameters",
     "AssignRequest",
     "AuthorizationServer",
     "DynamicConfiguration",
     "ErrorBody",
     "ErrorReply",
+    "Identifier",
     "KeyPairCreateRequest",
+    "KeyPairDeleteReply",
+    "KeyPairDeleteRequest",
     "KeyPairObject",
     "KeyPairReply",
+    "KeyPairRewrapRequest",
     "KeyPairStatus",
+    "KeyPairUpdateRequest",
     "KeyTemplate",
     "Operation",
+    "Pem",
+    "ProofOfPossessionInput",
+    "ProofOfPossessionReply",
+    "ProofOfPossessionRequest",
     "QueueClass",
+    "SamFactor",
     "Signature",
     "SignatureRequest",
     "SignaturesCreateRequest",
@@ -51,6 +62,10 @@ class Operation(StrEnum):
     configurations_dynamic_get = "configurations.dynamic.get"
     key_pairs_create = "key_pairs.create"
     signers_key_pairs_assign = "signers.key_pairs.assign"
+    proofs_of_possession_create = "proofs_of_possession.create"
+    key_pairs_update = "key_pairs.update"
+    key_pairs_delete = "key_pairs.delete"
+    key_pairs_rewrap = "key_pairs.rewrap"
     signatures_create = "signatures.create"
 
 
@@ -69,6 +84,10 @@ OPERATION_QUEUE: dict[Operation, QueueClass] = {
     Operation.configurations_dynamic_get: QueueClass.admin,
     Operation.key_pairs_create: QueueClass.keys,
     Operation.signers_key_pairs_assign: QueueClass.keys,
+    Operation.proofs_of_possession_create: QueueClass.keys,
+    Operation.key_pairs_update: QueueClass.keys,
+    Operation.key_pairs_delete: QueueClass.keys,
+    Operation.key_pairs_rewrap: QueueClass.keys,
     Operation.signatures_create: QueueClass.signatures,
 }
 
@@ -116,6 +135,13 @@ class KeyPairStatus(_Strict):
     enabled: bool
 
 
+class SamFactor(_Strict):
+    """A SAM-managed authentication factor (partially delegated scheme)."""
+
+    type: Literal["pin"]
+    value: Annotated[str, StringConstraints(min_length=4, max_length=64)]
+
+
 class Signer(_Strict):
     id: Identifier
 
@@ -137,6 +163,10 @@ class KeyPairObject(_Strict):
     status: KeyPairStatus | None = None
     signer: Signer | None = None
     subject: str | None = None
+    certificate: str | None = Field(default=None, description="base64 DER X.509 certificate")
+    revision: int | None = None
+    kek: str | None = None
+    sam_factor: Literal["pin"] | None = None
 
 
 class KeyPairReply(_Strict):
@@ -146,7 +176,33 @@ class KeyPairReply(_Strict):
 class AssignRequest(_Strict):
     key_pair: KeyPairObject
     signer: Signer
-    subject: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        description="the signer's distinguished name, RFC 4514 (e.g. CN=Alice,O=Example,C=ES)"
+    )
+    sam_factor: SamFactor | None = Field(default=None, description="enrol a SAM-managed factor")
+
+
+class KeyPairUpdateRequest(_Strict):
+    key_pair: KeyPairObject
+    signer: Signer
+    status: KeyPairStatus
+    certificate: Annotated[str, StringConstraints(min_length=1, max_length=65536)] | None = Field(
+        default=None, description="base64 DER X.509 certificate; required to certify"
+    )
+
+
+class KeyPairDeleteRequest(_Strict):
+    key_pair: KeyPairObject
+    signer: Signer | None = None
+
+
+class KeyPairDeleteReply(_Strict):
+    key_pair_id: str
+    deleted: bool
+
+
+class KeyPairRewrapRequest(_Strict):
+    key_pair: KeyPairObject
 
 
 # --- signatures ------------------------------------------------------------------------
@@ -154,18 +210,44 @@ class AssignRequest(_Strict):
 Oid = Annotated[str, StringConstraints(min_length=3, max_length=64, pattern=r"^[0-2](\.[0-9]+)+$")]
 
 
+AlgorithmParameters = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
 class SignatureRequest(_Strict):
     dtbs: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
         description="base64 of the DTBS/R (the hash to sign)"
     )
     signature_algorithm: Oid | None = Field(default=None, description="overrides the request's")
+    signature_algorithm_parameters: AlgorithmParameters | None = Field(
+        default=None, description="base64 DER parameters (RSASSA-PSS-params for 1.2.840.113549.1.1.10)"
+    )
 
 
 class SignaturesCreateRequest(_Strict):
     signature_algorithm: Oid
+    signature_algorithm_parameters: AlgorithmParameters | None = None
     requests: list[SignatureRequest] = Field(min_length=1)
     key_pair: KeyPairObject
     signer: Signer
+    sam_factor: SamFactor | None = None
+
+
+class ProofOfPossessionInput(_Strict):
+    dtbs: Annotated[str, StringConstraints(min_length=1, max_length=16384)] = Field(
+        description="base64 DER CertificationRequestInfo (PKCS#10) for the key pair's own public key"
+    )
+    signature_algorithm: Oid
+    signature_algorithm_parameters: AlgorithmParameters | None = None
+
+
+class ProofOfPossessionRequest(_Strict):
+    key_pair: KeyPairObject
+    request: ProofOfPossessionInput
+
+
+class ProofOfPossessionReply(_Strict):
+    signature: str = Field(description="base64 signature over the CertificationRequestInfo")
+    signature_algorithm: Oid
 
 
 class Signature(_Strict):
@@ -199,5 +281,9 @@ REQUEST_MODELS: dict[Operation, type[BaseModel]] = {
     Operation.configurations_dynamic_get: EmptyRequest,
     Operation.key_pairs_create: KeyPairCreateRequest,
     Operation.signers_key_pairs_assign: AssignRequest,
+    Operation.proofs_of_possession_create: ProofOfPossessionRequest,
+    Operation.key_pairs_update: KeyPairUpdateRequest,
+    Operation.key_pairs_delete: KeyPairDeleteRequest,
+    Operation.key_pairs_rewrap: KeyPairRewrapRequest,
     Operation.signatures_create: SignaturesCreateRequest,
 }

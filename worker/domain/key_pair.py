@@ -45,6 +45,12 @@ class SealedKeyPair(BaseModel):
     status: KeyPairStatus
     signer: str | None = None
     subject: str | None = None
+    certificate: str | None = None  # base64 DER
+    factor_type: str | None = None
+    factor_verifier: str | None = None  # base64 HSM MAC; the factor itself is never kept
+    # Every state change appends to sam.key-events with the next revision; a copy older
+    # than the newest revision a worker has seen is refused (no rollback by replay).
+    revision: int = 0
     created: int
 
     @property
@@ -61,9 +67,8 @@ class SealedKeyPair(BaseModel):
     def public_key_der(self) -> bytes:
         return base64.b64decode(self.public_key)
 
-    def assigned_to(self, signer: str, subject: str) -> SealedKeyPair:
-        status = self.status.model_copy(update={"assigned": True})
-        return self.model_copy(update={"signer": signer, "subject": subject, "status": status})
+    def next_revision(self, **changes: object) -> SealedKeyPair:
+        return self.model_copy(update={**changes, "revision": self.revision + 1})
 
     def readable(self, sealed: str) -> KeyPairObject:
         return KeyPairObject(
@@ -76,6 +81,10 @@ class SealedKeyPair(BaseModel):
             status=self.status,
             signer=Signer(id=self.signer) if self.signer else None,
             subject=self.subject,
+            certificate=self.certificate,
+            revision=self.revision,
+            kek=self.kek,
+            sam_factor="pin" if self.factor_type == "pin" else None,
         )
 
 

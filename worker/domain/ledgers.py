@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -23,7 +24,7 @@ from worker.domain.contract import DynamicConfiguration, Operation
 from worker.domain.keys import RegisteredKey, load_public_key
 from worker.errors import ErrorCode, SamError
 
-__all__ = ["ConfigurationLog", "KeyEventLog", "Reducer", "SadUseLog"]
+__all__ = ["ConfigurationLog", "KeyEvent", "KeyEventLog", "KeyPairHistory", "Reducer", "SadUseLog"]
 
 
 class Reducer(Protocol):
@@ -78,23 +79,61 @@ class ConfigurationLog:
         return None
 
 
+class KeyEvent(StrEnum):
+    assigned = "assigned"
+    updated = "updated"
+    rewrapped = "rewrapped"
+    deleted = "deleted"
+
+
+@dataclass(frozen=True)
+class KeyPairHistory:
+    revision: int
+    signer: str | None
+    deleted: bool
+
+
 @dataclass
 class KeyEventLog:
-    """Assignments (and later deletions) of key pairs; the first record per key pair wins."""
+    """Every change of a key pair's state, by revision; the first record for a revision
+    wins, so two workers racing to change one key pair agree on one winner."""
 
-    assigned: dict[str, str] = field(default_factory=dict)  # key pair id -> signer
+    history: dict[str, KeyPairHistory] = field(default_factory=dict)
 
     @staticmethod
-    def assignment(key_pair_id: str, signer: str) -> dict[str, Any]:
-        return {"event": "assigned", "key_pair": key_pair_id, "signer": signer}
+    def event(event: KeyEvent, key_pair_id: str, revision: int, signer: str | None) -> dict[str, Any]:
+        return {"event": str(event), "key_pair": key_pair_id, "revision": revision, "signer": signer}
 
     def apply(self, data: Mapping[str, Any]) -> SamError | None:
-        key_pair, event = str(data.get("key_pair")), data.get("event")
-        if event != "assigned":
-            return SamError(ErrorCode.internal_error, f"unknown key event {event!r}")
-        if key_pair in self.assigned:
+        try:
+            event, key_pair = KeyEvent(str(data.get("event"))), str(data["key_pair"])
+            revision, signer = int(data["revision"]), data.get("signer")
+        except (KeyError, TypeError, ValueError):
+            return SamError(ErrorCode.internal_error, "unreadable key event")
+        refusal = self.refusal(key_pair, revision - 1, assigning=event is KeyEvent.assigned)
+        if refusal is not None:
+            return refusal
+        known = self.history.get(key_pair)
+        self.history[key_pair] = KeyPairHistory(
+            revision,
+            str(signer) if signer is not None else (known.signer if known else None),
+            event is KeyEvent.deleted,
+        )
+        return None
+
+    def refusal(self, key_pair: str, revision: int, *, assigning: bool = False) -> SamError | None:
+        """Why a copy of ``key_pair`` at ``revision`` may not be used, if it may not."""
+        known = self.history.get(key_pair)
+        if known is None:
+            return None
+        if known.deleted:
+            return SamError(ErrorCode.key_pair_deleted)
+        if assigning and known.signer is not None:
             return SamError(ErrorCode.key_pair_already_assigned)
-        self.assigned[key_pair] = str(data.get("signer"))
+        if revision < known.revision:
+            return SamError(
+                ErrorCode.key_pair_outdated, f"revision {revision} is older than the latest, {known.revision}"
+            )
         return None
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.domain.algorithms import HsmMechanism, KeySpec
+from worker.domain.algorithms import KeySpec, SignatureScheme
 
 __all__ = ["GeneratedKeyPair", "Hsm", "WrappedKey"]
 
@@ -39,9 +39,22 @@ class Hsm(Protocol):
         ...
 
     def sign_with_wrapped_key(
-        self, key: WrappedKey, mechanism: HsmMechanism, inputs: Sequence[bytes]
+        self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
     ) -> list[bytes]:
-        """Unwrap into a session object, sign each input, destroy the object."""
+        """Unwrap into a session object, sign each prepared input, destroy the object."""
+        ...
+
+    def rewrap(self, key: WrappedKey) -> WrappedKey:
+        """Unwrap under the key's KEK and wrap again under the current one, inside the HSM."""
+        ...
+
+    @property
+    def current_kek_label(self) -> str:
+        """The KEK new and re-wrapped key pairs are wrapped under."""
+        ...
+
+    def factor_mac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 with the HSM factor key (verifiers of SAM-managed factors)."""
         ...
 
     def sign_with_state_key(self, data: bytes) -> bytes:

@@ -15,19 +15,36 @@ from typing import Any
 import pkcs11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from worker.domain import algorithms
-from worker.domain.algorithms import HsmMechanism, KeySpec
+from worker.domain.algorithms import HsmMechanism, KeySpec, SignatureScheme
 from worker.errors import ErrorCode, SamError
 from worker.hsm.api import GeneratedKeyPair, WrappedKey
 
-__all__ = ["Pkcs11Hsm", "ProvisionedKeys", "provision_sam_keys"]
+__all__ = [
+    "Pkcs11Hsm",
+    "ProvisionedKeys",
+    "create_kek",
+    "open_session",
+    "provision_sam_keys",
+    "token_has",
+    "token_public_key_pem",
+]
 
 _WRAP_MECHANISMS = {"AES_KEY_WRAP_PAD": Mechanism.AES_KEY_WRAP_PAD}
-_SIGN_MECHANISMS = {HsmMechanism.RSA_PKCS: Mechanism.RSA_PKCS, HsmMechanism.ECDSA: Mechanism.ECDSA}
+_SIGN_MECHANISMS = {
+    HsmMechanism.RSA_PKCS: Mechanism.RSA_PKCS,
+    HsmMechanism.RSA_PSS: Mechanism.RSA_PKCS_PSS,
+    HsmMechanism.ECDSA: Mechanism.ECDSA,
+}
+_PSS_HASHES = {
+    "SHA-256": (Mechanism.SHA256, MGF.SHA256),
+    "SHA-384": (Mechanism.SHA384, MGF.SHA384),
+    "SHA-512": (Mechanism.SHA512, MGF.SHA512),
+}
 _P256 = algorithms.CURVES["secp256r1"].oid
 
 # SoftHSM refuses an unwrap template that carries these (AttributeTypeInvalid), so
@@ -82,25 +99,60 @@ class ProvisionedKeys:
     state_public_key_pem: str
     audit_key_label: str
     audit_public_key_pem: str
+    factor_key_label: str
+
+
+def _refuse_existing(session: Any, *labels: str) -> None:
+    for label in labels:
+        if list(session.get_objects({Attribute.LABEL: label})):
+            raise SamError(ErrorCode.hsm_unavailable, f"the token already holds {label!r}")
+
+
+def create_kek(session: Any, label: str) -> None:
+    """A token AES-256 key that only wraps and unwraps, never extractable."""
+    with _translated("KEK creation"):
+        _refuse_existing(session, label)
+        session.generate_key(
+            KeyType.AES,
+            256,
+            label=label,
+            store=True,
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+        )
+
+
+def token_has(session: Any, label: str) -> bool:
+    with _translated("key lookup"):
+        return bool(list(session.get_objects({Attribute.LABEL: label})))
+
+
+def token_public_key_pem(session: Any, label: str) -> str:
+    with _translated("public key lookup"):
+        return _spki_pem(
+            _spki_of(session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label), KeyType.EC)
+        )
 
 
 def provision_sam_keys(session: Any, suffix: str) -> ProvisionedKeys:
-    """Create the KEK, the state (sealing) key and the audit key inside the token.
+    """Create the KEK, the state (sealing) key, the audit key and the factor MAC key
+    inside the token.
 
     All are token objects, sensitive and never extractable. ``suffix`` keeps labels
     unique so a KEK rotation can add keys beside the old ones.
     """
-    kek_label, state_label, audit_label = (f"sam-{name}-{suffix}" for name in ("kek", "state", "audit"))
+    kek_label, state_label, audit_label, factor_label = (
+        f"sam-{name}-{suffix}" for name in ("kek", "state", "audit", "factor")
+    )
+    _refuse_existing(session, kek_label, state_label, audit_label, factor_label)
+    create_kek(session, kek_label)
     with _translated("key provisioning"):
-        for label in (kek_label, state_label, audit_label):
-            if list(session.get_objects({Attribute.LABEL: label})):
-                raise SamError(ErrorCode.hsm_unavailable, f"the token already holds {label!r}")
         session.generate_key(
-            KeyType.AES,
+            KeyType.GENERIC_SECRET,
             256,
-            label=kek_label,
+            label=factor_label,
             store=True,
-            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
             template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
         )
         pems = []
@@ -119,7 +171,7 @@ def provision_sam_keys(session: Any, suffix: str) -> ProvisionedKeys:
                 },
             )
             pems.append(_spki_pem(_spki_of(public, KeyType.EC)))
-    return ProvisionedKeys(kek_label, state_label, pems[0], audit_label, pems[1])
+    return ProvisionedKeys(kek_label, state_label, pems[0], audit_label, pems[1], factor_label)
 
 
 class Pkcs11Hsm:
@@ -131,6 +183,7 @@ class Pkcs11Hsm:
         current_kek_label: str,
         state_key_label: str,
         audit_key_label: str,
+        factor_key_label: str | None = None,
         wrap_mechanism: str = "AES_KEY_WRAP_PAD",
     ) -> None:
         if wrap_mechanism not in _WRAP_MECHANISMS:
@@ -142,6 +195,11 @@ class Pkcs11Hsm:
         with _translated("key lookup"):
             self._state_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=state_key_label)
             self._audit_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=audit_key_label)
+            self._factor_key = (
+                session.get_key(object_class=ObjectClass.SECRET_KEY, label=factor_key_label)
+                if factor_key_label
+                else None
+            )
             self._kek(current_kek_label)
 
     def _kek(self, label: str) -> Any:
@@ -185,35 +243,69 @@ class Pkcs11Hsm:
                 public.destroy()
         return GeneratedKeyPair(spki, bytes(wrapped), self._kek_label, self._wrap_mechanism)
 
-    def sign_with_wrapped_key(
-        self, key: WrappedKey, mechanism: HsmMechanism, inputs: Sequence[bytes]
-    ) -> list[bytes]:
+    def _unwrap(self, key: WrappedKey, extractable: bool = False) -> Any:
         wrap = _WRAP_MECHANISMS.get(key.wrap_mechanism)
         if wrap is None:
             raise SamError(ErrorCode.key_pair_invalid, f"unknown wrap mechanism {key.wrap_mechanism!r}")
         key_type = KeyType.RSA if key.spec.key_type is algorithms.KeyType.RSA else KeyType.EC
         kek = self._kek(key.kek_label)
         try:
-            private = kek.unwrap_key(
+            return kek.unwrap_key(
                 ObjectClass.PRIVATE_KEY,
                 key_type,
                 key.wrapped,
                 mechanism=wrap,
                 store=False,
                 capabilities=MechanismFlag.SIGN,
-                template=_UNWRAP_TEMPLATE,
+                template={**_UNWRAP_TEMPLATE, Attribute.EXTRACTABLE: extractable},
             )
         except PKCS11Error as exc:
             raise SamError(
                 ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({type(exc).__name__})"
             ) from exc
+
+    def sign_with_wrapped_key(
+        self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
+    ) -> list[bytes]:
+        mechanism = _SIGN_MECHANISMS[scheme.mechanism]
+        parameter = None
+        if scheme.mechanism is HsmMechanism.RSA_PSS:
+            hash_mechanism, mgf = _PSS_HASHES[scheme.hash_name]
+            parameter = (hash_mechanism, mgf, scheme.pss_salt_length)
+        private = self._unwrap(key)
         try:
             with _translated("signing"):
-                sign_mechanism = _SIGN_MECHANISMS[mechanism]
-                return [bytes(private.sign(data, mechanism=sign_mechanism)) for data in inputs]
+                return [
+                    bytes(private.sign(data, mechanism=mechanism, mechanism_param=parameter))
+                    for data in inputs
+                ]
         finally:
             with _translated("session key destruction"):
                 private.destroy()
+
+    def rewrap(self, key: WrappedKey) -> WrappedKey:
+        # Extractable only as a session object that lives for this call: the private
+        # key leaves the HSM again only wrapped under the current KEK.
+        private = self._unwrap(key, extractable=True)
+        try:
+            with _translated("re-wrapping"):
+                wrapped = self._kek(self._kek_label).wrap_key(
+                    private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism]
+                )
+        finally:
+            with _translated("session key destruction"):
+                private.destroy()
+        return WrappedKey(key.spec, bytes(wrapped), self._kek_label, self._wrap_mechanism)
+
+    @property
+    def current_kek_label(self) -> str:
+        return self._kek_label
+
+    def factor_mac(self, data: bytes) -> bytes:
+        if self._factor_key is None:
+            raise SamError(ErrorCode.sam_factor_unavailable)
+        with _translated("factor MAC"):
+            return bytes(self._factor_key.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
     def sign_with_state_key(self, data: bytes) -> bytes:
         with _translated("seal signing"):

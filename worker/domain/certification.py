@@ -1,0 +1,118 @@
+"""What a key pair may be certified with: subjects, PKCS#10 requests and certificates.
+
+The SAM signs a proof of possession only over a DER ``CertificationRequestInfo`` for the
+key pair's own public key and the signer's own subject — never over arbitrary bytes —
+and accepts a certificate only for that key and subject. Names are compared as RFC 5280
+prescribes (asn1crypto), not byte for byte. The builders at the end are for the SSA side
+(the SDK and tests).
+"""
+
+from __future__ import annotations
+
+from asn1crypto import algos, csr, keys
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+
+from worker.errors import ErrorCode, SamError
+
+__all__ = [
+    "assemble_certification_request",
+    "build_certification_request_info",
+    "canonical_subject",
+    "check_certificate",
+    "check_certification_request_info",
+]
+
+
+def _name(subject: str) -> asn1_x509.Name:
+    return asn1_x509.Name.load(x509.Name.from_rfc4514_string(subject).public_bytes())
+
+
+def canonical_subject(subject: str) -> str:
+    """The subject as RFC 4514 text in one canonical spelling; refused if it does not parse."""
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError as exc:
+        raise SamError(ErrorCode.invalid_subject, "subject is not an RFC 4514 distinguished name") from exc
+    if not len(name):
+        raise SamError(ErrorCode.invalid_subject, "subject is empty")
+    return name.rfc4514_string()
+
+
+def check_certification_request_info(der: bytes, public_key_der: bytes, subject: str) -> None:
+    try:
+        info = csr.CertificationRequestInfo.load(der, strict=True)
+        # force a full parse and insist on the one DER encoding: no trailing or alternate bytes
+        reencoded = csr.CertificationRequestInfo(
+            {
+                "version": info["version"].native,
+                "subject": info["subject"].untag(),
+                "subject_pk_info": info["subject_pk_info"].untag(),
+                "attributes": info["attributes"].untag(),
+            }
+        ).dump(force=True)
+        version = info["version"].native
+        request_key = info["subject_pk_info"].dump()
+        request_subject = info["subject"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SamError(
+            ErrorCode.pop_not_a_certification_request,
+            f"not a DER CertificationRequestInfo ({type(exc).__name__})",
+        ) from exc
+    if reencoded != der or version != "v1":
+        raise SamError(
+            ErrorCode.pop_not_a_certification_request, "CertificationRequestInfo is not canonical DER v1"
+        )
+    if request_key != public_key_der:
+        raise SamError(ErrorCode.pop_public_key_mismatch)
+    if request_subject != _name(subject):
+        raise SamError(ErrorCode.pop_subject_mismatch)
+
+
+def check_certificate(der: bytes, public_key_der: bytes, subject: str) -> None:
+    try:
+        certificate = asn1_x509.Certificate.load(der, strict=True)
+        certificate_key = certificate.public_key.dump()
+        certificate_subject = certificate.subject
+        x509.load_der_x509_certificate(der)  # the strict parser a relying party will use
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SamError(
+            ErrorCode.certificate_invalid, f"not a DER X.509 certificate ({type(exc).__name__})"
+        ) from exc
+    if certificate_key != public_key_der:
+        raise SamError(ErrorCode.certificate_key_mismatch)
+    if certificate_subject != _name(subject):
+        raise SamError(ErrorCode.certificate_subject_mismatch)
+
+
+# --- the SSA side ----------------------------------------------------------------------
+
+
+def build_certification_request_info(public_key_der: bytes, subject: str) -> bytes:
+    """The DER CertificationRequestInfo an SSA asks the SAM to sign as proof of possession."""
+    der: bytes = csr.CertificationRequestInfo(
+        {
+            "version": "v1",
+            "subject": _name(subject),
+            "subject_pk_info": keys.PublicKeyInfo.load(public_key_der),
+            "attributes": [],
+        }
+    ).dump()
+    return der
+
+
+def assemble_certification_request(
+    info_der: bytes, signature_algorithm_oid: str, parameters_der: bytes | None, signature: bytes
+) -> bytes:
+    """A DER PKCS#10 CertificationRequest from the info and the SAM's signature."""
+    algorithm: dict[str, object] = {"algorithm": signature_algorithm_oid}
+    if parameters_der is not None:
+        algorithm["parameters"] = algos.RSASSAPSSParams.load(parameters_der)
+    der: bytes = csr.CertificationRequest(
+        {
+            "certification_request_info": csr.CertificationRequestInfo.load(info_der),
+            "signature_algorithm": algos.SignedDigestAlgorithm(algorithm),
+            "signature": signature,
+        }
+    ).dump()
+    return der
