@@ -5,6 +5,7 @@ clients for an administrator, a registered SSA and an unregistered one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -87,6 +88,22 @@ class Harness:
         process = self.stack.start_worker(instance, **options)
         self.workers[instance] = process
         return process
+
+    async def stop_worker(self, instance: str) -> None:
+        process = self.workers.pop(instance)
+        process.terminate()
+        await asyncio.to_thread(process.wait, 20)
+
+    @contextlib.asynccontextmanager
+    async def without_shared_workers(self) -> AsyncIterator[None]:
+        """Stop worker-1 and worker-2 (gracefully) so a test's own worker serves alone."""
+        for instance in ("worker-1", "worker-2"):
+            await self.stop_worker(instance)
+        try:
+            yield
+        finally:
+            for instance in ("worker-1", "worker-2"):
+                await asyncio.to_thread(self.start_worker, instance)
 
     def queue_depths(self) -> dict[str, tuple[int, int]]:
         out = self.stack.rabbitmqctl(

@@ -329,8 +329,14 @@ class Stack:
         return env
 
     def start_worker(
-        self, instance: str, *, queues: str | None = None, wait: bool = True
+        self,
+        instance: str,
+        *,
+        queues: str | None = None,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start one worker; ``env`` adds variables (``SAM_*`` overrides, ``SOFTHSM2_CONF``)."""
         ready = self.path("run", f"{instance}.ready")
         ready.unlink(missing_ok=True)
         command = [
@@ -347,7 +353,7 @@ class Stack:
         log = self.path("logs", f"{instance}.log").open("ab")
         process = subprocess.Popen(
             command,
-            env=self.worker_env(),
+            env={**self.worker_env(), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
