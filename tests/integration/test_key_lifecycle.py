@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -364,3 +366,20 @@ async def test_key_pairs_from_another_sam_are_refused(harness: Harness, ssa: Sam
         ECKey.import_key(private_key_pem(foreign).decode()),
     )
     await _refused("key_pair_invalid", ssa.assign_key_pair({**key_pair, "sealed": forged}, "olga", "CN=Olga"))
+
+
+async def test_skad_required_by_policy(harness: Harness, ssa: SamClient, tmp_path: Path) -> None:
+    static = {**harness.static, "sad_policy": {"assignment_skad": "required"}}
+    static_file = tmp_path / "static_config.json"
+    static_file.write_text(json.dumps(static))
+    async with harness.without_shared_workers():
+        await asyncio.to_thread(
+            harness.start_worker, "worker-skad-required", env={"SAM_STATIC_CONFIG_FILE": str(static_file)}
+        )
+        try:
+            key_pair = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
+            await _refused("sad_missing", ssa.assign_key_pair(key_pair, "pia", "CN=Pia"))
+            skad = harness.dev_as.issue_skad(harness.sam_id, "pia", key_pair["id"])
+            assert (await ssa.assign_key_pair(key_pair, "pia", "CN=Pia", skad=skad))["status"]["assigned"]
+        finally:
+            await harness.stop_worker("worker-skad-required")
