@@ -102,6 +102,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             publish_audit,
             settings.audit_timeout_seconds,
         )
+        audit.start()
         service = SamService(static, configuration, key_events, sad_use, dict(ledgers), hsm, sealer, audit)
         consumer = RequestConsumer(
             service.process, consume_channel, publish_channel, settings.publish_timeout_seconds
@@ -127,7 +128,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             sad_use.forget_expired(int(time.time()))
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
-        audit.close()
+        await audit.close()
     finally:
         await connection.close()
         session.close()

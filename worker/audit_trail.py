@@ -1,49 +1,96 @@
-"""The audit trail of one worker process: chain, sign, write, fsync, publish.
+"""The audit trail of one worker process: group commit of chained records into the
+service and admin files, a signed checkpoint per batch, and publication to the broker.
 
-``record`` returns only once the record is durable in its file (fsync) and its
-``publish`` (the broker adapter: ``sam.audit``, mandatory, confirmed) succeeded; if it
-cannot do both within the configured time it raises ``audit_unavailable`` and the
-caller must not release a result. Records are chained per (node, instance, log) and
-the chain continues from the last record in the file after a restart.
+``record`` returns only once its record is durable in its file (written and fsynced
+together with the checkpoint that signs it) and every entry of its batch was confirmed
+by ``publish`` (the broker adapter: ``sam.audit``, mandatory, confirmed). If that does
+not happen within the configured time it raises ``audit_unavailable``, and the caller
+must not release a result. While one batch is being written the next one gathers, so
+under load one HSM signature and one fsync serve many requests.
+
+File handling: a batch that fails to write is cut off again (``ftruncate``) and the
+chain does not advance, so the file never holds a half batch. At start, anything after
+the last checkpoint (a batch the process died writing — never confirmed to a caller) is
+cut off, and the chain continues from the last checkpoint, in the file or, after a
+rotation, in the ``.head`` file beside it. SIGHUP (``reopen``) makes the next batch
+open the files anew (logrotate ``create``, no ``copytruncate``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
-from worker.domain.audit import GENESIS, AuditChain, AuditEvent, AuditLog
+from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch
 from worker.errors import ErrorCode, SamError
 
 __all__ = ["AuditTrail", "audit_file"]
 
+log = logging.getLogger(__name__)
 
-def audit_file(audit_dir: Path, instance: str, log: AuditLog) -> Path:
-    return audit_dir / instance / f"{log}.jsonl"
+MAX_BATCH = 512
 
 
-def _last_record(path: Path) -> dict[str, Any] | None:
-    """The last complete record of ``path``; a torn final line is ignored."""
+def audit_file(audit_dir: Path, instance: str, audit_log: AuditLog) -> Path:
+    return audit_dir / instance / f"{audit_log}.jsonl"
+
+
+def _recover(path: Path, head_file: Path) -> ChainHead:
+    """Cut an incomplete last batch off ``path``; return where the chain stands."""
+    head = ChainHead()
+    if head_file.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, orjson.JSONDecodeError):
+            saved = orjson.loads(head_file.read_bytes())
+            head = ChainHead(int(saved["seq"]), str(saved["hash"]))
     if not path.exists():
-        return None
+        return head
+    keep, in_file = 0, None
     with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        handle.seek(max(0, size - 65536))
-        lines = handle.read().splitlines()
-    for line in reversed(lines):
-        try:
-            record: dict[str, Any] = orjson.loads(line)
-            return record
-        except orjson.JSONDecodeError:
-            continue
-    return None
+        offset = 0
+        for line in handle:
+            offset += len(line)
+            if not line.endswith(b"\n"):
+                break
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                break
+            if entry.get("type") == "checkpoint":
+                keep, in_file = offset, ChainHead(int(entry["seq"]), str(entry["hash"]))
+    if path.stat().st_size != keep:
+        log.warning("audit: cutting an incomplete batch off %s (%d bytes)", path, path.stat().st_size - keep)
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+            os.fsync(handle.fileno())
+    if in_file is not None and in_file.seq >= head.seq:
+        return in_file
+    return head
+
+
+@dataclass
+class _Pending:
+    event: AuditEvent
+    time_ms: int
+    done: asyncio.Future[dict[str, Any]]
+
+
+@dataclass
+class _Log:
+    path: Path
+    head_file: Path
+    head: ChainHead
+    pending: list[_Pending] = field(default_factory=list)
+    handle: Any = None
 
 
 class AuditTrail:
@@ -56,59 +103,147 @@ class AuditTrail:
         publish: Callable[[bytes, str], Awaitable[None]],
         timeout: float,
     ) -> None:
+        self._node = node
+        self._instance = instance
         self._sign = sign_digest
         self._publish = publish
         self._timeout = timeout
-        self._chains: dict[AuditLog, AuditChain] = {}
-        self._paths: dict[AuditLog, Path] = {}
-        self._files: dict[AuditLog, BinaryIO] = {}
-        for log in AuditLog:
-            path = audit_file(audit_dir, instance, log)
+        self._logs: dict[AuditLog, _Log] = {}
+        for audit_log in AuditLog:
+            path = audit_file(audit_dir, instance, audit_log)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            last = _last_record(path)
-            seq, prev = (int(last["seq"]), str(last["hash"])) if last else (0, GENESIS)
-            self._chains[log] = AuditChain(node, instance, log, seq, prev)
-            self._paths[log] = path
+            head_file = path.with_suffix(".head")
+            self._logs[audit_log] = _Log(path, head_file, _recover(path, head_file))
+        # One thread does all file I/O, so a slow disk never stalls the event loop and
+        # writes stay in order.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
+        self._wakeup = asyncio.Event()
+        self._reopen = False
+        self._closed = False
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0
 
-    def _file(self, log: AuditLog) -> BinaryIO:
-        handle = self._files.get(log)
-        if handle is None:
-            fd = os.open(self._paths[log], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            handle = self._files[log] = os.fdopen(fd, "ab")
-        return handle
+    def start(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     def reopen(self) -> None:
-        """Close the files so the next record opens them anew (logrotate, SIGHUP)."""
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        """Open the files anew before the next batch (after logrotate moved them)."""
+        self._reopen = True
 
     async def record(self, event: AuditEvent) -> dict[str, Any]:
-        # Chain, sign and write happen without an await in between, so the file
-        # order is the chain order even with many requests in flight.
-        try:
-            record = self._chains[event.log].append(event, int(time.time() * 1000), self._sign)
-        except SamError as exc:
-            raise SamError(ErrorCode.audit_unavailable, f"audit signing failed: {exc.message}") from exc
-        line = orjson.dumps(record) + b"\n"
-        try:
-            handle = self._file(event.log)
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except OSError as exc:
-            self._files.pop(event.log, None)
-            raise SamError(
-                ErrorCode.audit_unavailable, f"audit file not writable ({type(exc).__name__})"
-            ) from exc
+        if self._closed or self._flusher is None:
+            raise SamError(ErrorCode.audit_unavailable, "the audit trail is not running")
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._logs[event.log].pending.append(_Pending(event, int(time.time() * 1000), done))
+        self._wakeup.set()
         try:
             async with asyncio.timeout(self._timeout):
-                await self._publish(line[:-1], event.routing_key)
-        except Exception as exc:  # any sink failure means: no durable record, no result
+                return await asyncio.shield(done)
+        except TimeoutError:
             raise SamError(
-                ErrorCode.audit_unavailable, f"audit exchange did not confirm ({type(exc).__name__})"
-            ) from exc
-        return record
+                ErrorCode.audit_unavailable, f"audit record not durable within {self._timeout} s"
+            ) from None
 
-    def close(self) -> None:
-        self.reopen()
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self._closed and not any(state.pending for state in self._logs.values()):
+                return
+            for audit_log, state in self._logs.items():
+                while state.pending:
+                    batch, state.pending = state.pending[:MAX_BATCH], state.pending[MAX_BATCH:]
+                    self._wakeup.set()  # look again once this batch is done
+                    try:
+                        await self._flush(audit_log, state, batch)
+                    except Exception as exc:  # the flusher must outlive any one batch
+                        log.exception("audit batch failed unexpectedly")
+                        self._fail(batch, f"audit failed ({type(exc).__name__})")
+
+    async def _flush(self, audit_log: AuditLog, state: _Log, batch: list[_Pending]) -> None:
+        try:
+            entries, head = chain_batch(
+                self._node,
+                self._instance,
+                audit_log,
+                state.head,
+                [(p.event, p.time_ms) for p in batch],
+                int(time.time() * 1000),
+                self._sign,
+            )
+        except SamError as exc:
+            self._fail(batch, f"audit signing failed: {exc.message}")
+            return
+        lines = [orjson.dumps(entry) for entry in entries]
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._io, self._write, state, b"".join(line + b"\n" for line in lines), head
+            )
+        except OSError as exc:
+            self._fail(batch, f"audit file not writable ({type(exc).__name__}: {exc.strerror})")
+            return
+        state.head = head
+        self.batches += 1
+        routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
+        results = await asyncio.gather(
+            *(self._publish(line, key) for line, key in zip(lines, routing, strict=True)),
+            return_exceptions=True,
+        )
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
+            return
+        for pending, entry in zip(batch, entries, strict=False):
+            if not pending.done.done():
+                pending.done.set_result(entry)
+
+    def _write(self, state: _Log, data: bytes, head: ChainHead) -> None:
+        """In the I/O thread: append a whole batch and fsync, or leave the file as it was."""
+        if self._reopen or state.handle is None:
+            self._reopen = False
+            for other in self._logs.values():
+                if other.handle is not None:
+                    other.handle.close()
+                    other.handle = None
+            fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            state.handle = os.fdopen(fd, "ab", buffering=0)
+        handle = state.handle
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            written = handle.write(data)
+            if written != len(data):
+                raise OSError(28, "short write")
+            os.fsync(handle.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle.fileno(), size)
+            handle.close()
+            state.handle = None
+            raise
+        # Where the chain stands, for a restart after the file was rotated away. Only
+        # a hint (the file itself is the truth), so a failure here fails nothing.
+        with contextlib.suppress(OSError):
+            temporary = state.head_file.with_suffix(".head.tmp")
+            temporary.write_bytes(orjson.dumps({"seq": head.seq, "hash": head.hash}))
+            os.replace(temporary, state.head_file)
+
+    def _fail(self, batch: list[_Pending], message: str) -> None:
+        log.error("audit batch of %d failed: %s", len(batch), message)
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_exception(SamError(ErrorCode.audit_unavailable, message))
+
+    async def close(self) -> None:
+        """Flush what is pending (within the audit time bound), then stop."""
+        self._closed = True
+        self._wakeup.set()
+        if self._flusher is not None:
+            try:
+                await asyncio.wait_for(self._flusher, self._timeout)
+            except TimeoutError:
+                log.error("audit: pending records not flushed within %s s at shutdown", self._timeout)
+        for state in self._logs.values():
+            if state.handle is not None:
+                state.handle.close()
+        self._io.shutdown(wait=True)

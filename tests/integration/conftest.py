@@ -73,11 +73,15 @@ class Harness:
         certificate = self.stack.pki.issue_from_request(request)
         return await client.update_key_pair(assigned, signer, certificate=certificate)
 
-    def audit_records(self) -> list[dict[str, Any]]:
-        records = []
+    def audit_entries(self) -> list[dict[str, Any]]:
+        """Every entry (records and checkpoints) of every audit file, file by file."""
+        entries = []
         for path in sorted(self.stack.path("audit").glob("*/*.jsonl")):
-            records += [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-        return records
+            entries += [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        return entries
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        return [entry for entry in self.audit_entries() if entry["type"] == "record"]
 
     def audit_record(self, request_id: str) -> dict[str, Any]:
         found = [r for r in self.audit_records() if r["request_id"] == request_id]

@@ -54,6 +54,7 @@ def test_intact_files_verify(harness: Harness, service_file: Path) -> None:
     result = run_verify(harness, files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " 0 problems" in result.stdout
+    assert "checkpoints, signed through seq" in result.stdout
 
 
 def _damaged(source: Path, target: Path, how: str) -> tuple[Path, int]:
@@ -69,7 +70,7 @@ def _damaged(source: Path, target: Path, how: str) -> tuple[Path, int]:
         bad = 4  # the record after the gap
     else:  # swapped
         lines[2], lines[3] = lines[3], lines[2]
-        bad = 3
+        bad = 4  # the entry that comes after a later one
     target.write_bytes(b"\n".join(lines) + b"\n")
     return target, bad
 
@@ -82,4 +83,6 @@ def test_damaged_copy_names_first_bad_record(
     result = run_verify(harness, [damaged])
     assert result.returncode == 1, result.stdout
     first_problem = next(line for line in result.stdout.splitlines() if line.startswith("BAD "))
-    assert f"{damaged}:{bad_line}:" in first_problem, result.stdout
+    kind = {"altered": "altered", "removed": "gap", "swapped": "reordered"}[how]
+    assert first_problem.startswith(f"BAD {kind}: "), result.stdout
+    assert f"{damaged}:{bad_line})" in first_problem, result.stdout

@@ -1,6 +1,9 @@
-"""Audit chains: records link and sign; the verifier names what was damaged."""
+"""Audit chains: batches link and are signed by checkpoints; the verifier names what was
+damaged — altered, removed, reordered, truncated, forked — and where."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 import pytest
@@ -8,71 +11,158 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
-from worker.domain.audit import AuditChain, AuditEvent, AuditLog, Outcome, verify_records
+from worker.domain.audit import (
+    AuditEvent,
+    AuditLog,
+    ChainFollower,
+    ChainHead,
+    Outcome,
+    chain_batch,
+    verify_entries,
+)
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-def sign_digest(digest: bytes) -> bytes:
-    r, s = decode_dss_signature(KEY.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def chain_lines(count: int, log: AuditLog = AuditLog.service) -> list[bytes]:
-    chain = AuditChain("node-1", "w-1", log)
-    event = AuditEvent(log, "signatures.create", Outcome.success, 200, actor="ssa-1", request_id="r")
-    return [orjson.dumps(chain.append(event, 1_700_000_000_000 + n, sign_digest)) for n in range(count)]
-
-
-def verify(lines: list[bytes]) -> list[str]:
-    report = verify_records((("f", n, line) for n, line in enumerate(lines, 1)), KEY.public_key())
-    return [f"{p.line}:{p.what}" for p in report.problems]
-
-
-def test_intact_chain_verifies() -> None:
-    lines = chain_lines(5)
-    assert verify(lines) == []
-    assert orjson.loads(lines[0])["prev"] == "0" * 64
-    assert orjson.loads(lines[1])["prev"] == orjson.loads(lines[0])["hash"]
-
-
-def _alter(lines: list[bytes]) -> list[bytes]:
-    record = orjson.loads(lines[2])
-    record["status"] = 500
-    return [*lines[:2], orjson.dumps(record), *lines[3:]]
-
-
-def _resign(lines: list[bytes]) -> list[bytes]:
-    """Altered and re-hashed, but signed with another key."""
-    other = ec.generate_private_key(ec.SECP256R1())
-    record = orjson.loads(lines[2])
-    chain = AuditChain("node-1", "w-1", AuditLog.service, record["seq"] - 1, record["prev"])
-
-    def other_sign(digest: bytes) -> bytes:
-        r, s = decode_dss_signature(other.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
+def signer(key: ec.EllipticCurvePrivateKey = KEY) -> Any:
+    def sign_digest(digest: bytes) -> bytes:
+        r, s = decode_dss_signature(key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
-    forged = chain.append(AuditEvent(AuditLog.service, "x", Outcome.success, 200), 0, other_sign)
-    return [*lines[:2], orjson.dumps(forged), *lines[3:]]
+    return sign_digest
+
+
+def event(n: int) -> tuple[AuditEvent, int]:
+    return AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id=f"r-{n}"), n
+
+
+def trail(batches: list[int], instance: str = "w-1", head: ChainHead | None = None) -> list[bytes]:
+    """Lines of a trail written in batches of the given sizes."""
+    lines, head, n = [], head or ChainHead(), 0
+    for size in batches:
+        entries, head = chain_batch(
+            "node-1", instance, AuditLog.service, head, [event(n + i) for i in range(size)], 0, signer()
+        )
+        n += size
+        lines += [orjson.dumps(e) for e in entries]
+    return lines
+
+
+def problems(*files: list[bytes]) -> list[tuple[str, tuple[int, int] | None]]:
+    lines = ((f"f{i}", n, line) for i, f in enumerate(files) for n, line in enumerate(f, 1))
+    return [(p.kind, p.seqs) for p in verify_entries(lines, KEY.public_key()).problems]
+
+
+def test_intact_trail_verifies() -> None:
+    lines = trail([3, 1, 5])
+    assert len(lines) == 3 + 1 + 1 + 1 + 5 + 1
+    report = verify_entries((("f", n, line) for n, line in enumerate(lines, 1)), KEY.public_key())
+    assert report.ok
+    [summary] = report.chains.values()
+    assert (summary.first, summary.last, summary.records, summary.checkpoints, summary.signed_through) == (
+        1,
+        12,
+        9,
+        3,
+        12,
+    )
+
+
+def test_checkpoint_covers_its_batch() -> None:
+    entries = [orjson.loads(line) for line in trail([3])]
+    assert [e["type"] for e in entries] == ["record"] * 3 + ["checkpoint"]
+    assert entries[-1]["covers"] == [1, 3] and entries[-1]["prev"] == entries[2]["hash"]
+    assert "sig" not in entries[0] and entries[1]["prev"] == entries[0]["hash"]
+
+
+def _alter(lines: list[bytes], index: int, **changes: Any) -> list[bytes]:
+    entry = orjson.loads(lines[index])
+    entry.update(changes)
+    return [*lines[:index], orjson.dumps(entry), *lines[index + 1 :]]
+
+
+def _rehashed_forgery(lines: list[bytes]) -> list[bytes]:
+    """A checkpoint re-made (hash and all) by someone without the audit key."""
+    entries = [orjson.loads(line) for line in lines]
+    forged, _ = chain_batch(
+        "node-1",
+        "w-1",
+        AuditLog.service,
+        ChainHead(3, entries[2]["hash"]),
+        [],
+        0,
+        signer(ec.generate_private_key(ec.SECP256R1())),
+    )
+    return [*lines[:3], orjson.dumps(forged[0]), *lines[4:]]
 
 
 @pytest.mark.parametrize(
-    ("damage", "first_problem"),
+    ("damage", "expected"),
     [
-        (_alter, "3:record altered (hash mismatch)"),
-        (_resign, "3:signature does not verify"),
-        (lambda ls: [*ls[:2], *ls[3:]], "3:expected seq 3: records 3..3 missing"),
-        (lambda ls: [ls[0], ls[2], ls[1], *ls[3:]], "2:expected seq 2: records 2..2 missing"),
-        (lambda ls: [*ls, ls[-1]], "6:expected seq 6: out of order or repeated"),
-        (lambda ls: [*ls[:2], b"not json", *ls[2:]], "3:not an audit record"),
+        (lambda ls: _alter(ls, 1, status=500), [("altered", (2, 2))]),
+        (lambda ls: _alter(ls, 3, covers=[1, 99]), [("altered", (4, 4))]),
+        (_rehashed_forgery, [("signature", (4, 4)), ("broken-link", (5, 5))]),
+        (lambda ls: [*ls[:1], *ls[2:]], [("gap", (2, 2))]),
+        (lambda ls: [ls[0], ls[2], ls[1], *ls[3:]], [("reordered", (2, 2))]),
+        (lambda ls: ls[:6], [("unsigned-tail", (5, 6))]),  # truncated mid-batch
+        (lambda ls: [*ls[:6], ls[6][:40]], [("unreadable", None), ("unsigned-tail", (5, 6))]),  # torn line
+        (lambda ls: [*ls, ls[-1]], [("repeated", (9, 9))]),
     ],
-    ids=["altered", "re-signed by another key", "removed", "swapped", "repeated", "garbage line"],
+    ids=[
+        "altered record",
+        "altered checkpoint",
+        "forged checkpoint",
+        "removed",
+        "reordered",
+        "truncated",
+        "torn",
+        "repeated",
+    ],
 )
-def test_damage_is_named(damage: object, first_problem: str) -> None:
-    problems = verify(damage(chain_lines(5)))  # type: ignore[operator]
-    assert problems and problems[0] == first_problem, problems
+def test_damage_is_named(damage: Any, expected: list[tuple[str, Any]]) -> None:
+    assert problems(damage(trail([3, 4]))) == expected
 
 
-def test_chains_are_independent_per_log() -> None:
-    service, admin = chain_lines(3), chain_lines(2, AuditLog.admin)
-    assert verify([service[0], admin[0], service[1], admin[1], service[2]]) == []
+def test_the_same_file_given_twice_is_no_fault() -> None:
+    lines = trail([3])
+    assert problems(lines, lines) == []
+
+
+def test_fork_across_files() -> None:
+    common = trail([2])
+    head_entry = orjson.loads(common[-1])
+    head = ChainHead(head_entry["seq"], head_entry["hash"])
+    branch_a = trail([2], head=head)
+    branch_b = [orjson.dumps({**orjson.loads(x), "request_id": "other"}) for x in branch_a[:1]]
+    # re-chain branch b properly so only the fork itself is wrong
+    entries, _ = chain_batch(
+        "node-1",
+        "w-1",
+        AuditLog.service,
+        head,
+        [(AuditEvent(AuditLog.service, "x", Outcome.failure, 403), 0)],
+        0,
+        signer(),
+    )
+    branch_b = [orjson.dumps(e) for e in entries]
+    found = problems(common + branch_a, branch_b)
+    assert ("fork", (4, 4)) in found and ("fork", (5, 5)) in found
+
+
+def test_files_in_any_order_and_chains_apart() -> None:
+    lines = trail([2, 2, 2])
+    rotated = [lines[:3], lines[3:6], lines[6:]]
+    other = trail([3], instance="w-2")
+    assert problems(rotated[2], other, rotated[0], rotated[1]) == []
+    assert problems(rotated[2], rotated[0]) == [("gap", (4, 6))]
+
+
+def test_follower_checks_as_entries_arrive() -> None:
+    follower = ChainFollower(KEY.public_key())
+    lines = trail([2, 2])
+    assert all(follower.feed(orjson.loads(line)) == [] for line in lines[:3])
+    assert follower.feed(orjson.loads(lines[4])) == ["node-1/w-1/service seq 5: expected seq 4"]
+    bad = ChainFollower(KEY.public_key())
+    assert bad.feed(orjson.loads(_alter(lines, 0, actor="x")[0]))[0].endswith(
+        "altered (content does not match its hash)"
+    )

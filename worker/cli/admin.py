@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import gzip
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from worker.domain.audit import verify_records
+from worker.domain.audit import verify_entries
 from worker.errors import SamError
 from worker.hsm.pkcs11_hsm import (
     create_kek,
@@ -122,22 +123,50 @@ def _lines(path: Path) -> Iterator[tuple[str, int, bytes]]:
             yield str(path), number, line
 
 
+def _audit_key(args: argparse.Namespace) -> ec.EllipticCurvePublicKey:
+    if args.key is not None:
+        pem = args.key.read_bytes()
+    elif args.infrastructure is not None:
+        pem = load_infrastructure(args.infrastructure).audit_key.public_key.encode()
+    else:
+        raise SystemExit("sam-admin: give --key (from `audit export-key`) or --infrastructure")
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SystemExit("sam-admin: the audit key is an EC P-256 public key")
+    return key
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
-    infrastructure = load_infrastructure(args.infrastructure)
-    key = serialization.load_pem_public_key(infrastructure.audit_key.public_key.encode())
-    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key = _audit_key(args)
 
     def every_line() -> Iterator[tuple[str, int, bytes]]:
         for path in args.files:
             yield from _lines(path)
 
-    report = verify_records(every_line(), key)
+    report = verify_entries(every_line(), key)
     for problem in report.problems:
         print(f"BAD {problem}")
-    for chain, (first, last) in sorted(report.chains.items()):
-        print(f"chain {chain}: records {first}..{last}")
-    print(f"{report.records} records, {len(report.problems)} problems")
+    for chain, summary in sorted(report.chains.items()):
+        print(
+            f"chain {chain}: seq {summary.first}..{summary.last}, {summary.records} records, "
+            f"{summary.checkpoints} checkpoints, signed through seq {summary.signed_through}"
+            + ("" if summary.first == 1 else f" (starts at seq {summary.first}: older files not given)")
+        )
+    print(f"{report.entries} entries, {len(report.problems)} problems")
     return 0 if report.ok else 1
+
+
+def _audit_export_key(args: argparse.Namespace) -> int:
+    sys.stdout.write(load_infrastructure(args.infrastructure).audit_key.public_key)
+    return 0
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    from worker.cli.audit_tail import tail
+    from worker.cli.sam import ClientProfile
+
+    profile = ClientProfile.model_validate_json(args.profile.read_text())
+    return asyncio.run(tail(profile, args.queue, _audit_key(args), args.count, args.idle_timeout))
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -174,10 +203,26 @@ def main(argv: list[str] | None = None) -> None:
     rotate.set_defaults(run=_rotate_kek)
     audit = sub.add_parser("audit", help="audit trail tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="verify chains and signatures of audit files")
-    verify.add_argument("--infrastructure", type=Path, required=True, help="sam_infrastructure.json")
+    verify = audit_sub.add_parser(
+        "verify", help="verify chains and checkpoint signatures of audit files (rotated, .gz, any order)"
+    )
+    verify.add_argument("--infrastructure", type=Path, help="sam_infrastructure.json (for the audit key)")
+    verify.add_argument("--key", type=Path, help="the audit public key (PEM) from `audit export-key`")
     verify.add_argument("files", type=Path, nargs="+")
     verify.set_defaults(run=_audit_verify)
+    export = audit_sub.add_parser("export-key", help="print the audit public key an auditor needs (PEM)")
+    export.add_argument("--infrastructure", type=Path, required=True)
+    export.set_defaults(run=_audit_export_key)
+    tail = audit_sub.add_parser(
+        "tail", help="follow sam.audit as a SIEM: verify and print entries (JSON lines)"
+    )
+    tail.add_argument("--profile", type=Path, required=True, help="client profile of the SIEM user")
+    tail.add_argument("--queue", help="queue to bind to sam.audit (default <user>.audit)")
+    tail.add_argument("--infrastructure", type=Path)
+    tail.add_argument("--key", type=Path)
+    tail.add_argument("--count", type=int, help="stop after this many entries")
+    tail.add_argument("--idle-timeout", type=float, help="stop after this many seconds without an entry")
+    tail.set_defaults(run=_audit_tail)
     schemas = sub.add_parser("schemas", help="write the JSON Schemas and error catalogue")
     schemas.add_argument("--out", type=Path, default=Path("schemas"))
     schemas.set_defaults(run=_schemas)

@@ -33,9 +33,11 @@ class ClientProfile(BaseModel):
     ca_file: Path
     cert_file: Path
     key_file: Path
-    jws_key_file: Path
+    jws_key_file: Path | None = None  # SIEM profiles sign nothing
 
     def client(self) -> SamClient:
+        if self.jws_key_file is None:
+            raise ValueError(f"profile of {self.user_id} has no jws_key_file: it cannot send requests")
         tls = TlsFiles(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
         return SamClient(self.url, tls, self.user_id, self.jws_key_file.read_bytes())
 

@@ -305,7 +305,7 @@ class Stack:
                 ]
             )
         )
-        for user in [*ADMINS, *SSAS]:
+        for user in [*ADMINS, *SSAS, *SIEMS]:
             self.profile(user).write_text(
                 json.dumps(
                     {
@@ -314,7 +314,7 @@ class Stack:
                         "ca_file": str(pki.ca_file),
                         "cert_file": str(pki.root / user / "cert.pem"),
                         "key_file": str(pki.root / user / "key.pem"),
-                        "jws_key_file": str(pki.root / user / "jws-key.pem"),
+                        "jws_key_file": str(pki.root / user / "jws-key.pem") if user not in SIEMS else None,
                     },
                     indent=2,
                 )

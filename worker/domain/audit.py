@@ -1,15 +1,19 @@
-"""Audit records: what one is, how records chain, and how a chain is verified.
+"""Audit records: what one is, how records chain and are signed, and how a trail is
+verified.
 
-Every request yields one record. Records are chained per (node, instance, log): each
-names the hash of the one before, and each record's hash is signed with the HSM audit
-key. Records carry digests of what was signed, never secrets.
+Every request yields one record. Records are hash-chained per (node, instance, log):
+each names the hash of the one before. Records are written in batches, and every batch
+ends with a **checkpoint** — itself a link of the chain — whose signature by the HSM
+audit key covers, through the chain, every record before it. Records carry digests of
+what was signed, never secrets.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,16 +28,20 @@ from worker.domain.authorization import b64url
 
 __all__ = [
     "GENESIS",
-    "AuditChain",
     "AuditEvent",
     "AuditLog",
+    "ChainFollower",
+    "ChainHead",
     "ChainProblem",
     "Outcome",
-    "record_hash",
-    "verify_records",
+    "VerifyReport",
+    "chain_batch",
+    "entry_hash",
+    "verify_entries",
 ]
 
 GENESIS = "0" * 64
+RECORD, CHECKPOINT = "record", "checkpoint"
 
 
 class AuditLog(StrEnum):
@@ -68,35 +76,46 @@ class AuditEvent:
         return f"{self.log}.{self.operation}.{self.outcome}"
 
 
-def _canonical(record: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in record.items() if k not in ("hash", "sig")}
-    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+def _canonical(entry: dict[str, Any]) -> bytes:
+    return orjson.dumps(
+        {k: v for k, v in entry.items() if k not in ("hash", "sig")}, option=orjson.OPT_SORT_KEYS
+    )
 
 
-def record_hash(record: dict[str, Any]) -> bytes:
-    return hashlib.sha256(_canonical(record)).digest()
+def entry_hash(entry: dict[str, Any]) -> bytes:
+    return hashlib.sha256(_canonical(entry)).digest()
 
 
-@dataclass
-class AuditChain:
-    """The running chain of one (node, instance, log); not thread-safe by design."""
+@dataclass(frozen=True)
+class ChainHead:
+    """Where a chain stands: the last entry's sequence number and hash."""
 
-    node: str
-    instance: str
-    log: AuditLog
     seq: int = 0
-    prev: str = GENESIS
+    hash: str = GENESIS
 
-    def append(
-        self, event: AuditEvent, time_ms: int, sign_digest: Callable[[bytes], bytes]
-    ) -> dict[str, Any]:
-        """Make the next record, signed; the chain advances only on success."""
-        record: dict[str, Any] = {
-            "seq": self.seq + 1,
-            "time_ms": time_ms,
-            "node": self.node,
-            "instance": self.instance,
-            "log": str(self.log),
+
+def chain_batch(
+    node: str,
+    instance: str,
+    log: AuditLog,
+    head: ChainHead,
+    events: Sequence[tuple[AuditEvent, int]],
+    time_ms: int,
+    sign_digest: Callable[[bytes], bytes],
+) -> tuple[list[dict[str, Any]], ChainHead]:
+    """Chain ``(event, time_ms)`` pairs after ``head`` and close them with a signed
+    checkpoint; return the entries and the new head (pure: nothing advances on failure)."""
+    entries: list[dict[str, Any]] = []
+    seq, prev = head.seq, head.hash
+    for event, event_time in events:
+        seq += 1
+        entry: dict[str, Any] = {
+            "type": RECORD,
+            "seq": seq,
+            "time_ms": event_time,
+            "node": node,
+            "instance": instance,
+            "log": str(log),
             "operation": event.operation,
             "outcome": str(event.outcome),
             "status": event.status,
@@ -108,39 +127,61 @@ class AuditChain:
             "sad_jti": event.sad_jti,
             "dtbs_sha256": list(event.dtbs_sha256),
             "detail": event.detail,
-            "prev": self.prev,
+            "prev": prev,
         }
-        digest = record_hash(record)
-        record["hash"] = digest.hex()
-        record["sig"] = b64url(sign_digest(digest))
-        self.seq = record["seq"]
-        self.prev = record["hash"]
-        return record
+        prev = entry["hash"] = entry_hash(entry).hex()
+        entries.append(entry)
+    checkpoint: dict[str, Any] = {
+        "type": CHECKPOINT,
+        "seq": seq + 1,
+        "time_ms": time_ms,
+        "node": node,
+        "instance": instance,
+        "log": str(log),
+        "covers": [head.seq + 1, seq],
+        "prev": prev,
+    }
+    digest = entry_hash(checkpoint)
+    checkpoint["hash"] = digest.hex()
+    checkpoint["sig"] = b64url(sign_digest(digest))
+    entries.append(checkpoint)
+    return entries, ChainHead(checkpoint["seq"], checkpoint["hash"])
+
+
+# --- verification ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ChainProblem:
-    source: str
-    line: int
     chain: str
-    seq: int | None
+    kind: str  # altered|signature|gap|fork|broken-link|reordered|repeated|unsigned-tail|unreadable
+    seqs: tuple[int, int] | None
+    where: str
     what: str
 
     def __str__(self) -> str:
-        seq = f" seq {self.seq}" if self.seq is not None else ""
-        return f"{self.source}:{self.line}: {self.chain}{seq}: {self.what}"
+        if self.seqs is None:
+            span = ""
+        elif self.seqs[0] == self.seqs[1]:
+            span = f" seq {self.seqs[0]}"
+        else:
+            span = f" seq {self.seqs[0]}..{self.seqs[1]}"
+        return f"{self.kind}: {self.chain}{span} ({self.where}): {self.what}"
 
 
 @dataclass
-class _ChainCursor:
-    seq: int
-    hash: str
+class ChainSummary:
+    first: int
+    last: int
+    records: int
+    checkpoints: int
+    signed_through: int
 
 
 @dataclass
 class VerifyReport:
-    records: int = 0
-    chains: dict[str, tuple[int, int]] = field(default_factory=dict)  # chain -> (first, last)
+    entries: int = 0
+    chains: dict[str, ChainSummary] = field(default_factory=dict)
     problems: list[ChainProblem] = field(default_factory=list)
 
     @property
@@ -148,65 +189,155 @@ class VerifyReport:
         return not self.problems
 
 
-def _verify_signature(public_key: ec.EllipticCurvePublicKey, digest: bytes, sig: str) -> bool:
-    raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
-    half = len(raw) // 2
-    der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+@dataclass(frozen=True)
+class _Seen:
+    entry: dict[str, Any]
+    where: str
+
+
+def _signature_ok(public_key: ec.EllipticCurvePublicKey, digest: bytes, sig: str) -> bool:
     try:
+        raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+        half = len(raw) // 2
+        der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
         public_key.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-    except InvalidSignature:
+    except (InvalidSignature, ValueError, TypeError):
         return False
     return True
 
 
-def verify_records(
+def verify_entries(
     lines: Iterable[tuple[str, int, bytes]], public_key: ec.EllipticCurvePublicKey
 ) -> VerifyReport:
-    """Verify (source, line number, raw line) triples in the order given.
-
-    The first record seen of each chain anchors it; every later one must follow it
-    by sequence and hash. Alterations show as a hash or signature mismatch, removals
-    and reorderings as a broken link.
-    """
+    """Verify (source, line number, raw line) triples from any number of files, in any
+    order: entries are grouped by chain and put in sequence order, then every hash,
+    link and checkpoint signature is checked. Reports what is wrong and where."""
     report = VerifyReport()
-    cursors: dict[str, _ChainCursor] = {}
+    chains: dict[str, dict[int, list[_Seen]]] = defaultdict(lambda: defaultdict(list))
+    last_in_source: dict[tuple[str, str], tuple[int, str]] = {}
     for source, number, raw in lines:
         if not raw.strip():
             continue
-        report.records += 1
+        report.entries += 1
+        where = f"{source}:{number}"
         try:
-            record = orjson.loads(raw)
-            chain = f"{record['node']}/{record['instance']}/{record['log']}"
-            seq, prev, claimed = int(record["seq"]), str(record["prev"]), str(record["hash"])
-            sig = str(record["sig"])
+            entry = orjson.loads(raw)
+            chain = f"{entry['node']}/{entry['instance']}/{entry['log']}"
+            seq = int(entry["seq"])
+            str(entry["hash"]), str(entry["prev"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            report.problems.append(ChainProblem(source, number, "?", None, "not an audit record"))
+            report.problems.append(
+                ChainProblem("?", "unreadable", None, where, "not an audit entry (torn or foreign line)")
+            )
             continue
-        digest = record_hash(record)
-        if digest.hex() != claimed:
-            report.problems.append(ChainProblem(source, number, chain, seq, "record altered (hash mismatch)"))
-            continue
-        try:
-            signed = _verify_signature(public_key, digest, sig)
-        except (ValueError, TypeError):
-            signed = False
-        if not signed:
-            report.problems.append(ChainProblem(source, number, chain, seq, "signature does not verify"))
-            continue
-        cursor = cursors.get(chain)
-        if cursor is not None:
-            if seq != cursor.seq + 1:
-                what = (
-                    f"expected seq {cursor.seq + 1}: records {cursor.seq + 1}..{seq - 1} missing"
-                    if seq > cursor.seq + 1
-                    else f"expected seq {cursor.seq + 1}: out of order or repeated"
+        previous = last_in_source.get((source, chain))
+        if previous is not None and seq == previous[0]:
+            report.problems.append(
+                ChainProblem(chain, "repeated", (seq, seq), where, f"same seq as {previous[1]}")
+            )
+        elif previous is not None and seq < previous[0]:
+            report.problems.append(
+                ChainProblem(
+                    chain, "reordered", (seq, seq), where, f"comes after seq {previous[0]} ({previous[1]})"
                 )
-                report.problems.append(ChainProblem(source, number, chain, seq, what))
-            elif prev != cursor.hash:
-                report.problems.append(
-                    ChainProblem(source, number, chain, seq, "link to previous record broken (fork)")
-                )
-        first = report.chains.get(chain, (seq, seq))[0]
-        report.chains[chain] = (first, seq)
-        cursors[chain] = _ChainCursor(seq, claimed)
+            )
+        last_in_source[(source, chain)] = (seq, where)
+        chains[chain][seq].append(_Seen(entry, where))
+    for chain, by_seq in sorted(chains.items()):
+        _verify_chain(chain, by_seq, public_key, report)
     return report
+
+
+def _verify_chain(
+    chain: str, by_seq: dict[int, list[_Seen]], public_key: ec.EllipticCurvePublicKey, report: VerifyReport
+) -> None:
+    seqs = sorted(by_seq)
+    records = checkpoints = 0
+    signed_through = seqs[0] - 1
+    previous: _Seen | None = None
+    for seq in seqs:
+        copies = {seen.entry["hash"]: seen for seen in by_seq[seq]}
+        if len(copies) > 1:
+            places = ", ".join(seen.where for seen in by_seq[seq])
+            report.problems.append(
+                ChainProblem(chain, "fork", (seq, seq), places, "different entries with one sequence number")
+            )
+        seen = by_seq[seq][0]
+        entry = seen.entry
+        digest = entry_hash(entry)
+        altered = digest.hex() != entry["hash"]
+        if altered:
+            report.problems.append(
+                ChainProblem(chain, "altered", (seq, seq), seen.where, "content does not match its hash")
+            )
+        if previous is not None:
+            gap_start = int(previous.entry["seq"]) + 1
+            if seq > gap_start:
+                report.problems.append(
+                    ChainProblem(
+                        chain, "gap", (gap_start, seq - 1), f"before {seen.where}", "entries missing"
+                    )
+                )
+            elif entry["prev"] != previous.entry["hash"]:
+                report.problems.append(
+                    ChainProblem(
+                        chain, "broken-link", (seq, seq), seen.where, f"does not follow {previous.where}"
+                    )
+                )
+        if entry.get("type") == CHECKPOINT:
+            checkpoints += 1
+            if _signature_ok(public_key, digest, str(entry.get("sig", ""))):
+                signed_through = seq
+            elif not altered:
+                report.problems.append(
+                    ChainProblem(
+                        chain, "signature", (seq, seq), seen.where, "checkpoint signature does not verify"
+                    )
+                )
+        else:
+            records += 1
+        previous = seen
+    if signed_through < seqs[-1]:
+        report.problems.append(
+            ChainProblem(
+                chain,
+                "unsigned-tail",
+                (signed_through + 1, seqs[-1]),
+                by_seq[seqs[-1]][0].where,
+                "not covered by a checkpoint (file truncated, or the last batch never completed)",
+            )
+        )
+    report.chains[chain] = ChainSummary(seqs[0], seqs[-1], records, checkpoints, signed_through)
+
+
+@dataclass
+class ChainFollower:
+    """Verifies entries one by one as they arrive (a SIEM's live feed): each chain is
+    anchored at the first entry seen, then every link, hash and checkpoint signature
+    is checked."""
+
+    public_key: ec.EllipticCurvePublicKey
+    heads: dict[str, ChainHead] = field(default_factory=dict)
+
+    def feed(self, entry: dict[str, Any]) -> list[str]:
+        try:
+            chain = f"{entry['node']}/{entry['instance']}/{entry['log']}"
+            seq = int(entry["seq"])
+        except (KeyError, TypeError, ValueError):
+            return ["not an audit entry"]
+        problems = []
+        digest = entry_hash(entry)
+        if digest.hex() != entry.get("hash"):
+            problems.append(f"{chain} seq {seq}: altered (content does not match its hash)")
+        head = self.heads.get(chain)
+        if head is not None:
+            if seq != head.seq + 1:
+                problems.append(f"{chain} seq {seq}: expected seq {head.seq + 1}")
+            elif entry.get("prev") != head.hash:
+                problems.append(f"{chain} seq {seq}: does not link to seq {head.seq}")
+        if entry.get("type") == CHECKPOINT and not _signature_ok(
+            self.public_key, digest, str(entry.get("sig", ""))
+        ):
+            problems.append(f"{chain} seq {seq}: checkpoint signature does not verify")
+        self.heads[chain] = ChainHead(seq, str(entry.get("hash")))
+        return problems
