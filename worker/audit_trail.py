@@ -11,9 +11,10 @@ under load one HSM signature and one fsync serve many requests.
 File handling: a batch that fails to write is cut off again (``ftruncate``) and the
 chain does not advance, so the file never holds a half batch. At start, anything after
 the last checkpoint (a batch the process died writing — never confirmed to a caller) is
-cut off, and the chain continues from the last checkpoint, in the file or, after a
-rotation, in the ``.head`` file beside it. SIGHUP (``reopen``) makes the next batch
-open the files anew (logrotate ``create``, no ``copytruncate``).
+moved to a ``.cut-<time>`` file beside it, and the chain continues from the last
+checkpoint, in the file or, after a rotation, in the ``.head`` file beside it. SIGHUP
+(``reopen``) closes the files so the next batch opens them anew (logrotate ``create``,
+no ``copytruncate``).
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def _recover(path: Path, head_file: Path) -> ChainHead:
             if entry.get("type") == "checkpoint":
                 keep, in_file = offset, ChainHead(int(entry["seq"]), str(entry["hash"]))
     if path.stat().st_size != keep:
-        log.warning("audit: cutting an incomplete batch off %s (%d bytes)", path, path.stat().st_size - keep)
+        # Kept beside the file for the auditor's eyes, never silently dropped.
+        cut = path.with_name(f"{path.name}.cut-{int(time.time())}")
+        log.warning("audit: moving an unfinished batch from %s to %s", path, cut)
         with path.open("r+b") as handle:
+            handle.seek(keep)
+            cut.write_bytes(handle.read())
             handle.truncate(keep)
             os.fsync(handle.fileno())
     if in_file is not None and in_file.seq >= head.seq:
@@ -118,7 +123,6 @@ class AuditTrail:
         # writes stay in order.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
         self._wakeup = asyncio.Event()
-        self._reopen = False
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0
@@ -127,8 +131,18 @@ class AuditTrail:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     def reopen(self) -> None:
-        """Open the files anew before the next batch (after logrotate moved them)."""
-        self._reopen = True
+        """Close the files now, so the next batch opens them anew (logrotate moved them).
+
+        Done at once, in the I/O thread after any write in progress: a worker idle
+        between two rotations must not keep writing into a file that logrotate has
+        since compressed and removed."""
+        self._io.submit(self._close_files)
+
+    def _close_files(self) -> None:
+        for state in self._logs.values():
+            if state.handle is not None:
+                state.handle.close()
+                state.handle = None
 
     async def record(self, event: AuditEvent) -> dict[str, Any]:
         if self._closed or self._flusher is None:
@@ -200,12 +214,7 @@ class AuditTrail:
 
     def _write(self, state: _Log, data: bytes, head: ChainHead) -> None:
         """In the I/O thread: append a whole batch and fsync, or leave the file as it was."""
-        if self._reopen or state.handle is None:
-            self._reopen = False
-            for other in self._logs.values():
-                if other.handle is not None:
-                    other.handle.close()
-                    other.handle = None
+        if state.handle is None:
             fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             state.handle = os.fdopen(fd, "ab", buffering=0)
         handle = state.handle
@@ -243,7 +252,5 @@ class AuditTrail:
                 await asyncio.wait_for(self._flusher, self._timeout)
             except TimeoutError:
                 log.error("audit: pending records not flushed within %s s at shutdown", self._timeout)
-        for state in self._logs.values():
-            if state.handle is not None:
-                state.handle.close()
+        self._io.submit(self._close_files)
         self._io.shutdown(wait=True)

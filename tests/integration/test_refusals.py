@@ -8,7 +8,7 @@ import base64
 import hashlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,10 +221,16 @@ CASES: list[tuple[str, str, Callable[[World], Awaitable[RawReply]]]] = [
 
 
 @pytest.fixture(scope="module")
-async def world(harness: Harness, ssa: SamClient, admin: SamClient, unregistered_ssa: SamClient) -> World:
-    key_pair = await harness.certified_key_pair(ssa, "alice")
-    other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-    return World(harness, ssa, admin, unregistered_ssa, key_pair, other["id"])
+async def world(harness: Harness) -> AsyncIterator[World]:
+    # clients of this module's own, so the replies they count are this module's only
+    async with (
+        harness.client("ssa-1") as ssa,
+        harness.client("admin-1") as admin,
+        harness.client("ssa-2") as unregistered,
+    ):
+        key_pair = await harness.certified_key_pair(ssa, "alice")
+        other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
+        yield World(harness, ssa, admin, unregistered, key_pair, other["id"])
 
 
 @pytest.mark.parametrize(("name", "code", "send"), CASES, ids=[c[0] for c in CASES])

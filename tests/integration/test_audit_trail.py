@@ -1,0 +1,359 @@
+"""The audit trail on real files and the real broker: rotation under load, every sink
+failure answered with audit_unavailable within the bound, recovery, SIGKILL mid-batch,
+and the SIEM's verifying tail."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.integration.conftest import EC_SHA256, Harness
+from worker.cli.sam import ClientProfile
+from worker.client import RawReply, SamClient
+from worker.settings import TlsFiles
+from worker.transport.amqp import connect
+from worker.transport.topology import AUDIT_EXCHANGE
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+AUDIT_TIMEOUT = 2.0
+
+
+class Signing:
+    """Signature requests by id, so each reply can be matched with its audit record."""
+
+    def __init__(self, harness: Harness, ssa: SamClient, key_pair: dict[str, Any], signer: str) -> None:
+        self.harness, self.ssa, self.key_pair, self.signer = harness, ssa, key_pair, signer
+
+    async def send(self, reply_timeout: float = 20) -> tuple[str, RawReply]:
+        request_id = str(uuid.uuid4())
+        digest = hashlib.sha256(request_id.encode()).digest()
+        sad = self.harness.dev_as.issue_sad(self.harness.sam_id, self.signer, self.key_pair["id"], [digest])
+        body = orjson.dumps(
+            {
+                "signature_algorithm": EC_SHA256,
+                "requests": [{"dtbs": base64.b64encode(digest).decode()}],
+                "key_pair": self.key_pair,
+                "signer": {"id": self.signer},
+            }
+        )
+        reply = await self.ssa.send(
+            "signatures.create", body, sad=sad, message_id=request_id, reply_timeout=reply_timeout
+        )
+        assert reply is not None
+        return request_id, reply
+
+
+@pytest.fixture(scope="module")
+async def signing(harness: Harness, ssa: SamClient) -> Signing:
+    return Signing(harness, ssa, await harness.certified_key_pair(ssa, "audit-signer"), "audit-signer")
+
+
+def verify(harness: Harness, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli.admin",
+            "audit",
+            "verify",
+            "--infrastructure",
+            str(harness.stack.infrastructure_file),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def records_in(files: list[Path]) -> list[dict[str, Any]]:
+    import gzip
+
+    records = []
+    for path in files:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            records += [e for e in map(orjson.loads, handle.read().splitlines()) if e["type"] == "record"]
+    return records
+
+
+@contextlib.asynccontextmanager
+async def own_worker(harness: Harness, instance: str, audit_dir: Path) -> AsyncIterator[None]:
+    """This test's worker alone, with its audit files in ``audit_dir``."""
+    env = {"SAM_AUDIT_DIR": str(audit_dir), "SAM_AUDIT_TIMEOUT_SECONDS": str(AUDIT_TIMEOUT)}
+    async with harness.without_shared_workers():
+        await asyncio.to_thread(harness.start_worker, instance, env=env)
+        try:
+            yield
+        finally:
+            if instance in harness.workers:
+                await harness.stop_worker(instance)
+
+
+async def test_rotation_twenty_times_under_load(harness: Harness, signing: Signing, tmp_path: Path) -> None:
+    audit_dir, instance = tmp_path / "audit", "worker-rotating"
+    pid_dir = tmp_path / "run"
+    pid_dir.mkdir()
+    config = (ROOT / "ops" / "logrotate" / "sam-worker").read_text()
+    config = config.replace("AUDIT_DIR", str(audit_dir)).replace("PID_FILES", str(pid_dir / "*.pid"))
+    config = config.replace("create 0640 root root", f"create 0640 {os.getuid()} {os.getgid()}")
+    (tmp_path / "logrotate.conf").write_text(config)
+    async with own_worker(harness, instance, audit_dir):
+        shutil.copy(harness.stack.path("run", f"{instance}.pid"), pid_dir / f"{instance}.pid")
+        replies: list[tuple[str, RawReply]] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                replies.extend(await asyncio.gather(*(signing.send() for _ in range(8))))
+
+        loader = asyncio.create_task(load())
+        for _ in range(20):
+            await asyncio.sleep(0.15)
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    "logrotate",
+                    "-f",
+                    "-s",
+                    str(tmp_path / "logrotate.state"),
+                    str(tmp_path / "logrotate.conf"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+        stop.set()
+        await loader
+    files = sorted((audit_dir / instance).glob("service.jsonl*"))
+    assert len(files) >= 20, files
+    result = verify(harness, list(reversed(files)))
+    assert result.returncode == 0, result.stdout
+    assert all(reply.status == 200 for _, reply in replies), [
+        r.json() for _, r in replies if r.status != 200
+    ][:3]
+    per_request = Counter(r["request_id"] for r in records_in(files))
+    assert len(replies) > 100
+    assert all(per_request[request_id] == 1 for request_id, _ in replies)
+    assert set(per_request) == {request_id for request_id, _ in replies}
+
+
+async def assert_refused_then_recovers(signing: Signing, breakage: Any, repair: Any, slack: int = 0) -> None:
+    """Once the sink is broken, a request gets audit_unavailable within the bound and no
+    signature; once repaired, the same worker serves again. ``slack``: requests that may
+    still succeed after the breakage (a full disk still takes what fits in a file's last
+    page)."""
+    _, before = await signing.send()
+    assert before.status == 200
+    if inspect.isawaitable(broken := breakage()):
+        await broken
+    try:
+        for attempt in range(slack + 1):
+            started = time.monotonic()
+            _, reply = await signing.send(reply_timeout=AUDIT_TIMEOUT + 10)
+            assert time.monotonic() - started < AUDIT_TIMEOUT + 5
+            document = reply.json()
+            if reply.status == 200 and attempt < slack:
+                continue
+            assert reply.status == 503 and document["error"]["code"] == "audit_unavailable", document
+            assert "signatures" not in document
+            break
+    finally:
+        if inspect.isawaitable(repaired := repair()):
+            await repaired
+    for _ in range(3):  # and it serves again at once, without a restart
+        _, after = await signing.send()
+        assert after.status == 200, after.json()
+
+
+@pytest.fixture
+def audit_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "audit"
+
+
+async def test_disk_full(harness: Harness, signing: Signing, tmp_path: Path) -> None:
+    audit_dir, instance = tmp_path / "small-disk", "worker-disk-full"
+    audit_dir.mkdir()
+    mounted = subprocess.run(  # noqa: ASYNC221 — a one-off mount, before any worker runs
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(audit_dir)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        filler = audit_dir / "filler"
+        async with own_worker(harness, instance, audit_dir):
+
+            def fill() -> None:
+                with filler.open("wb") as handle, contextlib.suppress(OSError):
+                    while True:
+                        handle.write(b"\0" * 65536)
+                        handle.flush()
+
+            await assert_refused_then_recovers(signing, fill, lambda: filler.unlink(), slack=8)
+        files = sorted((audit_dir / instance).glob("*.jsonl"))
+        result = verify(harness, files)
+        assert result.returncode == 0, result.stdout
+    finally:
+        subprocess.run(["umount", str(audit_dir)], check=False)  # noqa: ASYNC221
+
+
+async def test_unwritable_audit_file(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+    instance = "worker-unwritable"
+    service = audit_dir / instance / "service.jsonl"
+    async with own_worker(harness, instance, audit_dir):
+        process = harness.workers[instance]
+
+        def make_unwritable() -> None:
+            service.rename(service.with_suffix(".jsonl.1"))
+            service.mkdir()  # the worker must open a file where now stands a directory
+            os.kill(process.pid, signal.SIGHUP)
+            time.sleep(0.2)
+
+        await assert_refused_then_recovers(signing, make_unwritable, lambda: service.rmdir())
+    result = verify(harness, [service.with_suffix(".jsonl.1"), service])
+    assert result.returncode == 0, result.stdout
+
+
+async def test_audit_exchange_unroutable(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+    definitions = harness.stack.path("rabbitmq", "definitions.json")
+    bound = harness.stack.rabbitmqctl(
+        "list_bindings", "-p", "sam", "source_name", "destination_name", "--no-table-headers", "-q"
+    ).stdout
+    queues = sorted({line.split("\t")[1] for line in bound.splitlines() if line.startswith("sam.audit\t")})
+    async with own_worker(harness, "worker-unroutable", audit_dir):
+
+        def unbind() -> None:
+            for queue in queues:
+                harness.stack.rabbitmqctl("delete_queue", "-p", "sam", queue)
+
+        await assert_refused_then_recovers(
+            signing, unbind, lambda: harness.stack.rabbitmqctl("import_definitions", str(definitions))
+        )
+
+
+async def test_broker_refusing_confirms(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+    """A SIEM queue bound to sam.audit that rejects every publish makes the broker nack
+    the audit records. (A classic queue: a quorum queue leaves reject-publish only once
+    consumed below its limit.)"""
+    profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
+    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
+    connection = await connect(profile.url, tls)
+    channel = await connection.channel()
+    name = f"siem-1.full-{uuid.uuid4().hex[:8]}"
+
+    async def refuse() -> None:
+        arguments = {"x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"}
+        queue = await channel.declare_queue(name, arguments=arguments)
+        await queue.bind(AUDIT_EXCHANGE, routing_key="#")
+
+    async def accept() -> None:
+        await channel.queue_delete(name)
+
+    try:
+        async with own_worker(harness, "worker-nacked", audit_dir):
+            await assert_refused_then_recovers(signing, refuse, accept)
+    finally:
+        await connection.close()
+
+
+async def test_sigkill_mid_batch(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+    instance = "worker-killed"
+    env = {"SAM_AUDIT_DIR": str(audit_dir), "SAM_AUDIT_TIMEOUT_SECONDS": str(AUDIT_TIMEOUT)}
+    async with harness.without_shared_workers():
+        process = await asyncio.to_thread(harness.start_worker, instance, env=env)
+        pending = [asyncio.create_task(signing.send(reply_timeout=60)) for _ in range(150)]
+        await asyncio.sleep(0.4)
+        process.kill()  # SIGKILL, mid-load
+        await asyncio.to_thread(process.wait, 10)
+        harness.workers.pop(instance)
+        await asyncio.to_thread(harness.start_worker, instance, env=env)
+        try:
+            replies = await asyncio.gather(*pending)
+        finally:
+            await harness.stop_worker(instance)
+    files = sorted((audit_dir / instance).glob("*.jsonl"))
+    result = verify(harness, files)
+    assert result.returncode == 0, result.stdout
+    records = records_in(files)
+    confirmed = {request_id for request_id, reply in replies if reply.status == 200}
+    assert confirmed, [r.json() for _, r in replies][:3]
+    by_request = Counter(r["request_id"] for r in records if r["status"] == 200)
+    assert all(by_request[request_id] == 1 for request_id in confirmed)
+    # redelivered requests whose SAD was already spent are answered, not lost
+    assert {reply.status for _, reply in replies} <= {200, 403}
+
+
+async def test_siem_tail_verifies_what_it_prints(harness: Harness, signing: Signing) -> None:
+    queue = f"siem-1.test-{uuid.uuid4().hex[:8]}"
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli.admin",
+        "audit",
+        "tail",
+        "--profile",
+        str(harness.stack.profile("siem-1")),
+        "--queue",
+        queue,
+        "--infrastructure",
+        str(harness.stack.infrastructure_file),
+        "--idle-timeout",
+        "3",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            if queue in harness.stack.rabbitmqctl("list_queues", "-p", "sam", "name", "-q").stdout:
+                break
+            await asyncio.sleep(0.1)
+        sent = [await signing.send() for _ in range(10)]
+        stdout, stderr = await asyncio.wait_for(tail.communicate(), 30)
+    finally:
+        harness.stack.rabbitmqctl("delete_queue", "-p", "sam", queue, check=False)
+    assert tail.returncode == 0, stderr.decode()
+    entries = [orjson.loads(line) for line in stdout.splitlines()]
+    printed = {e.get("request_id") for e in entries}
+    assert {request_id for request_id, _ in sent} <= printed
+    assert any(e["type"] == "checkpoint" for e in entries)
+
+
+def test_export_key_prints_the_audit_public_key(harness: Harness) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli.admin",
+            "audit",
+            "export-key",
+            "--infrastructure",
+            str(harness.stack.infrastructure_file),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    infrastructure = json.loads(harness.stack.infrastructure_file.read_text())
+    assert result.stdout == infrastructure["audit_key"]["public_key"]
+    assert result.stdout.startswith("-----BEGIN PUBLIC KEY-----")
