@@ -129,6 +129,8 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
         await audit.close()
+        for ledger in ledgers.values():
+            await ledger.stop()
     finally:
         await connection.close()
         session.close()

@@ -1,17 +1,22 @@
-"""Append-then-read-back over a RabbitMQ stream.
+"""Append-then-read-back over a RabbitMQ stream, with appends coalesced.
 
-``append`` publishes a record (with confirms) and waits until this worker's own tail
-of the stream reaches it; the verdict the reducer gives then is the cluster-wide
-outcome, because every replica applies the same records in the same order. ``sync``
-appends a marker so a starting worker knows it has replayed everything before it.
+``append`` queues a record; a single publisher sends every record queued meanwhile as
+one stream message (with confirms), so under load one broker round trip serves many
+requests. The worker's own tail of the stream applies each record with the reducer, in
+log order; the verdict a record gets there is the cluster-wide outcome, because every
+replica applies the same records in the same order. ``sync`` joins the next message
+without a record: once it is read back, everything appended anywhere before the call
+has been applied here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -25,7 +30,13 @@ __all__ = ["StreamLedger"]
 
 log = logging.getLogger(__name__)
 
-_MARKER = "marker"
+
+@dataclass
+class _Batch:
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    records: list[dict[str, Any]] = field(default_factory=list)
+    waiters: list[asyncio.Future[SamError | None]] = field(default_factory=list)
+    syncs: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 class StreamLedger:
@@ -44,53 +55,88 @@ class StreamLedger:
         self._publish_channel = publish_channel
         self._timeout = timeout
         self._start_at = start_at
-        self._waiting: dict[str, asyncio.Future[SamError | None]] = {}
+        self._next = _Batch()
+        self._sent: dict[str, _Batch] = {}
+        self._wakeup = asyncio.Event()
+        self._publisher: asyncio.Task[None] | None = None
         self._queue: AbstractQueue | None = None  # kept: aio-pika needs the reference
         self.position = -1
+        self.messages_published = 0
 
     async def start(self) -> None:
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
         self._queue = await self._consume_channel.get_queue(self.stream, ensure=False)
         offset: Any = self._start_at if self._start_at is not None else "first"
-        await self._queue.consume(self._on_record, arguments={"x-stream-offset": offset})
+        await self._queue.consume(self._on_message, arguments={"x-stream-offset": offset})
         await self.sync()
 
-    async def sync(self) -> None:
-        await self._append(_MARKER, {})
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
 
     async def append(self, data: dict[str, Any]) -> SamError | None:
-        return await self._append("record", data)
-
-    async def _append(self, kind: str, data: dict[str, Any]) -> SamError | None:
-        record_id = str(uuid.uuid4())
         future: asyncio.Future[SamError | None] = asyncio.get_running_loop().create_future()
-        self._waiting[record_id] = future
-        body = orjson.dumps({"id": record_id, "kind": kind, "data": data})
+        self._next.records.append(data)
+        self._next.waiters.append(future)
+        verdict: SamError | None = await self._wait(future)
+        return verdict
+
+    async def sync(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next.syncs.append(future)
+        await self._wait(future)
+
+    async def _wait(self, future: asyncio.Future[Any]) -> Any:
+        self._wakeup.set()
         try:
             async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise SamError(ErrorCode.ledger_unavailable, f"{self.stream} did not answer in time") from None
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._next = self._next, _Batch()
+            if not batch.waiters and not batch.syncs:
+                continue
+            self._sent[batch.id] = batch
+            body = orjson.dumps({"id": batch.id, "records": batch.records})
+            try:
                 await self._publish_channel.default_exchange.publish(
                     aio_pika.Message(body, content_type="application/json"), routing_key=self.stream
                 )
-                return await future
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            raise SamError(
-                ErrorCode.ledger_unavailable, f"{self.stream} did not confirm in time ({type(exc).__name__})"
-            ) from exc
-        finally:
-            self._waiting.pop(record_id, None)
+                self.messages_published += 1
+            except Exception as exc:  # the publisher must outlive any one failure
+                self._sent.pop(batch.id, None)
+                error = SamError(
+                    ErrorCode.ledger_unavailable, f"{self.stream} refused a record ({type(exc).__name__})"
+                )
+                waiters: list[asyncio.Future[Any]] = [*batch.waiters, *batch.syncs]
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
 
-    async def _on_record(self, message: AbstractIncomingMessage) -> None:
-        verdict: SamError | None = None
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            record = orjson.loads(message.body)
-            if record.get("kind") != _MARKER:
-                verdict = self.reducer.apply(record.get("data") or {})
+            content = orjson.loads(message.body)
+            batch_id, records = str(content.get("id")), content.get("records") or []
+            verdicts = [self.reducer.apply(record if isinstance(record, dict) else {}) for record in records]
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            log.error("unreadable record in %s: %s", self.stream, type(exc).__name__)
-            record = {}
+            log.error("unreadable message in %s: %s", self.stream, type(exc).__name__)
+            batch_id, verdicts = "", []
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self.position = offset
-        future = self._waiting.get(str(record.get("id")))
-        if future is not None and not future.done():
-            future.set_result(verdict)
+        batch = self._sent.pop(batch_id, None)
+        if batch is not None:
+            for waiter, verdict in zip(batch.waiters, verdicts, strict=False):
+                if not waiter.done():
+                    waiter.set_result(verdict)
+            for sync in batch.syncs:
+                if not sync.done():
+                    sync.set_result(None)
         await message.ack()
