@@ -63,6 +63,7 @@ class WorkerSettings(BaseSettings):
     audit_timeout_seconds: float = Field(default=5.0, gt=0)
     ledger_timeout_seconds: float = Field(default=5.0, gt=0)
     publish_timeout_seconds: float = Field(default=5.0, gt=0)
+    gil_switch_interval_seconds: float = Field(default=0.0005, gt=0, le=0.1)
 
     @field_validator("queues", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from pathlib import Path
 
 from worker.app import run_worker
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.instance:
         overrides["instance"] = args.instance
     settings = load_settings(args.config, **overrides)
+    # PKCS#11 calls release the GIL; with the default 5 ms switch interval the event-loop
+    # thread can wait that long to get it back from the audit I/O thread. Measured with
+    # ops/bench: about +30% signatures/s at concurrency 64, same latency at 1.
+    sys.setswitchinterval(settings.gil_switch_interval_seconds)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)

@@ -31,6 +31,7 @@ WORKER_USER = "sam-worker"
 ADMINS = ["admin-1"]
 SSAS = ["ssa-1", "ssa-2"]
 SIEMS = ["siem-1"]
+BENCHMARKS = ["bench"]
 AUTHORIZATION_SERVERS = ["dev-as", "other-as"]
 SAM_ID = "sam-dev"
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -126,7 +127,7 @@ class Stack:
         pki = self.pki
         pki.ensure_ca()
         pki.issue("rabbitmq", server=True)
-        for user in [WORKER_USER, *ADMINS, *SSAS, *SIEMS]:
+        for user in [WORKER_USER, *ADMINS, *SSAS, *SIEMS, *BENCHMARKS]:
             pki.issue(user)
         for user in [*ADMINS, *SSAS, *AUTHORIZATION_SERVERS]:
             pki.jws_key(user)
@@ -168,7 +169,7 @@ class Stack:
         pki = self.pki
         server = pki.root / "rabbitmq"
         (base / "definitions.json").write_text(
-            json.dumps(definitions([WORKER_USER], ADMINS, SSAS, SIEMS), indent=2)
+            json.dumps(definitions([WORKER_USER], ADMINS, SSAS, SIEMS, BENCHMARKS), indent=2)
         )
         (base / "rabbitmq.conf").write_text(
             "\n".join(
@@ -197,6 +198,8 @@ class Stack:
         (base / "advanced.config").write_text("[].\n")
         pid_file = self.path("run", "rabbitmq.pid")
         if pid_file.exists() and _pid_alive(int(pid_file.read_text())):
+            # running already: bring its users, permissions and topology up to date
+            self.rabbitmqctl("import_definitions", str(base / "definitions.json"))
             return
         log = (self.path("logs", "rabbitmq.out")).open("ab")
         process = subprocess.Popen(
@@ -305,7 +308,7 @@ class Stack:
                 ]
             )
         )
-        for user in [*ADMINS, *SSAS, *SIEMS]:
+        for user in [*ADMINS, *SSAS, *SIEMS, *BENCHMARKS]:
             self.profile(user).write_text(
                 json.dumps(
                     {
@@ -314,7 +317,9 @@ class Stack:
                         "ca_file": str(pki.ca_file),
                         "cert_file": str(pki.root / user / "cert.pem"),
                         "key_file": str(pki.root / user / "key.pem"),
-                        "jws_key_file": str(pki.root / user / "jws-key.pem") if user not in SIEMS else None,
+                        "jws_key_file": str(pki.root / user / "jws-key.pem")
+                        if user in ADMINS + SSAS
+                        else None,
                     },
                     indent=2,
                 )
@@ -389,6 +394,17 @@ class Stack:
             with contextlib.suppress(ValueError):
                 pids[pid_file.stem] = int(pid_file.read_text())
         return pids
+
+    def stop_instance(self, instance: str) -> None:
+        pid_file = self.path("run", f"{instance}.pid")
+        if pid_file.exists():
+            _stop_pid(int(pid_file.read_text()), timeout=20)
+            pid_file.unlink(missing_ok=True)
+
+    def down_workers(self) -> None:
+        for name in self._pids():
+            if name != "rabbitmq":
+                self.stop_instance(name)
 
     # --- down / status ----------------------------------------------------------------
 

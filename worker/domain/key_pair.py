@@ -9,6 +9,7 @@ copy beside it is for the SSA only.
 from __future__ import annotations
 
 import base64
+from collections import OrderedDict
 from collections.abc import Callable
 
 import orjson
@@ -101,18 +102,34 @@ class KeyPairSealer:
         state_key_label: str,
         state_public_key: RegisteredKey,
         sign_es256: Callable[[bytes], bytes],
+        cache_size: int = 4096,
     ) -> None:
         self._sam_id = sam_id
         self._kid = state_key_label
         self._public_key = state_public_key
         self._sign = sign_es256
         self._header = b64url(orjson.dumps({"alg": "ES256", "kid": state_key_label, "typ": SEAL_TYPE}))
+        # Seals already verified, by their exact text: an SSA signing with one key pair
+        # sends the same seal again and again. A seal is immutable, so its verdict is too.
+        self._opened: OrderedDict[str, SealedKeyPair] = OrderedDict()
+        self._cache_size = cache_size
 
     def seal(self, key_pair: SealedKeyPair) -> str:
         signing_input = f"{self._header}.{b64url(key_pair.model_dump_json().encode())}"
         return f"{signing_input}.{b64url(self._sign(signing_input.encode()))}"
 
     def open(self, sealed: str) -> SealedKeyPair:
+        key_pair = self._opened.get(sealed)
+        if key_pair is not None:
+            self._opened.move_to_end(sealed)
+            return key_pair
+        key_pair = self._verify(sealed)
+        self._opened[sealed] = key_pair
+        if len(self._opened) > self._cache_size:
+            self._opened.popitem(last=False)
+        return key_pair
+
+    def _verify(self, sealed: str) -> SealedKeyPair:
         try:
             verified = jws.deserialize_compact(sealed, self._public_key.jwk, algorithms=["ES256"])
         except (JoseError, ValueError) as exc:

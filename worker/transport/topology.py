@@ -78,7 +78,13 @@ def _exact(*names: str) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def definitions(workers: list[str], admins: list[str], ssas: list[str], siems: list[str]) -> dict[str, Any]:
+def definitions(
+    workers: list[str],
+    admins: list[str],
+    ssas: list[str],
+    siems: list[str],
+    benchmarks: list[str] | None = None,
+) -> dict[str, Any]:
     """RabbitMQ definitions for vhost ``sam``: topology, users (no passwords — EXTERNAL
     only) and least-privilege permissions."""
     work_queue_args = {
@@ -107,7 +113,7 @@ def definitions(workers: list[str], admins: list[str], ssas: list[str], siems: l
     ]
     users = [
         {"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
-        for name in [*workers, *admins, *ssas, *siems]
+        for name in [*workers, *admins, *ssas, *siems, *(benchmarks or [])]
     ]
     streams = (CONFIG_STREAM, KEY_EVENTS_STREAM, SAD_USE_STREAM)
     permissions = [
@@ -128,6 +134,10 @@ def definitions(workers: list[str], admins: list[str], ssas: list[str], siems: l
         permissions.append(
             _permission(siem, configure=own, write=own, read=f"{own}|{_exact(AUDIT_EXCHANGE)}")
         )
+    for bench in benchmarks or []:
+        # the echo baseline of ops/bench: its own queues only, replies via amq.default
+        own = "^" + re.escape(f"{bench}.") + ".*$"
+        permissions.append(_permission(bench, configure=own, write=f"{own}|^amq\\.default$", read=own))
     return {
         "rabbit_version": "3.10.8",
         "users": users,
