@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 
 import aio_pika
+from prometheus_client import CollectorRegistry
 
 from worker.audit_trail import AuditTrail
 from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
+from worker.hsm.instrumented import InstrumentedHsm
 from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
+from worker.metrics import Metrics
 from worker.service import SamService
 from worker.settings import (
     WorkerSettings,
@@ -25,8 +28,9 @@ from worker.settings import (
     load_static_configuration,
     read_secret,
 )
-from worker.transport.amqp import connect
+from worker.transport.amqp import connect_worker
 from worker.transport.consumer import RequestConsumer
+from worker.transport.http import HealthServer
 from worker.transport.ledger import StreamLedger
 from worker.transport.topology import AUDIT_EXCHANGE, CONFIG_STREAM, KEY_EVENTS_STREAM, SAD_USE_STREAM
 
@@ -35,25 +39,59 @@ __all__ = ["run_worker"]
 log = logging.getLogger("sam.worker")
 
 
-async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -> None:
+EXIT_RESTART = 75  # EX_TEMPFAIL (HSM or broker lost): the supervisor should start it again
+
+
+async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -> int:
+    """Serve until SIGTERM (exit status 0) or until the HSM is lost (``EXIT_RESTART``)."""
     infrastructure = load_infrastructure(settings.infrastructure_file)
     static = load_static_configuration(settings.static_config_file)
-    session = open_session(settings.pkcs11_module, settings.token_label, read_secret(settings.token_pin_file))
-    hsm = Pkcs11Hsm(
-        session,
+    pin = read_secret(settings.token_pin_file)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    stop = asyncio.Event()
+    exit_status = 0
+
+    def hsm_lost() -> None:
+        nonlocal exit_status
+        if exit_status == 0:
+            log.critical("the HSM is lost to this process: draining, then exiting for a restart")
+        exit_status = EXIT_RESTART
+        stop.set()
+
+    pkcs11_hsm = Pkcs11Hsm(
+        lambda: open_session(settings.pkcs11_module, settings.token_label, pin),
+        hsm_lost,
         infrastructure.kek_label,
         infrastructure.state_key.label,
         infrastructure.audit_key.label,
         infrastructure.factor_key_label,
         infrastructure.wrap_mechanism,
     )
+    hsm = InstrumentedHsm(pkcs11_hsm, metrics, pkcs11_hsm.healthy)
     sealer = KeyPairSealer(
         static.sam_id,
         infrastructure.state_key.label,
         load_public_key(infrastructure.state_key.public_key),
         hsm.sign_with_state_key,
     )
-    connection = await connect(settings.broker_url, settings.tls)
+    try:
+        connection = await connect_worker(
+            settings.broker_url, settings.tls, settings.broker_connect_patience_seconds
+        )
+    except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        log.critical("cannot reach the broker (%s): exiting for a restart", type(exc).__name__)
+        pkcs11_hsm.close()
+        return EXIT_RESTART
+
+    def broker_lost(*_: object) -> None:
+        nonlocal exit_status
+        if not stop.is_set():
+            log.critical("the broker connection is lost: exiting for a restart")
+            exit_status = EXIT_RESTART
+            stop.set()
+
+    connection.close_callbacks.add(broker_lost)
     try:
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         ledger_channel = await connection.channel()
@@ -101,13 +139,34 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             hsm.sign_audit_digest,
             publish_audit,
             settings.audit_timeout_seconds,
+            metrics,
         )
         audit.start()
-        service = SamService(static, configuration, key_events, sad_use, dict(ledgers), hsm, sealer, audit)
+        service = SamService(
+            static, configuration, key_events, sad_use, dict(ledgers), hsm, sealer, audit, metrics=metrics
+        )
         consumer = RequestConsumer(
             service.process, consume_channel, publish_channel, settings.publish_timeout_seconds
         )
         await consumer.start(settings.queues)
+
+        def readiness() -> dict[str, bool]:
+            checks = {
+                "broker": not connection.is_closed and not consume_channel.is_closed,
+                "hsm": pkcs11_hsm.healthy(),
+                "configuration": True,  # the streams were replayed before the consumers started
+                "audit": audit.writable(),
+            }
+            return checks
+
+        metrics.ready.set_function(lambda: float(all(readiness().values())))
+        metrics.in_flight.set_function(lambda: consumer.in_flight)
+        metrics.config_version.set_function(lambda: configuration.state.version)
+        metrics.key_events_position.set_function(lambda: ledgers["key_events"].position)
+        health = None
+        if settings.metrics_port is not None:
+            health = HealthServer(registry, readiness, settings.metrics_address, settings.metrics_port)
+            await health.start()
         log.info(
             "worker %s ready: queues %s, configuration version %d",
             settings.instance,
@@ -117,7 +176,6 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         if ready_file is not None:
             await asyncio.to_thread(ready_file.write_text, settings.instance)
 
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -129,8 +187,12 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
         await audit.close()
+        if health is not None:
+            await health.stop()
         for ledger in ledgers.values():
             await ledger.stop()
     finally:
-        await connection.close()
-        session.close()
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+            await connection.close()
+        pkcs11_hsm.close()
+    return exit_status

@@ -34,6 +34,7 @@ import orjson
 
 from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch
 from worker.errors import ErrorCode, SamError
+from worker.metrics import Metrics
 
 __all__ = ["AuditTrail", "audit_file"]
 
@@ -107,7 +108,10 @@ class AuditTrail:
         sign_digest: Callable[[bytes], bytes],
         publish: Callable[[bytes, str], Awaitable[None]],
         timeout: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
+        self.healthy = True  # the last batch was made durable (for readiness)
         self._node = node
         self._instance = instance
         self._sign = sign_digest
@@ -126,6 +130,15 @@ class AuditTrail:
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0
+
+    def writable(self) -> bool:
+        """Whether both audit files can be opened for appending now (for readiness)."""
+        try:
+            for state in self._logs.values():
+                os.close(os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        except OSError:
+            return False
+        return True
 
     def start(self) -> None:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
@@ -190,6 +203,7 @@ class AuditTrail:
             return
         lines = [orjson.dumps(entry) for entry in entries]
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             await loop.run_in_executor(
                 self._io, self._write, state, b"".join(line + b"\n" for line in lines), head
@@ -199,6 +213,10 @@ class AuditTrail:
             return
         state.head = head
         self.batches += 1
+        written = time.perf_counter()
+        if self._metrics is not None:
+            self._metrics.audit_flush_seconds.observe(written - started)
+            self._metrics.audit_batch_records.observe(len(batch))
         routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
         results = await asyncio.gather(
             *(self._publish(line, key) for line, key in zip(lines, routing, strict=True)),
@@ -208,6 +226,9 @@ class AuditTrail:
         if failure is not None:
             self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
             return
+        self.healthy = True
+        if self._metrics is not None:
+            self._metrics.audit_confirm_seconds.observe(time.perf_counter() - written)
         for pending, entry in zip(batch, entries, strict=False):
             if not pending.done.done():
                 pending.done.set_result(entry)
@@ -239,6 +260,9 @@ class AuditTrail:
 
     def _fail(self, batch: list[_Pending], message: str) -> None:
         log.error("audit batch of %d failed: %s", len(batch), message)
+        self.healthy = False
+        if self._metrics is not None:
+            self._metrics.audit_failures.inc()
         for pending in batch:
             if not pending.done.done():
                 pending.done.set_exception(SamError(ErrorCode.audit_unavailable, message))

@@ -63,6 +63,7 @@ from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
 from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
 from worker.errors import ErrorCode, SamError
 from worker.hsm.api import Hsm, WrappedKey
+from worker.metrics import Metrics, operation_label
 
 __all__ = ["Appender", "AuditSink", "IncomingRequest", "Reply", "SamService", "error_reply"]
 
@@ -179,7 +180,9 @@ class SamService:
         sealer: KeyPairSealer,
         audit: AuditSink,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._static = static
         self._configuration = configuration
         self._key_events = key_events
@@ -204,6 +207,18 @@ class SamService:
         }
 
     async def process(self, request: IncomingRequest) -> Reply:
+        started = time.perf_counter()
+        reply = await self._process(request)
+        if self._metrics is not None:
+            operation = operation_label(request.operation)
+            outcome = "success" if reply.status < 400 else "failure"
+            self._metrics.requests.labels(operation, outcome, reply.error_code or "ok").inc()
+            self._metrics.request_seconds.labels(operation).observe(time.perf_counter() - started)
+            if 400 <= reply.status < 500 and reply.error_code:
+                self._metrics.rejections.labels(reply.error_code).inc()
+        return reply
+
+    async def _process(self, request: IncomingRequest) -> Reply:
         trace = _Trace(
             operation=request.operation or "unknown", actor=request.user_id, request_id=request.message_id
         )

@@ -64,6 +64,13 @@ class WorkerSettings(BaseSettings):
     ledger_timeout_seconds: float = Field(default=5.0, gt=0)
     publish_timeout_seconds: float = Field(default=5.0, gt=0)
     gil_switch_interval_seconds: float = Field(default=0.0005, gt=0, le=0.1)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="port of /metrics, /live and /ready (off when unset)"
+    )
+    metrics_address: str = "127.0.0.1"
+    broker_connect_patience_seconds: float = Field(
+        default=30.0, gt=0, description="how long a starting worker retries the broker before exiting"
+    )
 
     @field_validator("queues", mode="before")
     @classmethod

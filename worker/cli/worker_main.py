@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from worker.app import run_worker
+from worker.app import EXIT_RESTART, run_worker
+from worker.errors import ErrorCode, SamError
 from worker.settings import load_settings
 
 __all__ = ["main"]
@@ -34,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
-    asyncio.run(run_worker(settings, args.ready_file))
+    try:
+        status = asyncio.run(run_worker(settings, args.ready_file))
+    except SamError as exc:
+        logging.getLogger("sam.worker").critical("cannot start: %s: %s", exc.code.name, exc.message)
+        status = EXIT_RESTART if exc.code is ErrorCode.hsm_unavailable else 1
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -340,6 +340,8 @@ class Stack:
         queues: str | None = None,
         wait: bool = True,
         env: dict[str, str] | None = None,
+        metrics_port: int | None = None,
+        supervised: bool = False,
     ) -> subprocess.Popen[bytes]:
         """Start one worker; ``env`` adds variables (``SAM_*`` overrides, ``SOFTHSM2_CONF``)."""
         ready = self.path("run", f"{instance}.ready")
@@ -355,6 +357,10 @@ class Stack:
         ]
         if queues:
             command += ["--queues", queues]
+        if metrics_port is not None:
+            env = {**(env or {}), "SAM_METRICS_PORT": str(metrics_port)}
+        if supervised:  # started again after a non-zero exit, like systemd Restart=on-failure
+            command = [sys.executable, "-m", "worker.devtools.supervise", "--", *command]
         log = self.path("logs", f"{instance}.log").open("ab")
         process = subprocess.Popen(
             command,
@@ -386,7 +392,11 @@ class Stack:
             pid_file = self.path("run", f"{instance}.pid")
             if pid_file.exists() and _pid_alive(int(pid_file.read_text())):
                 continue
-            self.start_worker(instance)
+            self.start_worker(instance, metrics_port=self.metrics_port(index), supervised=True)
+
+    def metrics_port(self, index: int) -> int:
+        """/metrics, /live and /ready of stack worker ``index`` (1-based)."""
+        return self.port_base + 10 + index
 
     def _pids(self) -> dict[str, int]:
         pids = {}

@@ -6,8 +6,9 @@ exceptions without messages, so every translation names the exception class.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -174,12 +175,42 @@ def provision_sam_keys(session: Any, suffix: str) -> ProvisionedKeys:
     return ProvisionedKeys(kek_label, state_label, pems[0], audit_label, pems[1], factor_label)
 
 
+# Errors after which cached handles (or the session) cannot be trusted: SoftHSM, for one,
+# hands out new object handles when its token store was away and came back.
+_STALE = (
+    pkcs11.exceptions.ObjectHandleInvalid,
+    pkcs11.exceptions.KeyHandleInvalid,
+    pkcs11.exceptions.SessionHandleInvalid,
+    pkcs11.exceptions.SessionClosed,
+    pkcs11.exceptions.DeviceRemoved,
+    pkcs11.exceptions.TokenNotPresent,
+    pkcs11.exceptions.DeviceError,
+    pkcs11.exceptions.GeneralError,
+    pkcs11.exceptions.NoSuchKey,
+)
+
+
+@dataclass
+class _Keys:
+    state: Any
+    audit: Any
+    factor: Any | None
+    keks: dict[str, Any]
+
+
 class Pkcs11Hsm:
-    """One PKCS#11 session per process, used from one thread only."""
+    """One PKCS#11 session per process, used from one thread only.
+
+    Key handles are looked up lazily and forgotten after any error that may mean the
+    HSM went away; the next call looks them up again in a new session. If no session
+    can be opened any more, ``on_lost`` is called: the worker then drains and exits so
+    that its supervisor starts it afresh.
+    """
 
     def __init__(
         self,
-        session: Any,
+        open_session: Callable[[], Any],
+        on_lost: Callable[[], None],
         current_kek_label: str,
         state_key_label: str,
         audit_key_label: str,
@@ -188,37 +219,91 @@ class Pkcs11Hsm:
     ) -> None:
         if wrap_mechanism not in _WRAP_MECHANISMS:
             raise ValueError(f"unknown wrap mechanism {wrap_mechanism}")
-        self._session = session
+        self._open_session = open_session
+        self._session: Any = None
+        self._on_lost = on_lost
         self._kek_label = current_kek_label
+        self._labels = (state_key_label, audit_key_label, factor_key_label)
         self._wrap_mechanism = wrap_mechanism
-        self._keks: dict[str, Any] = {}
-        with _translated("key lookup"):
-            self._state_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=state_key_label)
-            self._audit_key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=audit_key_label)
-            self._factor_key = (
-                session.get_key(object_class=ObjectClass.SECRET_KEY, label=factor_key_label)
-                if factor_key_label
-                else None
-            )
-            self._kek(current_kek_label)
+        self._resolved: _Keys | None = None
+        self._keys()  # fail at start, not at the first request, if the keys are missing
+        self._kek(current_kek_label)
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except PKCS11Error as exc:
+            if isinstance(exc, _STALE):
+                self._forget(session=True)
+            raise SamError(ErrorCode.hsm_unavailable, f"HSM {action} failed ({type(exc).__name__})") from exc
+
+    def _forget(self, session: bool) -> None:
+        self._resolved = None
+        if session and self._session is not None:
+            with contextlib.suppress(PKCS11Error):
+                self._session.close()
+            self._session = None
+
+    def _keys(self) -> _Keys:
+        if self._resolved is None:
+            with self._guard("key lookup"):
+                if self._session is None:
+                    try:
+                        self._session = self._open_session()
+                    except SamError:
+                        # The token is gone from this process's view and a new session
+                        # cannot bring it back: SoftHSM finds a restored token only after
+                        # C_Finalize/C_Initialize, and a failed C_Initialize leaves its
+                        # OpenSSL state (and so our TLS) broken. Recovery is a clean
+                        # process restart by the supervisor; tell the worker.
+                        self._on_lost()
+                        raise
+                state_label, audit_label, factor_label = self._labels
+                get = self._session.get_key
+                self._resolved = _Keys(
+                    get(object_class=ObjectClass.PRIVATE_KEY, label=state_label),
+                    get(object_class=ObjectClass.PRIVATE_KEY, label=audit_label),
+                    get(object_class=ObjectClass.SECRET_KEY, label=factor_label) if factor_label else None,
+                    {},
+                )
+        return self._resolved
 
     def _kek(self, label: str) -> Any:
-        kek = self._keks.get(label)
+        keys = self._keys()
+        kek = keys.keks.get(label)
         if kek is None:
             try:
                 kek = self._session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
             except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as exc:
+                if not self.healthy():
+                    raise SamError(
+                        ErrorCode.hsm_unavailable, "HSM KEK lookup failed (the HSM is away)"
+                    ) from exc
+                # the HSM answers and has the SAM's own keys, but not this KEK
                 raise SamError(
                     ErrorCode.key_pair_invalid, f"key encryption key {label!r} is not in this HSM"
                 ) from exc
-            self._keks[label] = kek
+            except PKCS11Error as exc:
+                with self._guard("KEK lookup"):
+                    raise exc
+            keys.keks[label] = kek
         return kek
+
+    def healthy(self) -> bool:
+        """Whether the HSM answers with the SAM's keys (a real call, for readiness)."""
+        try:
+            with self._guard("health check"):
+                return bool(self._keys().state[Attribute.LABEL])
+        except SamError:
+            return False
 
     def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
         # Generated as session objects: extractable only so the KEK can wrap them,
         # and destroyed before this returns.
         private_template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True}
-        with _translated("key generation"):
+        kek = self._kek(self._kek_label)
+        with self._guard("key generation"):
             if spec.key_type is algorithms.KeyType.RSA:
                 public, private = self._session.generate_keypair(
                     KeyType.RSA, spec.size, store=False, private_template=private_template
@@ -234,9 +319,7 @@ class Pkcs11Hsm:
                 public, private = params.generate_keypair(store=False, private_template=private_template)
                 key_type = KeyType.EC
             try:
-                wrapped = self._kek(self._kek_label).wrap_key(
-                    private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism]
-                )
+                wrapped = kek.wrap_key(private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism])
                 spki = _spki_of(public, key_type)
             finally:
                 private.destroy()
@@ -259,6 +342,10 @@ class Pkcs11Hsm:
                 capabilities=MechanismFlag.SIGN,
                 template={**_UNWRAP_TEMPLATE, Attribute.EXTRACTABLE: extractable},
             )
+        except _STALE as exc:
+            with self._guard("unwrapping"):
+                raise exc
+            raise  # unreachable: the guard always raises
         except PKCS11Error as exc:
             raise SamError(
                 ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({type(exc).__name__})"
@@ -274,13 +361,13 @@ class Pkcs11Hsm:
             parameter = (hash_mechanism, mgf, scheme.pss_salt_length)
         private = self._unwrap(key)
         try:
-            with _translated("signing"):
+            with self._guard("signing"):
                 return [
                     bytes(private.sign(data, mechanism=mechanism, mechanism_param=parameter))
                     for data in inputs
                 ]
         finally:
-            with _translated("session key destruction"):
+            with self._guard("session key destruction"):
                 private.destroy()
 
     def rewrap(self, key: WrappedKey) -> WrappedKey:
@@ -288,12 +375,12 @@ class Pkcs11Hsm:
         # key leaves the HSM again only wrapped under the current KEK.
         private = self._unwrap(key, extractable=True)
         try:
-            with _translated("re-wrapping"):
+            with self._guard("re-wrapping"):
                 wrapped = self._kek(self._kek_label).wrap_key(
                     private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism]
                 )
         finally:
-            with _translated("session key destruction"):
+            with self._guard("session key destruction"):
                 private.destroy()
         return WrappedKey(key.spec, bytes(wrapped), self._kek_label, self._wrap_mechanism)
 
@@ -302,15 +389,21 @@ class Pkcs11Hsm:
         return self._kek_label
 
     def factor_mac(self, data: bytes) -> bytes:
-        if self._factor_key is None:
+        factor = self._keys().factor
+        if factor is None:
             raise SamError(ErrorCode.sam_factor_unavailable)
-        with _translated("factor MAC"):
-            return bytes(self._factor_key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+        with self._guard("factor MAC"):
+            return bytes(factor.sign(data, mechanism=Mechanism.SHA256_HMAC))
 
     def sign_with_state_key(self, data: bytes) -> bytes:
-        with _translated("seal signing"):
-            return bytes(self._state_key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA))
+        key = self._keys().state
+        with self._guard("seal signing"):
+            return bytes(key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA))
 
     def sign_audit_digest(self, digest: bytes) -> bytes:
-        with _translated("audit signing"):
-            return bytes(self._audit_key.sign(digest, mechanism=Mechanism.ECDSA))
+        key = self._keys().audit
+        with self._guard("audit signing"):
+            return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
+
+    def close(self) -> None:
+        self._forget(session=True)

@@ -9,6 +9,7 @@ dead-letter queue) only when the worker cannot process it at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -73,7 +74,9 @@ class RequestConsumer:
     async def stop(self) -> None:
         """Stop taking deliveries; those in hand finish."""
         for queue, tag in self._tags:
-            await queue.cancel(tag)
+            # the channel may be gone already (broker lost): nothing more will arrive then
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                await queue.cancel(tag)
         self._tags.clear()
         await self._idle.wait()
 

@@ -1,0 +1,138 @@
+"""TEST TOOLING: the init job of ``compose.yaml`` — writes into /config (a shared volume)
+a dev PKI, the RabbitMQ configuration and definitions, a SoftHSM token with the SAM's
+keys, the static configuration and the worker settings. Idempotent: a second run keeps
+what exists."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from worker.devtools.pki import DevPki
+from worker.devtools.stack import ADMINS, AUTHORIZATION_SERVERS, SAM_ID, SIEMS, SSAS, WORKER_USER
+from worker.transport.topology import definitions
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="compose-init")
+    parser.add_argument("--config", type=Path, default=Path("/config"))
+    parser.add_argument("--broker-host", default="rabbitmq")
+    args = parser.parse_args(argv)
+    root: Path = args.config
+    pki = DevPki(root / "pki")
+    pki.ensure_ca()
+    server = pki.issue("rabbitmq", server=True)
+    for user in [WORKER_USER, *ADMINS, *SSAS, *SIEMS]:
+        pki.issue(user)
+    for user in [*ADMINS, *SSAS, *AUTHORIZATION_SERVERS]:
+        pki.jws_key(user)
+    rabbit = root / "rabbitmq"
+    rabbit.mkdir(parents=True, exist_ok=True)
+    (rabbit / "definitions.json").write_text(
+        json.dumps(definitions([WORKER_USER], ADMINS, SSAS, SIEMS), indent=2)
+    )
+    (rabbit / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl,rabbitmq_prometheus].\n")
+    (rabbit / "rabbitmq.conf").write_text(
+        "\n".join(
+            [
+                "listeners.tcp = none",
+                "listeners.ssl.default = 5671",
+                "ssl_options.cacertfile = /config/pki/ca.pem",
+                f"ssl_options.certfile = /config/pki/{server.name}/cert.pem",
+                f"ssl_options.keyfile = /config/pki/{server.name}/key.pem",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = true",
+                "ssl_options.versions.1 = tlsv1.3",
+                "ssl_options.versions.2 = tlsv1.2",
+                "auth_mechanisms.1 = EXTERNAL",
+                "ssl_cert_login_from = common_name",
+                "load_definitions = /config/rabbitmq/definitions.json",
+                "",
+            ]
+        )
+    )
+    # RabbitMQ runs as its own user in its container and must read its key
+    for path in (pki.root / "rabbitmq").iterdir():
+        path.chmod(0o644)
+    tokens = root / "tokens"
+    tokens.mkdir(exist_ok=True)
+    (root / "softhsm2.conf").write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
+    os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+    pin = root / "secrets" / "token-pin"
+    pin.parent.mkdir(exist_ok=True)
+    if not pin.exists():
+        pin.write_text(secrets.token_hex(8))
+        pin.chmod(0o600)
+    if not any(tokens.iterdir()):
+        subprocess.run(
+            [
+                "softhsm2-util",
+                "--init-token",
+                "--free",
+                "--label",
+                "sam",
+                "--pin",
+                pin.read_text(),
+                "--so-pin",
+                secrets.token_hex(8),
+            ],
+            check=True,
+        )
+    infrastructure = root / "sam_infrastructure.json"
+    if not infrastructure.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli.admin",
+                "create",
+                "--pin-file",
+                str(pin),
+                "--node",
+                "node-1",
+                "--out",
+                str(infrastructure),
+            ],
+            check=True,
+        )
+    static = {
+        "sam_id": SAM_ID,
+        "administrators": [
+            {"id": a, "public_key": (pki.root / a / "jws-pub.pem").read_text()} for a in ADMINS
+        ],
+    }
+    (root / "static_config.json").write_text(json.dumps(static, indent=2))
+    worker = pki.root / WORKER_USER
+    (root / "worker.toml").write_text(
+        "\n".join(
+            [
+                f'broker_url = "amqps://{args.broker_host}:5671/sam?auth=external"',
+                'tls_ca_file = "/config/pki/ca.pem"',
+                f'tls_cert_file = "{worker / "cert.pem"}"',
+                f'tls_key_file = "{worker / "key.pem"}"',
+                f'token_pin_file = "{pin}"',
+                f'infrastructure_file = "{infrastructure}"',
+                'static_config_file = "/config/static_config.json"',
+                'audit_dir = "/audit"',
+                "metrics_port = 9464",
+                'metrics_address = "0.0.0.0"',
+                "",
+            ]
+        )
+    )
+    # the workers run as the unprivileged `sam` user of the image
+    subprocess.run(
+        ["chown", "-R", "sam:sam", str(tokens), str(pin.parent), str(pki.root / WORKER_USER)], check=False
+    )
+    print(f"compose configuration ready in {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""TEST TOOLING: a minimal supervisor for the local stack, doing what systemd's
+``Restart=on-failure`` (or a container restart policy) does in production: run the
+worker, start it again after a non-zero exit (a lost HSM exits with 75), pass SIGTERM
+and SIGHUP on, and stop when the worker stops cleanly or on SIGTERM.
+
+Usage: ``python -m worker.devtools.supervise -- COMMAND...``
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = arguments[arguments.index("--") + 1 :] if "--" in arguments else arguments
+    child: subprocess.Popen[bytes] | None = None
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum == signal.SIGTERM:
+            stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGHUP, forward)
+    while True:
+        child = subprocess.Popen(command)
+        status = child.wait()
+        if stopping or status == 0:
+            sys.exit(status)
+        print(f"supervise: worker exited with {status}; starting it again", file=sys.stderr, flush=True)
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""An ``Hsm`` that times every call of another one (metrics by operation and mechanism)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from worker.domain.algorithms import KeySpec, SignatureScheme
+from worker.errors import SamError
+from worker.hsm.api import GeneratedKeyPair, Hsm, WrappedKey
+from worker.metrics import Metrics
+
+__all__ = ["InstrumentedHsm"]
+
+
+class InstrumentedHsm:
+    def __init__(self, inner: Hsm, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+        self._inner = inner
+        self._metrics = metrics
+        self.healthy = healthy
+
+    @contextmanager
+    def _timed(self, operation: str, mechanism: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except SamError:
+            self._metrics.hsm_errors.labels(operation).inc()
+            raise
+        finally:
+            self._metrics.hsm_seconds.labels(operation, mechanism).observe(time.perf_counter() - started)
+
+    @property
+    def current_kek_label(self) -> str:
+        return self._inner.current_kek_label
+
+    def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
+        with self._timed("generate", spec.description):
+            return self._inner.generate_key_pair(spec)
+
+    def sign_with_wrapped_key(
+        self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
+    ) -> list[bytes]:
+        with self._timed("unwrap_sign_destroy", str(scheme.mechanism)):
+            return self._inner.sign_with_wrapped_key(key, scheme, inputs)
+
+    def rewrap(self, key: WrappedKey) -> WrappedKey:
+        with self._timed("rewrap", key.wrap_mechanism):
+            return self._inner.rewrap(key)
+
+    def factor_mac(self, data: bytes) -> bytes:
+        with self._timed("factor", "SHA256_HMAC"):
+            return self._inner.factor_mac(data)
+
+    def sign_with_state_key(self, data: bytes) -> bytes:
+        with self._timed("seal", "ECDSA"):
+            return self._inner.sign_with_state_key(data)
+
+    def sign_audit_digest(self, digest: bytes) -> bytes:
+        with self._timed("audit_checkpoint", "ECDSA"):
+            return self._inner.sign_audit_digest(digest)

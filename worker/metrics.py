@@ -1,0 +1,82 @@
+"""Prometheus metrics of one worker process (prefix ``sam_``).
+
+Instruments take the registry as an argument (tests use their own); label values come
+from closed sets (operation names, error codes, mechanisms), never from request input,
+so a hostile ``type`` cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from worker.domain.contract import Operation
+
+__all__ = ["Metrics", "operation_label"]
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_KNOWN = {str(operation) for operation in Operation}
+
+
+def operation_label(operation: str | None) -> str:
+    return operation if operation in _KNOWN else "unknown"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "sam_requests",
+            "Requests answered, by operation, outcome and error code",
+            ["operation", "outcome", "code"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "sam_request_duration_seconds",
+            "Time from delivery to reply, by operation",
+            ["operation"],
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "sam_rejections",
+            "Refused requests by reason (request checks and SAD checks)",
+            ["reason"],
+            registry=registry,
+        )
+        self.hsm_seconds = Histogram(
+            "sam_hsm_operation_seconds",
+            "Time in the HSM, by operation and mechanism",
+            ["operation", "mechanism"],
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.hsm_errors = Counter("sam_hsm_errors", "HSM calls that failed", ["operation"], registry=registry)
+        self.audit_flush_seconds = Histogram(
+            "sam_audit_flush_seconds",
+            "Write and fsync of one audit batch",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.audit_confirm_seconds = Histogram(
+            "sam_audit_confirm_seconds",
+            "Broker confirmation of one audit batch",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.audit_batch_records = Histogram(
+            "sam_audit_batch_records",
+            "Records per audit batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
+        self.audit_failures = Counter(
+            "sam_audit_failures", "Audit batches that could not be made durable", registry=registry
+        )
+        self.in_flight = Gauge("sam_in_flight_requests", "Requests being processed", registry=registry)
+        self.config_version = Gauge(
+            "sam_config_version", "Dynamic configuration version in force", registry=registry
+        )
+        self.key_events_position = Gauge(
+            "sam_key_events_position", "Offset of the last sam.key-events record applied", registry=registry
+        )
+        self.ready = Gauge("sam_ready", "1 when the worker is ready to serve", registry=registry)
