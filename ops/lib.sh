@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.stack/venv"
-APT_PACKAGES=(rabbitmq-server softhsm2 openssl python3-venv)
+APT_PACKAGES=(rabbitmq-server softhsm2 openssl python3-venv logrotate poppler-utils)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi

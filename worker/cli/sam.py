@@ -13,14 +13,17 @@ import base64
 import hashlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict
 
 from worker.client import SamClient, SamClientError, SamRequestError
+from worker.integrations.pdf import SamSigner, sign_detached, sign_pdf
 from worker.settings import TlsFiles
 
 __all__ = ["ClientProfile", "main"]
@@ -87,6 +90,16 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
             print("deleted", file=sys.stderr)
         elif args.command == "key-rewrap":
             _emit(await client.rewrap_key_pair(_load_json(args.key_pair)))
+        elif args.command in ("sign-pdf", "sign-file"):
+            signer = _document_signer(client, args)
+            if args.command == "sign-pdf":
+                document = await sign_pdf(args.input.read_bytes(), signer, reason=args.reason)
+                args.output.write_bytes(document)
+                print(f"wrote {args.output}", file=sys.stderr)
+            else:
+                output = args.input.with_name(args.input.name + ".p7s")
+                output.write_bytes(await sign_detached(args.input, signer))
+                print(f"wrote {output}", file=sys.stderr)
         elif args.command == "sign":
             digests = [base64.b64decode(d) for d in args.dtbs]
             digests += [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
@@ -117,6 +130,53 @@ def _der(data: bytes) -> bytes:
         body = b"".join(line for line in data.splitlines() if line and not line.startswith(b"-----"))
         return base64.b64decode(body)
     return data
+
+
+def _certificate(path: Path) -> asn1_x509.Certificate:
+    return asn1_x509.Certificate.load(_der(path.read_bytes()))
+
+
+def _document_signer(client: SamClient, args: argparse.Namespace) -> SamSigner:
+    key_pair = _load_json(args.key_pair)
+
+    async def authorize(digest: bytes, hash_oid: str) -> str:
+        # the SAD comes from the signer's authorization server; here, from a command
+        command = [
+            part.format(
+                dtbs=base64.b64encode(digest).decode(),
+                hash_oid=hash_oid,
+                key_pair_id=key_pair["id"],
+                signer=args.signer,
+            )
+            for part in shlex.split(args.sad_command)
+        ]
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        stdout, _ = await process.communicate()
+        if process.returncode != 0:
+            raise SamClientError(f"the SAD command failed with status {process.returncode}")
+        return stdout.decode().strip()
+
+    chain = [_certificate(path) for path in args.chain]
+    return SamSigner(client, key_pair, args.signer, _certificate(args.certificate), chain, authorize)
+
+
+async def _validate_pdf(path: Path, trust_anchor: asn1_x509.Certificate) -> int:
+    from pyhanko.pdf_utils.reader import PdfFileReader
+    from pyhanko.sign.validation import async_validate_pdf_signature
+    from pyhanko_certvalidator import ValidationContext
+
+    with path.open("rb") as handle:
+        signatures = PdfFileReader(handle).embedded_signatures
+        if not signatures:
+            print(f"{path}: no signature", file=sys.stderr)
+            return 1
+        failed = 0
+        for signature in signatures:
+            context = ValidationContext(trust_roots=[trust_anchor], allow_fetching=False)
+            status = await async_validate_pdf_signature(signature, context)
+            print(f"{path}: {signature.field_name}: {status.summary()}")
+            failed += not (status.intact and status.valid and status.trusted)
+    return 1 if failed else 0
 
 
 def _public_key(args: argparse.Namespace) -> None:
@@ -169,12 +229,37 @@ def main(argv: list[str] | None = None) -> None:
     delete.add_argument("--sad-file", type=Path, help="the signer's deletion SAD, if the signer asked")
     rewrap = sub.add_parser("key-rewrap", help="re-wrap a key pair under the current KEK")
     rewrap.add_argument("key_pair", type=Path)
+    for name, description in (
+        ("sign-pdf", "sign a PDF (PAdES baseline) through the SAM"),
+        ("sign-file", "write FILE.p7s, a detached CMS signature of FILE made through the SAM"),
+    ):
+        document = sub.add_parser(name, help=description)
+        document.add_argument("input", type=Path)
+        if name == "sign-pdf":
+            document.add_argument("output", type=Path)
+            document.add_argument("--reason")
+        document.add_argument("--key-pair", type=Path, required=True, help="the certified key pair (JSON)")
+        document.add_argument("--signer", required=True)
+        document.add_argument("--certificate", type=Path, required=True, help="the key pair's certificate")
+        document.add_argument(
+            "--chain", type=Path, action="append", default=[], help="CA certificates to embed"
+        )
+        document.add_argument(
+            "--sad-command",
+            required=True,
+            help="command printing a SAD; {dtbs}, {hash_oid}, {key_pair_id} and {signer} are filled in",
+        )
     public = sub.add_parser("public-key", help="print a key pair's public key as PEM (offline)")
     public.add_argument("key_pair", type=Path)
+    validate = sub.add_parser("validate-pdf", help="validate a signed PDF with pyHanko (offline)")
+    validate.add_argument("pdf", type=Path)
+    validate.add_argument("--ca", type=Path, required=True, help="the trust anchor (PEM or DER)")
     args = parser.parse_args(argv)
     if args.command == "public-key":
         _public_key(args)
         return
+    if args.command == "validate-pdf":
+        sys.exit(asyncio.run(_validate_pdf(args.pdf, _certificate(args.ca))))
     if args.profile is None:
         parser.error("--profile (or SAM_PROFILE) is required")
     profile = ClientProfile.model_validate(_load_json(args.profile))
