@@ -1,6 +1,7 @@
 """Generates the published contract in ``schemas/`` from the code: a JSON Schema per
-request and reply body, the SAD claims, and the error-code catalogue. A test fails
-when the committed files drift from what this produces."""
+request and reply body, the key pair, the SAD/SKAD claims and the audit entries, the
+error-code catalogue, and the AsyncAPI 3.0 document. A test fails when the committed
+files drift from what this produces."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 from pydantic import BaseModel
 
-from worker.domain.authorization import SadClaims
+from worker.asyncapi import asyncapi
+from worker.domain.audit import AuditCheckpointEntry, AuditRecordEntry
+from worker.domain.authorization import SAD_TYPE_DELETION, SAD_TYPE_SIGNATURE, SKAD_TYPE_ASSIGNMENT, SadClaims
 from worker.domain.contract import (
     OPERATION_QUEUE,
     REQUEST_MODELS,
     ErrorReply,
     KeyPairDeleteReply,
+    KeyPairObject,
     KeyPairReply,
     Operation,
     ProofOfPossessionReply,
     SignaturesReply,
 )
+from worker.domain.key_pair import SealedKeyPair
 from worker.errors import ErrorCode
 
 __all__ = ["render", "write"]
@@ -71,23 +77,37 @@ def render() -> dict[str, bytes]:
     files["operations.json"] = {"operations": operations}
     files["error.reply.json"] = _schema(ErrorReply, "error reply body (any operation)")
     files["sad.claims.json"] = _schema(
-        SadClaims, "SAD claims (JWT payload signed by an authorization server)"
+        SadClaims,
+        "SAD / SKAD claims (JWT payload signed by an authorization server); authorization_details "
+        f"type: {SAD_TYPE_SIGNATURE!r} to sign, {SKAD_TYPE_ASSIGNMENT!r} to assign, "
+        f"{SAD_TYPE_DELETION!r} to delete",
+    )
+    files["key_pair.json"] = _schema(KeyPairObject, "a key pair as SAM and SSA exchange it")
+    files["key_pair.sealed-payload.json"] = _schema(
+        SealedKeyPair, "payload of key_pair.sealed (a JWS by the SAM state key); the only part the SAM trusts"
+    )
+    files["audit.record.json"] = _schema(AuditRecordEntry, "audit record (one per request)")
+    files["audit.checkpoint.json"] = _schema(
+        AuditCheckpointEntry, "audit checkpoint (closes a batch, HSM-signed)"
     )
     files["error-codes.json"] = {
         "error_codes": [
             {"code": code.name, "status": code.status, "meaning": code.meaning} for code in ErrorCode
         ]
     }
-    return {
+    rendered = {
         name: orjson.dumps(content, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
         for name, content in sorted(files.items())
     }
+    document = asyncapi(_REPLIES, _STATUS)
+    rendered["asyncapi.yaml"] = yaml.safe_dump(document, sort_keys=False, width=100).encode()
+    return rendered
 
 
 def write(folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     rendered = render()
-    for stale in folder.glob("*.json"):
+    for stale in [*folder.glob("*.json"), *folder.glob("*.yaml")]:
         if stale.name not in rendered:
             stale.unlink()
     for name, content in rendered.items():

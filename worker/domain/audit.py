@@ -16,20 +16,23 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.domain.authorization import b64url
 
 __all__ = [
     "GENESIS",
+    "AuditCheckpointEntry",
     "AuditEvent",
     "AuditLog",
+    "AuditRecordEntry",
     "ChainFollower",
     "ChainHead",
     "ChainProblem",
@@ -341,3 +344,42 @@ class ChainFollower:
             problems.append(f"{chain} seq {seq}: checkpoint signature does not verify")
         self.heads[chain] = ChainHead(seq, str(entry.get("hash")))
         return problems
+
+
+# --- the published shape of audit entries (JSON Schema in schemas/) ------------------
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seq: int = Field(ge=1, description="position in the chain of (node, instance, log)")
+    time_ms: int
+    node: str
+    instance: str
+    log: AuditLog
+    prev: str = Field(description="hash of the previous entry (64 zeros for the first)")
+    hash: str = Field(description="SHA-256 (hex) of the entry's canonical JSON without hash and sig")
+
+
+class AuditRecordEntry(_Entry):
+    """One request's record. Carries digests of what was signed, never secrets."""
+
+    type: Literal["record"]
+    operation: str
+    outcome: Outcome
+    status: int
+    error_code: str | None
+    actor: str | None = Field(description="the broker-validated user_id")
+    request_id: str | None
+    signer: str | None
+    key_pair: str | None
+    sad_jti: str | None
+    dtbs_sha256: list[str] = Field(description="SHA-256 (hex) of each DTBS/R")
+    detail: str | None
+
+
+class AuditCheckpointEntry(_Entry):
+    """Closes a batch: signed by the HSM audit key, it covers every entry before it."""
+
+    type: Literal["checkpoint"]
+    covers: tuple[int, int] = Field(description="first and last seq of the batch's records")
+    sig: str = Field(description="base64url raw r||s ECDSA P-256 signature of the hash")
