@@ -183,6 +183,7 @@ class SamService:
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
+        self._key_generation_lane = asyncio.Lock()
         self._static = static
         self._configuration = configuration
         self._key_events = key_events
@@ -208,7 +209,14 @@ class SamService:
 
     async def process(self, request: IncomingRequest) -> Reply:
         started = time.perf_counter()
-        reply = await self._process(request)
+        if request.operation == Operation.key_pairs_create:
+            # Key generation holds the event loop for up to seconds (RSA-4096). One at a
+            # time, each with its audit record made durable before the next starts:
+            # otherwise a queue of them starves the audit flusher into timeouts.
+            async with self._key_generation_lane:
+                reply = await self._process(request)
+        else:
+            reply = await self._process(request)
         if self._metrics is not None:
             operation = operation_label(request.operation)
             outcome = "success" if reply.status < 400 else "failure"

@@ -201,12 +201,18 @@ async def test_key_generation_never_holds_up_signing_replicas(harness: Harness, 
         await asyncio.to_thread(harness.start_worker, "worker-signatures", queues="signatures")
         await asyncio.to_thread(harness.start_worker, "worker-keys", queues="admin,keys")
         try:
-            keygens = [asyncio.create_task(ssa.create_key_pair("RSA", size=4096)) for _ in range(3)]
+            # RSA-4096 generation runs for seconds and blocks the keys worker's HSM lane; six
+            # of them, queued, keep it busy for far longer than ten signatures take
+            keys_client = harness.client("ssa-1")
+            keys_client.timeout = 120
+            await keys_client.connect()
+            keygens = [asyncio.create_task(keys_client.create_key_pair("RSA", size=4096)) for _ in range(6)]
             await asyncio.sleep(0.2)
             for n in range(10):
                 await sign(harness, ssa, key_pair, "classes", f"while keys are generated {n}".encode())
             assert not all(task.done() for task in keygens), "signing finished only after key generation"
             created = await asyncio.gather(*keygens)
+            await keys_client.close()
         finally:
             await harness.stop_worker("worker-signatures")
             await harness.stop_worker("worker-keys")
