@@ -1,0 +1,132 @@
+"""On the real broker: random raw messages each get one reply (or, without reply_to,
+none) and leave nothing behind; a message no consumer can finish is dead-lettered
+after the delivery limit instead of circling for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+
+import pytest
+
+from tests.integration.conftest import Harness
+from worker.settings import TlsFiles
+from worker.transport.amqp import connect
+from worker.transport.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT
+
+pytestmark = pytest.mark.integration
+
+CASES = int(os.environ.get("SAM_BROKER_FUZZ_CASES", "300"))
+OPERATIONS = [
+    "signatures.create",
+    "key_pairs.create",
+    "signers.key_pairs.assign",
+    "configurations.dynamic.get",
+    "no.such.operation",
+    "",
+]
+
+
+async def test_random_raw_messages_get_one_answer_and_leave_nothing(harness: Harness) -> None:
+    generator = random.Random(7)
+    async with harness.client("ssa-1") as ssa:
+        expected = []
+        for n in range(CASES):
+            body = generator.choice(
+                [
+                    os.urandom(generator.randint(0, 200)),
+                    b"{" * generator.randint(1, 50),
+                    b'{"requests": [' + b"1," * generator.randint(0, 300) + b"1]}",
+                    b'{"key_template": {"algorithm": "ECDSA", "named_curve": "'
+                    + os.urandom(4).hex().encode()
+                    + b'"}}',
+                ]
+            )
+            headers = generator.choice(
+                [{}, {"sam-sad": os.urandom(8).hex()}, {"sam-sad": 12}, {"sam-request-jws": ""}]
+            )
+            reply_to = "" if generator.random() < 0.9 else None
+            operation = generator.choice(OPERATIONS)
+            sign = generator.random() < 0.5
+            reply = await ssa.send(
+                operation,
+                body,
+                headers=headers,
+                sign=sign,
+                reply_to=reply_to,
+                routing_key=generator.choice(["signatures", "keys", "admin"]),
+                wait=reply_to is not None,
+                reply_timeout=10,
+            )
+            if reply is not None:
+                document = reply.json()
+                assert reply.status >= 400 and "error" in document, document
+                expected.append(document["error"]["request_id"])
+            if n % 50 == 0:
+                assert len(await ssa.sign(*(await _valid_signature(harness, ssa)))) == 1  # still serving
+        await asyncio.sleep(0.5)
+        assert all(count == 1 for count in ssa.replies_seen.values())
+    for request_id in expected[:50]:
+        assert harness.audit_record(request_id)["outcome"] == "failure"
+    for _ in range(60):
+        depths = harness.queue_depths()
+        if all(depths[q] == (0, 0) for q in ("sam.admin", "sam.keys", "sam.signatures")):
+            break
+        await asyncio.sleep(0.25)
+    assert all(depths[q] == (0, 0) for q in ("sam.admin", "sam.keys", "sam.signatures")), depths
+
+
+_VALID: dict[str, object] = {}
+
+
+async def _valid_signature(
+    harness: Harness, ssa: object
+) -> tuple[dict[str, object], str, str, list[bytes], str]:
+    import hashlib
+
+    if "key_pair" not in _VALID:
+        _VALID["key_pair"] = await harness.certified_key_pair(ssa, "fuzz-control")  # type: ignore[arg-type]
+    key_pair = _VALID["key_pair"]
+    assert isinstance(key_pair, dict)
+    digest = hashlib.sha256(uuid.uuid4().bytes).digest()
+    sad = harness.dev_as.issue_sad(harness.sam_id, "fuzz-control", key_pair["id"], [digest])
+    return key_pair, "fuzz-control", "1.2.840.10045.4.3.2", [digest], sad
+
+
+async def test_a_message_nobody_can_finish_is_dead_lettered(harness: Harness) -> None:
+    """A consumer that fails on one message every time (as a worker crashing on it
+    would): after the delivery limit the broker moves it to sam.dead, once."""
+    worker_pki = harness.stack.pki.root / "sam-worker"
+    tls = TlsFiles(
+        ca_file=harness.stack.pki.ca_file, cert_file=worker_pki / "cert.pem", key_file=worker_pki / "key.pem"
+    )
+    marker = str(uuid.uuid4())
+    dead_before = harness.queue_depths()[DEAD_LETTER_QUEUE][0]
+    deliveries = 0
+    async with harness.without_shared_workers():
+        async with harness.client("ssa-1") as ssa:
+            await ssa.send("signatures.create", b"{}", message_id=marker, wait=False)
+        connection = await connect(harness.stack.url, tls)
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=1)
+            queue = await channel.get_queue("sam.signatures", ensure=False)
+            async with queue.iterator() as messages:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(anext(messages), 3)
+                    except TimeoutError:
+                        break  # nothing redelivered any more
+                    deliveries += message.message_id == marker
+                    await message.nack(requeue=True)
+        finally:
+            await connection.close()
+    assert deliveries == DELIVERY_LIMIT + 1, deliveries  # the first delivery and the limit's redeliveries
+    for _ in range(40):
+        dead = harness.queue_depths()[DEAD_LETTER_QUEUE][0]
+        if dead > dead_before:
+            break
+        await asyncio.sleep(0.25)
+    assert dead == dead_before + 1
