@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -32,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch
+from worker.domain.audit import AuditEvent, AuditLog, ChainHead, Outcome, chain_batch
 from worker.errors import ErrorCode, SamError
 from worker.metrics import Metrics
 
@@ -87,7 +88,22 @@ def _recover(path: Path, head_file: Path) -> ChainHead:
 class _Pending:
     event: AuditEvent
     time_ms: int
-    done: asyncio.Future[dict[str, Any]]
+    done: asyncio.Future[dict[str, Any]] | None  # None: nobody waits (a withheld-reply record)
+    withheld_recorded: bool = False  # the caller got audit_unavailable and a record of that is queued
+
+
+MAX_WITHHELD = 100_000
+
+
+def _withheld(event: AuditEvent, why: str) -> AuditEvent:
+    """The record of what the caller actually got when its first record missed the bound."""
+    return dataclasses.replace(
+        event,
+        outcome=Outcome.failure,
+        status=ErrorCode.audit_unavailable.status,
+        error_code=ErrorCode.audit_unavailable.name,
+        detail=f"reply withheld: {why} (decided: {event.status} {event.error_code or 'ok'})",
+    )
 
 
 @dataclass
@@ -96,6 +112,7 @@ class _Log:
     head_file: Path
     head: ChainHead
     pending: list[_Pending] = field(default_factory=list)
+    withheld: list[_Pending] = field(default_factory=list)  # written with the next batch that succeeds
     handle: Any = None
 
 
@@ -161,25 +178,49 @@ class AuditTrail:
         if self._closed or self._flusher is None:
             raise SamError(ErrorCode.audit_unavailable, "the audit trail is not running")
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._logs[event.log].pending.append(_Pending(event, int(time.time() * 1000), done))
+        pending = _Pending(event, int(time.time() * 1000), done)
+        self._logs[event.log].pending.append(pending)
         self._wakeup.set()
         try:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(done)
         except TimeoutError:
-            raise SamError(
-                ErrorCode.audit_unavailable, f"audit record not durable within {self._timeout} s"
-            ) from None
+            message = f"audit record not durable within {self._timeout} s"
+            self._record_withheld(pending, message)
+            raise SamError(ErrorCode.audit_unavailable, message) from None
+
+    def _record_withheld(self, pending: _Pending, why: str) -> None:
+        """Queue the record of a reply that became audit_unavailable, so the trail
+        eventually says what every caller got."""
+        if pending.withheld_recorded:
+            return
+        pending.withheld_recorded = True
+        state = self._logs[pending.event.log]
+        if len(state.withheld) >= MAX_WITHHELD:
+            log.critical(
+                "audit: %d withheld-reply records waiting; not keeping %s",
+                MAX_WITHHELD,
+                pending.event.request_id,
+            )
+            return
+        state.withheld.append(_Pending(_withheld(pending.event, why), int(time.time() * 1000), None))
 
     async def _flush_forever(self) -> None:
         while True:
-            await self._wakeup.wait()
+            waiting = any(state.withheld for state in self._logs.values())
+            # withheld-reply records are tried again every few seconds even without traffic
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), 5 if waiting else None)
             self._wakeup.clear()
             if self._closed and not any(state.pending for state in self._logs.values()):
                 return
             for audit_log, state in self._logs.items():
+                if state.withheld and not state.pending:
+                    state.pending, state.withheld = state.withheld, []
                 while state.pending:
                     batch, state.pending = state.pending[:MAX_BATCH], state.pending[MAX_BATCH:]
+                    if state.withheld:  # with the next batch, in the order they happened
+                        batch, state.withheld = state.withheld + batch, []
                     self._wakeup.set()  # look again once this batch is done
                     try:
                         await self._flush(audit_log, state, batch)
@@ -230,7 +271,7 @@ class AuditTrail:
         if self._metrics is not None:
             self._metrics.audit_confirm_seconds.observe(time.perf_counter() - written)
         for pending, entry in zip(batch, entries, strict=False):
-            if not pending.done.done():
+            if pending.done is not None and not pending.done.done():
                 pending.done.set_result(entry)
 
     def _write(self, state: _Log, data: bytes, head: ChainHead) -> None:
@@ -264,8 +305,12 @@ class AuditTrail:
         if self._metrics is not None:
             self._metrics.audit_failures.inc()
         for pending in batch:
+            if pending.done is None:  # a withheld-reply record: keep it for the next batch
+                self._logs[pending.event.log].withheld.append(pending)
+                continue
             if not pending.done.done():
                 pending.done.set_exception(SamError(ErrorCode.audit_unavailable, message))
+            self._record_withheld(pending, message)
 
     async def close(self) -> None:
         """Flush what is pending (within the audit time bound), then stop."""
@@ -276,5 +321,28 @@ class AuditTrail:
                 await asyncio.wait_for(self._flusher, self._timeout)
             except TimeoutError:
                 log.error("audit: pending records not flushed within %s s at shutdown", self._timeout)
+        self._keep_unwritten_withheld()
         self._io.submit(self._close_files)
         self._io.shutdown(wait=True)
+
+    def _keep_unwritten_withheld(self) -> None:
+        """At shutdown (say, with the HSM lost, so no checkpoint can be signed), records of
+        withheld replies still waiting go to a side file beside the log — unchained and
+        unsigned, but kept for the auditor rather than lost."""
+        for state in self._logs.values():
+            waiting = [p for p in [*state.withheld, *state.pending] if p.done is None]
+            if not waiting:
+                continue
+            side = state.path.with_name(f"{state.path.name}.unwritten-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                side.write_bytes(
+                    b"".join(
+                        orjson.dumps({**dataclasses.asdict(p.event), "time_ms": p.time_ms}) + b"\n"
+                        for p in waiting
+                    )
+                )
+                log.error(
+                    "audit: %d records of withheld replies could not be chained; kept in %s",
+                    len(waiting),
+                    side,
+                )

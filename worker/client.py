@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -96,6 +97,7 @@ class SamClient:
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
         # every reply that arrived, by correlation id: a duplicate shows up here
         self.replies_seen: Counter[str] = Counter()
+        self.retried = 0
 
     async def __aenter__(self) -> SamClient:
         await self.connect()
@@ -107,13 +109,20 @@ class SamClient:
     async def connect(self) -> None:
         self._connection = await aio_pika.connect_robust(self.url, ssl_context=tls_context(self.tls))
         self._channel = await self._connection.channel(publisher_confirms=True)
+        # Durable, so replies published while the broker restarts or this client
+        # reconnects are still there; it expires ten minutes after the client is gone.
         self._reply_queue = await self._channel.declare_queue(
-            f"{reply_queue_prefix(self.user_id)}{uuid.uuid4()}", exclusive=True, auto_delete=True
+            f"{reply_queue_prefix(self.user_id)}{uuid.uuid4()}",
+            durable=True,
+            arguments={"x-expires": 600_000},
         )
         await self._reply_queue.consume(self._on_reply, no_ack=True)
 
     async def close(self) -> None:
         if self._connection is not None:
+            if self._reply_queue is not None:
+                with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                    await self._reply_queue.delete(if_unused=False, if_empty=False)
             await self._connection.close()
             self._connection = None
 
@@ -147,9 +156,15 @@ class SamClient:
         headers: dict[str, Any] | None = None,
         reply_timeout: float | None = None,
         wait: bool = True,
+        retries: int = 0,
     ) -> RawReply | None:
         """Publish one request as given and wait for its reply (low level; tests use
-        it to send what a well-behaved SSA would not)."""
+        it to send what a well-behaved SSA would not).
+
+        ``retries``: after a timeout (or a publish the broker did not take), publish the
+        very same message again — same message_id, correlation_id, JWS and SAD — so the
+        SAM can only answer it again (a signature's SAD is spent once: a second copy
+        gets ``sad_replayed``). The first reply wins; later ones are ignored."""
         assert self._channel is not None and self._reply_queue is not None, "not connected"
         message_id = message_id or str(uuid.uuid4())
         correlation_id = str(uuid.uuid4())
@@ -179,16 +194,30 @@ class SamClient:
         )
         future: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
+        seconds = reply_timeout or self.timeout
+        # with retries, a broker that is away (restarting) is waited for, up to the
+        # time all attempts would take
+        deadline = time.monotonic() + seconds * (retries + 1)
         try:
-            exchange = await self._channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
-            await exchange.publish(message, routing_key=routing_key, mandatory=True)
-            if not wait:
-                return None
-            seconds = reply_timeout or self.timeout
-            try:
-                return await asyncio.wait_for(future, seconds)
-            except TimeoutError:
-                raise SamTimeout(message_id, seconds) from None
+            for attempt in range(retries + 1):
+                while True:
+                    try:
+                        exchange = await self._channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
+                        await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                        break
+                    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+                        if not retries or time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(1)
+                if not wait:
+                    return None
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), seconds)
+                except TimeoutError:
+                    if attempt == retries:
+                        raise SamTimeout(message_id, seconds) from None
+                    self.retried += 1
+            raise SamTimeout(message_id, seconds)
         finally:
             self._pending.pop(correlation_id, None)
 

@@ -105,6 +105,7 @@ class RequestConsumer:
             content_type="application/json",
             correlation_id=request.correlation_id,
             headers={HEADER_STATUS: reply.status},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,  # survives a broker restart
         )
         try:
             async with asyncio.timeout(self._timeout):

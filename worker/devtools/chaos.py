@@ -1,0 +1,257 @@
+"""TEST TOOLING: ``ops/chaos [--full]`` — load through the SDK while workers are killed,
+the broker restarts, the HSM goes away and the audit disk fills; then the report.
+
+It runs a stack of its own (a temporary folder, ports base 27671) so it never disturbs
+the demo stack. The short run (CI) lasts about a minute; ``--full`` several minutes.
+At the end: requests sent, answered by outcome and error code, unanswered (must be 0),
+duplicate replies absorbed by the SDK, retries, and ``sam-admin audit verify`` over
+every audit file (must pass, with at least one record per answered request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.cli.sam import ClientProfile
+from worker.client import SamClient, SamTimeout
+from worker.devtools.authorization_server import DevAuthorizationServer
+from worker.devtools.stack import Stack
+
+__all__ = ["ChaosReport", "main", "run"]
+
+EC_SHA256 = "1.2.840.10045.4.3.2"
+
+
+@dataclass
+class ChaosReport:
+    sent: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    unanswered: int = 0
+    duplicates_absorbed: int = 0
+    retries: int = 0
+    faults: list[str] = field(default_factory=list)
+    audit_ok: bool = False
+    audit_summary: str = ""
+    answered_without_record: int = 0
+    unchained_records: int = 0
+    answered_request_ids: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests_sent": self.sent,
+            "answered": dict(sorted(self.outcomes.items())),
+            "answered_successfully": self.outcomes.get("ok", 0),
+            "unanswered": self.unanswered,
+            "duplicate_replies_absorbed": self.duplicates_absorbed,
+            "sdk_retries": self.retries,
+            "faults_injected": self.faults,
+            "audit_verify_ok": self.audit_ok,
+            "audit_verify": self.audit_summary,
+            "answered_without_audit_record": self.answered_without_record,
+            "records_kept_unchained": self.unchained_records,
+        }
+
+
+async def _certified(stack: Stack, client: SamClient, signer: str) -> dict[str, Any]:
+    created = await client.create_key_pair("ECDSA", named_curve="secp256r1")
+    assigned = await client.assign_key_pair(created, signer, f"CN={signer}")
+    request = await client.certification_request(assigned, EC_SHA256)
+    return await client.update_key_pair(assigned, signer, certificate=stack.pki.issue_from_request(request))
+
+
+async def _load(
+    stack: Stack,
+    client: SamClient,
+    authority: DevAuthorizationServer,
+    sam_id: str,
+    key_pair: dict[str, Any],
+    stop: asyncio.Event,
+    report: ChaosReport,
+) -> None:
+    while not stop.is_set():
+        message_id = str(uuid.uuid4())
+        if report.sent % 10 == 9:  # one key request in ten
+            operation = "key_pairs.create"
+            body = b'{"key_template": {"algorithm": "ECDSA", "named_curve": "secp256r1"}}'
+            sad = None
+        else:
+            operation = "signatures.create"
+            digest = hashlib.sha256(message_id.encode()).digest()
+            body = orjson.dumps(
+                {
+                    "signature_algorithm": EC_SHA256,
+                    "requests": [{"dtbs": __import__("base64").b64encode(digest).decode()}],
+                    "key_pair": key_pair,
+                    "signer": {"id": "chaos"},
+                }
+            )
+            sad = authority.issue_sad(sam_id, "chaos", key_pair["id"], [digest], lifetime=280)
+        report.sent += 1
+        try:
+            reply = await client.send(
+                operation, body, sad=sad, message_id=message_id, reply_timeout=20, retries=4
+            )
+        except (SamTimeout, Exception) as error:
+            report.unanswered += 1
+            report.faults.append(f"unanswered {message_id}: {type(error).__name__}")
+            continue
+        assert reply is not None
+        document = reply.json()
+        report.outcomes["ok" if reply.status < 400 else document["error"]["code"]] += 1
+        report.answered_request_ids.add(message_id)
+
+
+async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosReport) -> None:
+    """The fault schedule; each fault is undone before the next."""
+    tokens = stack.path("softhsm", "tokens")
+    audit = stack.path("audit")
+    steps = ["kill", "hsm", "kill", "audit", "broker", "kill"] * (3 if full else 1)
+    for step in steps:
+        await asyncio.sleep(4)
+        if step == "kill":
+            pid_file = stack.path("run", "worker-1.pid")
+            supervisor = int(pid_file.read_text())
+            children = subprocess.run(
+                ["pgrep", "-P", str(supervisor)], capture_output=True, text=True
+            ).stdout.split()
+            for child in children:
+                os.kill(int(child), signal.SIGKILL)
+            report.faults.append(f"SIGKILL worker-1 ({', '.join(children)})")
+        elif step == "hsm":
+            tokens.rename(tokens.with_name("tokens-away"))
+            report.faults.append("HSM token store away for 4 s")
+            await asyncio.sleep(4)
+            tokens.with_name("tokens-away").rename(tokens)
+        elif step == "audit":
+            filler = audit / "filler"
+            mounted = subprocess.run(["mountpoint", "-q", str(audit)], check=False).returncode == 0
+            if mounted:
+                with filler.open("wb") as handle, contextlib.suppress(OSError):
+                    while True:
+                        handle.write(b"\0" * 65536)
+                        handle.flush()
+                report.faults.append("audit disk full for 4 s")
+                await asyncio.sleep(4)
+                filler.unlink()
+            else:
+                report.faults.append("audit disk full: skipped (no small filesystem could be mounted)")
+        elif step == "broker":
+            pid = int(stack.path("run", "rabbitmq.pid").read_text())
+            os.kill(pid, signal.SIGTERM)
+            while subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0:
+                await asyncio.sleep(0.2)
+            report.faults.append("broker stopped and started again")
+            await asyncio.to_thread(stack._rabbitmq)
+    await asyncio.sleep(4)
+    stop.set()
+
+
+async def run(full: bool = False, port_base: int = 27671) -> ChaosReport:
+    root = Path(tempfile.mkdtemp(prefix="sam-chaos-"))
+    stack = Stack(root, port_base)
+    report = ChaosReport()
+    mounted = False
+    try:
+        stack.path("audit").mkdir(parents=True)
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(stack.path("audit"))],
+                capture_output=True,
+                check=False,
+            ).returncode
+            == 0
+        )
+        stack.up(workers=2)
+        profile = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text())
+        static = json.loads(stack.path("config", "static_config.json").read_text())
+        authority = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
+        async with ClientProfile.model_validate_json(stack.profile("admin-1").read_text()).client() as admin:
+            await admin.put_configuration(json.loads(stack.path("config", "dynamic_config.json").read_text()))
+        client = profile.client()
+        await client.connect()
+        key_pair = await _certified(stack, client, "chaos")
+        stop = asyncio.Event()
+        loaders = [
+            asyncio.create_task(_load(stack, client, authority, static["sam_id"], key_pair, stop, report))
+            for _ in range(8)
+        ]
+        await _chaos(stack, full, stop, report)
+        await asyncio.gather(*loaders)
+        report.duplicates_absorbed = sum(n - 1 for n in client.replies_seen.values() if n > 1)
+        report.retries = client.retried
+        await client.close()
+        stack.down()
+        files = sorted(stack.path("audit").glob("*/*.jsonl"))
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli.admin",
+                "audit",
+                "verify",
+                "--infrastructure",
+                str(stack.infrastructure_file),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        report.audit_ok = result.returncode == 0
+        report.audit_summary = result.stdout.strip().splitlines()[-1] if result.stdout else result.stderr
+        recorded = set()
+        for path in files:
+            for line in path.read_bytes().splitlines():
+                entry = orjson.loads(line)
+                if entry.get("type") == "record":
+                    recorded.add(entry.get("request_id"))
+        # records a worker could not chain before it exited (HSM lost) are kept beside the logs
+        side_files = sorted(stack.path("audit").glob("*/*.unwritten-*"))
+        for path in side_files:
+            recorded |= {orjson.loads(line).get("request_id") for line in path.read_bytes().splitlines()}
+        report.unchained_records = sum(len(p.read_bytes().splitlines()) for p in side_files)
+        report.answered_without_record = len(report.answered_request_ids - recorded)
+        return report
+    finally:
+        stack.down()
+        if mounted:
+            subprocess.run(["umount", "-l", str(stack.path("audit"))], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ops/chaos", description=__doc__)
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    report = asyncio.run(run(args.full))
+    document = {**report.as_dict(), "seconds": round(time.monotonic() - started)}
+    text = json.dumps(document, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    good = report.unanswered == 0 and report.audit_ok and report.answered_without_record == 0
+    sys.exit(0 if good else 1)
+
+
+if __name__ == "__main__":
+    main()
