@@ -28,6 +28,7 @@ import pytest
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.cli.sam import ClientProfile
 from worker.client import RawReply, SamClient
+from worker.devtools.stack import verify_audit
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import AUDIT_EXCHANGE
@@ -69,21 +70,7 @@ async def signing(harness: Harness, ssa: SamClient) -> Signing:
 
 
 def verify(harness: Harness, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker.cli.admin",
-            "audit",
-            "verify",
-            "--infrastructure",
-            str(harness.stack.infrastructure_file),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    return verify_audit(harness.stack.infrastructure_file, files)
 
 
 def records_in(files: list[Path]) -> list[dict[str, Any]]:

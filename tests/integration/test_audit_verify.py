@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -12,26 +11,13 @@ import pytest
 
 from tests.integration.conftest import Harness
 from worker.client import SamClient
+from worker.devtools.stack import verify_audit
 
 pytestmark = pytest.mark.integration
 
 
 def run_verify(harness: Harness, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker.cli.admin",
-            "audit",
-            "verify",
-            "--infrastructure",
-            str(harness.stack.infrastructure_file),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    return verify_audit(harness.stack.infrastructure_file, files)
 
 
 @pytest.fixture(scope="module")

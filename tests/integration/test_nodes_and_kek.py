@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import SamClient, SamRequestError
+from worker.devtools.stack import init_token, softhsm_config
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +37,9 @@ def sam_admin(
 def softhsm_node(folder: Path, tokens_from: Path | None) -> Path:
     """A SoftHSM configuration of its own; with ``tokens_from``, a restored copy of that token
     (for SoftHSM, copying the token is how its keys are replicated to another node)."""
-    tokens = folder / "tokens"
     if tokens_from is not None:
-        shutil.copytree(tokens_from, tokens)
-    else:
-        tokens.mkdir(parents=True)
-    conf = folder / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    return conf
+        shutil.copytree(tokens_from, folder / "tokens")
+    return softhsm_config(folder)
 
 
 async def test_second_node_signs_key_pairs_of_the_first(
@@ -97,22 +93,7 @@ async def test_second_node_signs_key_pairs_of_the_first(
 def test_initialize_refuses_a_token_without_the_keys(harness: Harness, tmp_path: Path) -> None:
     conf = softhsm_node(tmp_path / "empty", None)
     pin = harness.stack.path("secrets", "token-pin")
-    subprocess.run(
-        [
-            "softhsm2-util",
-            "--init-token",
-            "--free",
-            "--label",
-            "sam",
-            "--pin",
-            pin.read_text(),
-            "--so-pin",
-            "12345678",
-        ],
-        env={**harness.stack.worker_env(), "SOFTHSM2_CONF": str(conf)},
-        check=True,
-        capture_output=True,
-    )
+    init_token(conf, pin.read_text(), "12345678")
     result = sam_admin(
         harness,
         "initialize",

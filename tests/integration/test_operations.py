@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -17,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import EC_SHA256, PORT_BASE, Harness
 from worker.client import SamClient, SamRequestError
+from worker.devtools.stack import verify_audit
 
 pytestmark = pytest.mark.integration
 
@@ -176,22 +175,7 @@ async def test_rolling_restart_under_load_loses_nothing(harness: Harness, ssa: S
     await asyncio.gather(*loaders)  # every request answered (a lost one would time out here)
     assert len(outcomes) > 50 and set(outcomes) == {200}, sorted(set(outcomes))
     files = sorted(harness.stack.path("audit").glob("worker-[12]/*.jsonl"))
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "worker.cli.admin",
-            "audit",
-            "verify",
-            "--infrastructure",
-            str(harness.stack.infrastructure_file),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = await asyncio.to_thread(verify_audit, harness.stack.infrastructure_file, files)
     assert result.returncode == 0, result.stdout
 
 

@@ -36,6 +36,7 @@ class World:
     unregistered: SamClient
     key_pair: dict[str, Any]  # EC P-256, assigned to alice
     other_key_pair_id: str
+    dead_letters_before: tuple[int, int] = (0, 0)
 
     def sad(self, digests: list[bytes] | None = None, **changes: Any) -> str:
         claims = self.harness.dev_as.sad_claims(
@@ -230,7 +231,9 @@ async def world(harness: Harness) -> AsyncIterator[World]:
     ):
         key_pair = await harness.certified_key_pair(ssa, "alice")
         other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-        yield World(harness, ssa, admin, unregistered, key_pair, other["id"])
+        yield World(
+            harness, ssa, admin, unregistered, key_pair, other["id"], harness.queue_depths()["sam.dead"]
+        )
 
 
 @pytest.mark.parametrize(("name", "code", "send"), CASES, ids=[c[0] for c in CASES])
@@ -252,13 +255,14 @@ async def test_each_refusal_answered_once_and_never_redelivered(world: World) ->
         duplicates = {cid: n for cid, n in client.replies_seen.items() if n != 1}
         assert not duplicates, duplicates
     # RabbitMQ refreshes queue statistics every few seconds: allow them to catch up
-    queues = ("sam.admin", "sam.keys", "sam.signatures", "sam.dead")
+    queues = ("sam.admin", "sam.keys", "sam.signatures")
     for _ in range(60):
         depths = world.harness.queue_depths()
         if all(depths[queue] == (0, 0) for queue in queues):
             break
         await asyncio.sleep(0.25)
     assert {queue: depths[queue] for queue in queues} == dict.fromkeys(queues, (0, 0))
+    assert depths["sam.dead"] == world.dead_letters_before, "a refusal was dead-lettered"
     # and the workers still serve
     digest = hashlib.sha256(b"after the storm").digest()
     sad = world.harness.dev_as.issue_sad(world.harness.sam_id, "alice", world.key_pair["id"], [digest])

@@ -33,7 +33,7 @@ import orjson
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack
+from worker.devtools.stack import Stack, verify_audit
 
 __all__ = ["ChaosReport", "main", "run"]
 
@@ -200,21 +200,7 @@ async def run(full: bool = False, port_base: int = 27671) -> ChaosReport:
         await client.close()
         stack.down()
         files = sorted(stack.path("audit").glob("*/*.jsonl"))
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "worker.cli.admin",
-                "audit",
-                "verify",
-                "--infrastructure",
-                str(stack.infrastructure_file),
-                *map(str, files),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = verify_audit(stack.infrastructure_file, files)
         report.audit_ok = result.returncode == 0
         report.audit_summary = result.stdout.strip().splitlines()[-1] if result.stdout else result.stderr
         recorded = set()

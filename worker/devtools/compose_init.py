@@ -10,11 +10,20 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 from worker.devtools.pki import DevPki
-from worker.devtools.stack import ADMINS, AUTHORIZATION_SERVERS, SAM_ID, SIEMS, SSAS, WORKER_USER
+from worker.devtools.stack import (
+    ADMINS,
+    AUTHORIZATION_SERVERS,
+    SAM_ID,
+    SIEMS,
+    SSAS,
+    WORKER_USER,
+    create_sam_keys,
+    init_token,
+    softhsm_config,
+)
 from worker.transport.topology import definitions
 
 __all__ = ["main"]
@@ -61,47 +70,19 @@ def main(argv: list[str] | None = None) -> None:
     # RabbitMQ runs as its own user in its container and must read its key
     for path in (pki.root / "rabbitmq").iterdir():
         path.chmod(0o644)
-    tokens = root / "tokens"
-    tokens.mkdir(exist_ok=True)
-    (root / "softhsm2.conf").write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
-    os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+    conf = softhsm_config(root)
+    os.environ["SOFTHSM2_CONF"] = str(conf)
     pin = root / "secrets" / "token-pin"
     pin.parent.mkdir(exist_ok=True)
     if not pin.exists():
         pin.write_text(secrets.token_hex(8))
         pin.chmod(0o600)
+    tokens = root / "tokens"
     if not any(tokens.iterdir()):
-        subprocess.run(
-            [
-                "softhsm2-util",
-                "--init-token",
-                "--free",
-                "--label",
-                "sam",
-                "--pin",
-                pin.read_text(),
-                "--so-pin",
-                secrets.token_hex(8),
-            ],
-            check=True,
-        )
+        init_token(conf, pin.read_text(), secrets.token_hex(8))
     infrastructure = root / "sam_infrastructure.json"
     if not infrastructure.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "worker.cli.admin",
-                "create",
-                "--pin-file",
-                str(pin),
-                "--node",
-                "node-1",
-                "--out",
-                str(infrastructure),
-            ],
-            check=True,
-        )
+        create_sam_keys(conf, pin, "node-1", infrastructure)
     static = {
         "sam_id": SAM_ID,
         "administrators": [

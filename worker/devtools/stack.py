@@ -25,7 +25,7 @@ from typing import Any
 from worker.devtools.pki import DevPki
 from worker.transport.topology import VHOST, definitions
 
-__all__ = ["Stack", "main"]
+__all__ = ["Stack", "create_sam_keys", "init_token", "main", "softhsm_config", "verify_audit"]
 
 WORKER_USER = "sam-worker"
 ADMINS = ["admin-1"]
@@ -63,6 +63,66 @@ def _stop_pid(pid: int, timeout: float, sig: int = signal.SIGTERM) -> None:
     if _pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def softhsm_config(folder: Path) -> Path:
+    """A SoftHSM2 configuration with its token store in ``folder/tokens``."""
+    (folder / "tokens").mkdir(parents=True, exist_ok=True)
+    conf = folder / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    return conf
+
+
+def init_token(conf: Path, pin: str, so_pin: str, label: str = "sam") -> None:
+    """Initialise a SoftHSM2 token (the `sam` label by default) in ``conf``'s store."""
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        check=True,
+        capture_output=True,
+    )
+
+
+def create_sam_keys(conf: Path, pin_file: Path, node: str, out: Path) -> None:
+    """``sam-admin create`` against ``conf``'s token."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli.admin",
+            "create",
+            "--pin-file",
+            str(pin_file),
+            "--node",
+            node,
+            "--out",
+            str(out),
+        ],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        check=True,
+        capture_output=True,
+    )
+
+
+def verify_audit(infrastructure: Path, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    """``sam-admin audit verify`` over ``files``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli.admin",
+            "audit",
+            "verify",
+            "--infrastructure",
+            str(infrastructure),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 @dataclass
@@ -224,51 +284,17 @@ class Stack:
             time.sleep(0.5)
 
     def _token(self) -> None:
-        softhsm = self.path("softhsm")
-        (softhsm / "tokens").mkdir(parents=True, exist_ok=True)
-        conf = softhsm / "softhsm2.conf"
-        conf.write_text(
-            f"directories.tokendir = {softhsm / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-        )
+        conf = softhsm_config(self.path("softhsm"))
         os.environ["SOFTHSM2_CONF"] = str(conf)
         pin_file, so_pin_file = self.path("secrets", "token-pin"), self.path("secrets", "token-so-pin")
         for path in (pin_file, so_pin_file):
             if not path.exists():
                 path.write_text(secrets.token_hex(8))
                 path.chmod(0o600)
-        if not any((softhsm / "tokens").iterdir()):
-            subprocess.run(
-                [
-                    "softhsm2-util",
-                    "--init-token",
-                    "--free",
-                    "--label",
-                    "sam",
-                    "--pin",
-                    pin_file.read_text(),
-                    "--so-pin",
-                    so_pin_file.read_text(),
-                ],
-                check=True,
-                capture_output=True,
-            )
+        if not any(self.path("softhsm", "tokens").iterdir()):
+            init_token(conf, pin_file.read_text(), so_pin_file.read_text())
         if not self.infrastructure_file.exists():
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "worker.cli.admin",
-                    "create",
-                    "--pin-file",
-                    str(pin_file),
-                    "--node",
-                    "node-1",
-                    "--out",
-                    str(self.infrastructure_file),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            create_sam_keys(conf, pin_file, "node-1", self.infrastructure_file)
 
     def _configuration(self) -> None:
         pki = self.pki
