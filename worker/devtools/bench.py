@@ -276,9 +276,9 @@ class Workload:
 
     def prepare(self, count: int) -> None:
         for _ in range(count):
-            self.prepared.append(self._one())
+            self.prepared.append(self.one())
 
-    def _one(self) -> tuple[str, bytes, str, str]:
+    def one(self) -> tuple[str, bytes, str, str]:
         message_id = str(uuid.uuid4())
         digests = [hashlib.sha256(f"{message_id}/{i}".encode()).digest() for i in range(self.per)]
         body = orjson.dumps(
@@ -293,7 +293,7 @@ class Workload:
         return message_id, body, self.client.sign_request(body, message_id, "signatures.create"), sad
 
     async def call(self, _: int) -> None:
-        message_id, body, jws, sad = self.prepared.pop() if self.prepared else self._one()
+        message_id, body, jws, sad = self.prepared.pop() if self.prepared else self.one()
         reply = await self.client.send(
             "signatures.create", body, sad=sad, request_jws=jws, message_id=message_id
         )
@@ -357,7 +357,7 @@ async def run(stack: Stack, quick: bool, out: Path) -> Results:
             )
             rsa = await certified(stack, client, {"algorithm": "RSA", "size": 2048}, "bench-rsa", RSA_SHA256)
             body_size = len(
-                Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 1)._one()[1]
+                Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 1).one()[1]
             )
 
             for processes in (1, 2):

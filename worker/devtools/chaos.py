@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -98,7 +99,7 @@ async def _load(
             body = orjson.dumps(
                 {
                     "signature_algorithm": EC_SHA256,
-                    "requests": [{"dtbs": __import__("base64").b64encode(digest).decode()}],
+                    "requests": [{"dtbs": base64.b64encode(digest).decode()}],
                     "key_pair": key_pair,
                     "signer": {"id": "chaos"},
                 }
