@@ -179,30 +179,47 @@ def audit_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "audit"
 
 
-async def test_disk_full(harness: Harness, signing: Signing, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["filesystem", "rlimit"])
+async def test_disk_full(harness: Harness, signing: Signing, tmp_path: Path, how: str) -> None:
+    """A small filesystem under the audit directory, filled up and freed again. Where no
+    filesystem can be mounted, the equivalent: the worker's file size limit (RLIMIT_FSIZE,
+    writes then fail with EFBIG as they would with ENOSPC) lowered and raised again."""
     audit_dir, instance = tmp_path / "small-disk", "worker-disk-full"
     audit_dir.mkdir()
-    mounted = subprocess.run(  # noqa: ASYNC221 — a one-off mount, before any worker runs
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(audit_dir)], capture_output=True, check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    command = ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(audit_dir)]
+    if how == "rlimit":
+        command = ["false"]
+    mounted = subprocess.run(command, capture_output=True, check=False)  # noqa: ASYNC221 — before any worker
     try:
         filler = audit_dir / "filler"
         async with own_worker(harness, instance, audit_dir):
+            pid = str(harness.workers[instance].pid)
 
             def fill() -> None:
-                with filler.open("wb") as handle, contextlib.suppress(OSError):
-                    while True:
-                        handle.write(b"\0" * 65536)
-                        handle.flush()
+                if mounted.returncode == 0:
+                    with filler.open("wb") as handle, contextlib.suppress(OSError):
+                        while True:
+                            handle.write(b"\0" * 65536)
+                            handle.flush()
+                else:
+                    size = (audit_dir / instance / "service.jsonl").stat().st_size
+                    subprocess.run(
+                        ["prlimit", "--pid", pid, f"--fsize={size}:"], check=True
+                    )  # soft limit only
 
-            await assert_refused_then_recovers(signing, fill, lambda: filler.unlink(), slack=8)
+            def free() -> None:
+                if mounted.returncode == 0:
+                    filler.unlink()
+                else:
+                    subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:"], check=True)
+
+            await assert_refused_then_recovers(signing, fill, free, slack=8)
         files = sorted((audit_dir / instance).glob("*.jsonl"))
         result = verify(harness, files)
         assert result.returncode == 0, result.stdout
     finally:
-        subprocess.run(["umount", str(audit_dir)], check=False)  # noqa: ASYNC221
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(audit_dir)], check=False)  # noqa: ASYNC221
 
 
 async def test_unwritable_audit_file(harness: Harness, signing: Signing, audit_dir: Path) -> None:
