@@ -405,10 +405,7 @@ class SamService:
         scheme = signature_scheme(
             body.request.signature_algorithm, key_pair.algorithm, body.request.signature_algorithm_parameters
         )
-        try:
-            info = base64.b64decode(body.request.dtbs, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise SamError(ErrorCode.pop_not_a_certification_request, "dtbs is not base64") from exc
+        info = _base64(body.request.dtbs, ErrorCode.pop_not_a_certification_request, "dtbs")
         check_certification_request_info(info, key_pair.public_key_der, key_pair.subject)
         trace.dtbs_sha256 = [hashlib.sha256(info).hexdigest()]
         [signature] = self._sign(key_pair, scheme, [scheme.digest(info)])
@@ -435,10 +432,7 @@ class SamService:
                 raise SamError(
                     ErrorCode.status_transition_invalid, "a certificate comes with certified: true"
                 )
-            try:
-                der = base64.b64decode(body.certificate, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise SamError(ErrorCode.certificate_invalid, "certificate is not base64") from exc
+            der = _base64(body.certificate, ErrorCode.certificate_invalid, "certificate")
             assert key_pair.subject is not None
             check_certificate(der, key_pair.public_key_der, key_pair.subject)
             certificate = base64.b64encode(der).decode()
@@ -515,10 +509,7 @@ class SamService:
                 raise SamError(
                     ErrorCode.unsupported_algorithm, "all DTBS/R of one request use one signature algorithm"
                 )
-            try:
-                dtbs = base64.b64decode(item.dtbs, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise SamError(ErrorCode.invalid_dtbs, "DTBS/R is not base64") from exc
+            dtbs = _base64(item.dtbs, ErrorCode.invalid_dtbs, "DTBS/R")
             scheme.check_dtbs(dtbs)
             digests.append(dtbs)
         trace.dtbs_sha256 = [hashlib.sha256(d).hexdigest() for d in digests]
@@ -551,6 +542,13 @@ class SamService:
         expected = base64.b64decode(key_pair.factor_verifier)
         if not hmac.compare_digest(self._hsm.factor_mac(_factor_input(key_pair.id, factor)), expected):
             raise SamError(ErrorCode.sam_factor_invalid)
+
+
+def _base64(text: str, code: ErrorCode, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SamError(code, f"{what} is not base64") from exc
 
 
 def _factor_input(key_pair_id: str, factor: SamFactor) -> bytes:

@@ -22,6 +22,7 @@ from worker.devtools.stack import (
     WORKER_USER,
     create_sam_keys,
     init_token,
+    rabbitmq_config,
     softhsm_config,
 )
 from worker.transport.topology import definitions
@@ -49,22 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     (rabbit / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl,rabbitmq_prometheus].\n")
     (rabbit / "rabbitmq.conf").write_text(
-        "\n".join(
-            [
-                "listeners.tcp = none",
-                "listeners.ssl.default = 5671",
-                "ssl_options.cacertfile = /config/pki/ca.pem",
-                f"ssl_options.certfile = /config/pki/{server.name}/cert.pem",
-                f"ssl_options.keyfile = /config/pki/{server.name}/key.pem",
-                "ssl_options.verify = verify_peer",
-                "ssl_options.fail_if_no_peer_cert = true",
-                "ssl_options.versions.1 = tlsv1.3",
-                "ssl_options.versions.2 = tlsv1.2",
-                "auth_mechanisms.1 = EXTERNAL",
-                "ssl_cert_login_from = common_name",
-                "load_definitions = /config/rabbitmq/definitions.json",
-                "",
-            ]
+        rabbitmq_config(
+            "5671",
+            Path("/config/pki/ca.pem"),
+            Path("/config/pki") / server.name,
+            Path("/config/rabbitmq/definitions.json"),
         )
     )
     # RabbitMQ runs as its own user in its container and must read its key

@@ -25,7 +25,15 @@ from typing import Any
 from worker.devtools.pki import DevPki
 from worker.transport.topology import VHOST, definitions
 
-__all__ = ["Stack", "create_sam_keys", "init_token", "main", "softhsm_config", "verify_audit"]
+__all__ = [
+    "Stack",
+    "create_sam_keys",
+    "init_token",
+    "main",
+    "rabbitmq_config",
+    "softhsm_config",
+    "verify_audit",
+]
 
 WORKER_USER = "sam-worker"
 ADMINS = ["admin-1"]
@@ -63,6 +71,28 @@ def _stop_pid(pid: int, timeout: float, sig: int = signal.SIGTERM) -> None:
     if _pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path) -> str:
+    """The security core of every node's rabbitmq.conf: TLS only (1.2+), peer certificates
+    required, EXTERNAL authentication by certificate CN, topology and users from definitions."""
+    return "\n".join(
+        [
+            "listeners.tcp = none",
+            f"listeners.ssl.1 = {listener}",
+            f"ssl_options.cacertfile = {ca_file}",
+            f"ssl_options.certfile = {server / 'cert.pem'}",
+            f"ssl_options.keyfile = {server / 'key.pem'}",
+            "ssl_options.verify = verify_peer",
+            "ssl_options.fail_if_no_peer_cert = true",
+            "ssl_options.versions.1 = tlsv1.3",
+            "ssl_options.versions.2 = tlsv1.2",
+            "auth_mechanisms.1 = EXTERNAL",
+            "ssl_cert_login_from = common_name",
+            f"load_definitions = {definitions_file}",
+            "",
+        ]
+    )
 
 
 def softhsm_config(folder: Path) -> Path:
@@ -232,26 +262,8 @@ class Stack:
             json.dumps(definitions([WORKER_USER], ADMINS, SSAS, SIEMS, BENCHMARKS), indent=2)
         )
         (base / "rabbitmq.conf").write_text(
-            "\n".join(
-                [
-                    "listeners.tcp = none",
-                    f"listeners.ssl.1 = 127.0.0.1:{self.amqps_port}",
-                    f"ssl_options.cacertfile = {pki.ca_file}",
-                    f"ssl_options.certfile = {server / 'cert.pem'}",
-                    f"ssl_options.keyfile = {server / 'key.pem'}",
-                    "ssl_options.verify = verify_peer",
-                    "ssl_options.fail_if_no_peer_cert = true",
-                    "ssl_options.versions.1 = tlsv1.3",
-                    "ssl_options.versions.2 = tlsv1.2",
-                    "auth_mechanisms.1 = EXTERNAL",
-                    "ssl_cert_login_from = common_name",
-                    "loopback_users = none",
-                    f"load_definitions = {base / 'definitions.json'}",
-                    "log.console = false",
-                    "log.file.level = warning",
-                    "",
-                ]
-            )
+            rabbitmq_config(f"127.0.0.1:{self.amqps_port}", pki.ca_file, server, base / "definitions.json")
+            + "loopback_users = none\nlog.console = false\nlog.file.level = warning\n"
         )
         (base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
         (base / "rabbitmq-env.conf").write_text("")
