@@ -77,7 +77,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
     )
     try:
         connection = await connect_worker(
-            settings.broker_url, settings.tls, settings.broker_connect_patience_seconds
+            settings.broker_urls, settings.tls, settings.broker_connect_patience_seconds, settings.instance
         )
     except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
         log.critical("cannot reach the broker (%s): exiting for a restart", type(exc).__name__)

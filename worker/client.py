@@ -1,10 +1,16 @@
 """The SSA SDK: an async client that signs each request, publishes it and awaits the
 correlated reply.
 
-It connects with a TLS client certificate (EXTERNAL), keeps one exclusive reply queue
-named under its own user (``<user>.replies.<uuid>``, the only queues its broker
-permissions let it read), signs every request with its registered JWS key and raises
-``SamRequestError`` carrying the SAM's stable error code.
+It connects with a TLS client certificate (EXTERNAL), keeps one reply queue named under
+its own user (``<user>.replies.<uuid>``, the only queues its broker permissions let it
+read), signs every request with its registered JWS key and raises ``SamRequestError``
+carrying the SAM's stable error code.
+
+Given several node URLs (a cluster), it connects to the first that answers and, when
+that node goes away, to the next: its reply queue is then a quorum queue, replicated on
+every node, so replies published while it moves are waiting for it on the new node.
+With one URL the reply queue is a classic durable queue (cheaper; it survives a broker
+restart) and the client reconnects to that URL.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
 
@@ -33,7 +39,7 @@ from worker.domain.contract import (
     OPERATION_QUEUE,
     Operation,
 )
-from worker.settings import TlsFiles
+from worker.settings import TlsFiles, split_urls
 from worker.transport.amqp import tls_context
 from worker.transport.topology import REQUESTS_EXCHANGE, reply_queue_prefix
 
@@ -86,18 +92,25 @@ class SamClient:
         timeout: float = 15.0,
     ) -> None:
         self.url = url
+        self.urls = split_urls(url)
         self.tls = tls
         self.user_id = user_id
         self._key = _jws_key(jws_key_pem)
         self._alg = "ES256" if isinstance(self._key, ECKey) else "PS256"
         self.timeout = timeout
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
+        self._reply_queue_name = f"{reply_queue_prefix(user_id)}{uuid.uuid4()}"
+        self._node = 0  # index in ``urls`` of the node tried first
+        self._connected = asyncio.Event()
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
         # every reply that arrived, by correlation id: a duplicate shows up here
         self.replies_seen: Counter[str] = Counter()
         self.retried = 0
+        self.reconnects = 0
 
     async def __aenter__(self) -> SamClient:
         await self.connect()
@@ -107,24 +120,75 @@ class SamClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.url, ssl_context=tls_context(self.tls))
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        # Durable, so replies published while the broker restarts or this client
-        # reconnects are still there; it expires ten minutes after the client is gone.
-        self._reply_queue = await self._channel.declare_queue(
-            f"{reply_queue_prefix(self.user_id)}{uuid.uuid4()}",
-            durable=True,
-            arguments={"x-expires": 600_000},
-        )
-        await self._reply_queue.consume(self._on_reply, no_ack=True)
+        self._closing = False
+        await self._open(attempts=1)
+
+    async def _open(self, attempts: int) -> None:
+        """Connect to the first node that answers, trying them in turn from the current
+        one for ``attempts`` rounds (0: until closed)."""
+        context = tls_context(self.tls)
+        failure: BaseException | None = None
+        rounds = 0
+        while not self._closing:
+            for _ in self.urls:
+                url = self.urls[self._node]
+                try:
+                    await asyncio.wait_for(self._open_on(url, context), 10)
+                    return
+                except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                    failure = exc
+                    self._node = (self._node + 1) % len(self.urls)
+            rounds += 1
+            if attempts and rounds >= attempts:
+                break
+            await asyncio.sleep(min(0.5 * rounds, 2))
+        raise ConnectionError(f"no broker node reachable: {failure!r}")
+
+    async def _open_on(self, url: str, context: Any) -> None:
+        connection = await aio_pika.connect(url, ssl_context=context)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            # Durable, so replies published while the broker restarts or this client
+            # reconnects are still there; it expires ten minutes after the client is gone.
+            arguments: dict[str, Any] = {"x-expires": 600_000}
+            if len(self.urls) > 1:
+                arguments["x-queue-type"] = "quorum"
+            queue = await channel.declare_queue(self._reply_queue_name, durable=True, arguments=arguments)
+            await queue.consume(self._on_reply, no_ack=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._connection, self._channel, self._reply_queue = connection, channel, queue
+        connection.close_callbacks.add(self._on_connection_lost)
+        self._connected.set()
+
+    def _on_connection_lost(self, *_: object) -> None:
+        self._connected.clear()
+        if self._closing or (self._reconnecting is not None and not self._reconnecting.done()):
+            return
+        self._node = (self._node + 1) % len(self.urls)
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._open(attempts=0)
+            self.reconnects += 1
 
     async def close(self) -> None:
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconnecting
         if self._connection is not None:
-            if self._reply_queue is not None:
+            if self._reply_queue is not None and not self._connection.is_closed:
                 with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
                     await self._reply_queue.delete(if_unused=False, if_empty=False)
-            await self._connection.close()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                await self._connection.close()
             self._connection = None
+        self._connected.clear()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         self.replies_seen[message.correlation_id or ""] += 1
@@ -165,7 +229,7 @@ class SamClient:
         very same message again — same message_id, correlation_id, JWS and SAD — so the
         SAM can only answer it again (a signature's SAD is spent once: a second copy
         gets ``sad_replayed``). The first reply wins; later ones are ignored."""
-        assert self._channel is not None and self._reply_queue is not None, "not connected"
+        assert self._channel is not None, "not connected"
         message_id = message_id or str(uuid.uuid4())
         correlation_id = str(uuid.uuid4())
         if request_jws is None and sign:
@@ -186,7 +250,7 @@ class SamClient:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             correlation_id=correlation_id,
-            reply_to=self._reply_queue.name if reply_to == "" else reply_to,
+            reply_to=self._reply_queue_name if reply_to == "" else reply_to,
             user_id=self.user_id if user_id == "" else user_id,
             type=operation,
             timestamp=time.time(),
@@ -202,9 +266,14 @@ class SamClient:
             for attempt in range(retries + 1):
                 while True:
                     try:
+                        # a node that went away: wait while the client moves to another
+                        await asyncio.wait_for(self._connected.wait(), max(deadline - time.monotonic(), 0.01))
+                        assert self._channel is not None
                         exchange = await self._channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
                         await exchange.publish(message, routing_key=routing_key, mandatory=True)
                         break
+                    except TimeoutError:
+                        raise SamTimeout(message_id, seconds) from None
                     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
                         if not retries or time.monotonic() > deadline:
                             raise

@@ -7,7 +7,7 @@ so a hostile ``type`` cannot blow up the series count.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from worker.domain.contract import Operation
 
@@ -24,6 +24,8 @@ def operation_label(operation: str | None) -> str:
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # process_resident_memory_bytes, CPU seconds, open files: memory must stay flat
+        ProcessCollector(registry=registry)
         self.requests = Counter(
             "sam_requests",
             "Requests answered, by operation, outcome and error code",

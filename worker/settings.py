@@ -29,7 +29,16 @@ __all__ = [
     "load_settings",
     "load_static_configuration",
     "read_secret",
+    "split_urls",
 ]
+
+
+def split_urls(urls: str) -> tuple[str, ...]:
+    """``"amqps://a,amqps://b"`` → one URL per broker node."""
+    parts = tuple(part.strip() for part in urls.split(",") if part.strip())
+    if not parts:
+        raise ValueError("no broker URL given")
+    return parts
 
 
 class TlsFiles(BaseModel):
@@ -46,7 +55,11 @@ class WorkerSettings(BaseSettings):
 
     broker_url: str = Field(
         default="amqps://127.0.0.1:5671/sam?auth=external",
-        description="AMQP URL; authentication is EXTERNAL (the TLS client certificate)",
+        description=(
+            "AMQP URL, or one per cluster node separated by commas (the worker connects to "
+            "the first that answers, starting at a place chosen by its instance name); "
+            "authentication is EXTERNAL (the TLS client certificate)"
+        ),
     )
     tls_ca_file: Path
     tls_cert_file: Path
@@ -78,6 +91,10 @@ class WorkerSettings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        return split_urls(self.broker_url)
 
     @property
     def tls(self) -> TlsFiles:

@@ -8,6 +8,8 @@ import asyncio
 import os
 import random
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,8 @@ from worker.transport.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT
 pytestmark = pytest.mark.integration
 
 CASES = int(os.environ.get("SAM_BROKER_FUZZ_CASES", "300"))
+MEMORY_CASES_PER_ROUND = int(os.environ.get("SAM_MEMORY_FUZZ_CASES", "500"))
+MEMORY_ROUNDS = 4
 OPERATIONS = [
     "signatures.create",
     "key_pairs.create",
@@ -29,34 +33,45 @@ OPERATIONS = [
 ]
 
 
+def _hostile(generator: random.Random) -> tuple[str, bytes, dict[str, Any], bool, str]:
+    """(operation, body, headers, sign, routing key) of one random raw message."""
+    body = generator.choice(
+        [
+            os.urandom(generator.randint(0, 200)),
+            b"{" * generator.randint(1, 50),
+            b'{"requests": [' + b"1," * generator.randint(0, 300) + b"1]}",
+            b'{"key_template": {"algorithm": "ECDSA", "named_curve": "'
+            + os.urandom(4).hex().encode()
+            + b'"}}',
+        ]
+    )
+    headers = generator.choice(
+        [{}, {"sam-sad": os.urandom(8).hex()}, {"sam-sad": 12}, {"sam-request-jws": ""}]
+    )
+    operation = generator.choice(OPERATIONS)
+    return (
+        operation,
+        body,
+        headers,
+        generator.random() < 0.5,
+        generator.choice(["signatures", "keys", "admin"]),
+    )
+
+
 async def test_random_raw_messages_get_one_answer_and_leave_nothing(harness: Harness) -> None:
     generator = random.Random(7)
     async with harness.client("ssa-1") as ssa:
         expected = []
         for n in range(CASES):
-            body = generator.choice(
-                [
-                    os.urandom(generator.randint(0, 200)),
-                    b"{" * generator.randint(1, 50),
-                    b'{"requests": [' + b"1," * generator.randint(0, 300) + b"1]}",
-                    b'{"key_template": {"algorithm": "ECDSA", "named_curve": "'
-                    + os.urandom(4).hex().encode()
-                    + b'"}}',
-                ]
-            )
-            headers = generator.choice(
-                [{}, {"sam-sad": os.urandom(8).hex()}, {"sam-sad": 12}, {"sam-request-jws": ""}]
-            )
+            operation, body, headers, sign, routing_key = _hostile(generator)
             reply_to = "" if generator.random() < 0.9 else None
-            operation = generator.choice(OPERATIONS)
-            sign = generator.random() < 0.5
             reply = await ssa.send(
                 operation,
                 body,
                 headers=headers,
                 sign=sign,
                 reply_to=reply_to,
-                routing_key=generator.choice(["signatures", "keys", "admin"]),
+                routing_key=routing_key,
                 wait=reply_to is not None,
                 reply_timeout=10,
             )
@@ -76,6 +91,41 @@ async def test_random_raw_messages_get_one_answer_and_leave_nothing(harness: Har
             break
         await asyncio.sleep(0.25)
     assert all(depths[q] == (0, 0) for q in ("sam.admin", "sam.keys", "sam.signatures")), depths
+
+
+def _resident_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def test_worker_memory_stays_flat_under_hostile_input(harness: Harness) -> None:
+    """Rounds of hostile messages, 16 in flight: after a warm-up round, the resident
+    memory of both workers grows by less than 8 MiB over the remaining rounds (a leak
+    of one object per request would show: the rounds are thousands of requests)."""
+    generator = random.Random(11)
+    pids = {name: process.pid for name, process in harness.workers.items() if process.poll() is None}
+    assert pids
+    resident: list[dict[str, int]] = []
+    gate = asyncio.Semaphore(16)
+    async with harness.client("ssa-1") as ssa:
+
+        async def one() -> None:
+            operation, body, headers, sign, routing_key = _hostile(generator)
+            async with gate:
+                reply = await ssa.send(
+                    operation, body, headers=headers, sign=sign, routing_key=routing_key, reply_timeout=20
+                )
+            assert reply is not None and reply.status >= 400, reply
+
+        for _ in range(MEMORY_ROUNDS):
+            await asyncio.gather(*(one() for _ in range(MEMORY_CASES_PER_ROUND)))
+            resident.append({name: _resident_kib(pid) for name, pid in pids.items()})
+    print(f"resident KiB after each round of {MEMORY_CASES_PER_ROUND}: {resident}")
+    for name in pids:
+        growth = resident[-1][name] - resident[0][name]
+        assert growth < 8 * 1024, (name, resident)
 
 
 _VALID: dict[str, object] = {}

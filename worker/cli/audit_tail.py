@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import sys
 
-import aio_pika
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.cli.sam import ClientProfile
 from worker.domain.audit import ChainFollower
 from worker.settings import TlsFiles
-from worker.transport.amqp import tls_context
+from worker.transport.amqp import connect
 from worker.transport.topology import AUDIT_EXCHANGE
 
 __all__ = ["tail"]
@@ -35,7 +34,7 @@ async def tail(
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     follower = ChainFollower(key)
     seen, failures = 0, 0
-    connection = await aio_pika.connect_robust(profile.url, ssl_context=tls_context(tls))
+    connection = await connect(profile.url, tls)
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=256)

@@ -34,7 +34,7 @@ from worker.client import SamClient, SamRequestError
 from worker.devtools.authorization_server import DevAuthorizationServer
 from worker.devtools.stack import Stack
 from worker.settings import TlsFiles, load_infrastructure, read_secret
-from worker.transport.amqp import tls_context
+from worker.transport.amqp import connect
 
 __all__ = ["main"]
 
@@ -188,7 +188,7 @@ async def echo_server(profile_file: Path, prefetch: int) -> None:
     """Consume bench.echo, answer on reply_to with confirms, ack after — as a worker does."""
     profile = ClientProfile.model_validate_json(profile_file.read_text())
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
-    connection = await aio_pika.connect_robust(profile.url, ssl_context=tls_context(tls))
+    connection = await connect(profile.url, tls)
     publish = await connection.channel(publisher_confirms=True)
     consume = await connection.channel()
     await consume.set_qos(prefetch_count=prefetch)
@@ -218,7 +218,7 @@ class EchoClient:
         tls = TlsFiles(
             ca_file=self.profile.ca_file, cert_file=self.profile.cert_file, key_file=self.profile.key_file
         )
-        self.connection = await aio_pika.connect_robust(self.profile.url, ssl_context=tls_context(tls))
+        self.connection = await connect(self.profile.url, tls)
         self.channel = await self.connection.channel(publisher_confirms=True)
         self.replies = await self.channel.declare_queue(f"bench.replies.{uuid.uuid4()}", exclusive=True)
 

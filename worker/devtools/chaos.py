@@ -1,5 +1,7 @@
-"""TEST TOOLING: ``ops/chaos [--full]`` — load through the SDK while workers are killed,
-the broker restarts, the HSM goes away and the audit disk fills; then the report.
+"""TEST TOOLING: ``ops/chaos [--full] [--cluster]`` — load through the SDK while workers
+are killed, the broker restarts, the HSM goes away and the audit disk fills; with
+``--cluster``, on a three-node RabbitMQ cluster, one node after another is stopped and
+started again instead of the single broker's restart. Then the report.
 
 It runs a stack of its own (a temporary folder, ports base 27671) so it never disturbs
 the demo stack. The short run (CI) lasts about a minute; ``--full`` several minutes.
@@ -16,6 +18,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -54,6 +57,8 @@ class ChaosReport:
     answered_without_record: int = 0
     unchained_records: int = 0
     answered_request_ids: set[str] = field(default_factory=set)
+    queue_members: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +68,8 @@ class ChaosReport:
             "unanswered": self.unanswered,
             "duplicate_replies_absorbed": self.duplicates_absorbed,
             "sdk_retries": self.retries,
+            "sdk_reconnects": self.reconnects,
+            "members_per_queue": self.queue_members,
             "faults_injected": self.faults,
             "audit_verify_ok": self.audit_ok,
             "audit_verify": self.audit_summary,
@@ -124,7 +131,12 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
     """The fault schedule; each fault is undone before the next."""
     tokens = stack.path("softhsm", "tokens")
     audit = stack.path("audit")
-    steps = ["kill", "hsm", "kill", "audit", "broker", "kill"] * (3 if full else 1)
+    if stack.cluster > 1:
+        # node 1 first: the SDK and some workers are connected to it, and it leads the
+        # queues declared first; then another node, so the cluster loses a member twice
+        steps = ["kill", "node-1", "hsm", "kill", "audit", "node-2", "kill"] * (3 if full else 1)
+    else:
+        steps = ["kill", "hsm", "kill", "audit", "broker", "kill"] * (3 if full else 1)
     for step in steps:
         await asyncio.sleep(4)
         if step == "kill":
@@ -161,13 +173,19 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
                 await asyncio.sleep(0.2)
             report.faults.append("broker stopped and started again")
             await asyncio.to_thread(stack._rabbitmq)
+        elif step.startswith("node-"):
+            node = int(step.removeprefix("node-"))
+            await asyncio.to_thread(stack.stop_node, node)
+            report.faults.append(f"cluster node {node} stopped for 6 s, then started again")
+            await asyncio.sleep(6)
+            await asyncio.to_thread(stack.start_node, node)
     await asyncio.sleep(4)
     stop.set()
 
 
-async def run(full: bool = False, port_base: int = 27671) -> ChaosReport:
+async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> ChaosReport:
     root = Path(tempfile.mkdtemp(prefix="sam-chaos-"))
-    stack = Stack(root, port_base)
+    stack = Stack(root, port_base, cluster)
     report = ChaosReport()
     mounted = False
     try:
@@ -181,6 +199,7 @@ async def run(full: bool = False, port_base: int = 27671) -> ChaosReport:
             == 0
         )
         stack.up(workers=2)
+        report.queue_members = stack.queue_members()
         profile = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text())
         static = json.loads(stack.path("config", "static_config.json").read_text())
         authority = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
@@ -198,6 +217,7 @@ async def run(full: bool = False, port_base: int = 27671) -> ChaosReport:
         await asyncio.gather(*loaders)
         report.duplicates_absorbed = sum(n - 1 for n in client.replies_seen.values() if n > 1)
         report.retries = client.retried
+        report.reconnects = client.reconnects
         await client.close()
         stack.down()
         files = sorted(stack.path("audit").glob("*/*.jsonl"))
@@ -227,10 +247,14 @@ async def run(full: bool = False, port_base: int = 27671) -> ChaosReport:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ops/chaos", description=__doc__)
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--cluster", action="store_true", help="a three-node RabbitMQ cluster")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # connections cut by the faults are expected: the report counts what matters
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
     started = time.monotonic()
-    report = asyncio.run(run(args.full))
+    report = asyncio.run(run(args.full, cluster=3 if args.cluster else 1))
     document = {**report.as_dict(), "seconds": round(time.monotonic() - started)}
     text = json.dumps(document, indent=2)
     print(text)

@@ -73,7 +73,7 @@ def _stop_pid(pid: int, timeout: float, sig: int = signal.SIGTERM) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path) -> str:
+def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path | None) -> str:
     """The security core of every node's rabbitmq.conf: TLS only (1.2+), peer certificates
     required, EXTERNAL authentication by certificate CN, topology and users from definitions."""
     return "\n".join(
@@ -89,7 +89,7 @@ def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file
             "ssl_options.versions.2 = tlsv1.2",
             "auth_mechanisms.1 = EXTERNAL",
             "ssl_cert_login_from = common_name",
-            f"load_definitions = {definitions_file}",
+            *([f"load_definitions = {definitions_file}"] if definitions_file else []),
             "",
         ]
     )
@@ -157,18 +157,46 @@ def verify_audit(infrastructure: Path, files: list[Path]) -> subprocess.Complete
 
 @dataclass
 class Stack:
+    """``cluster`` RabbitMQ nodes (1 or 3): node 1 listens on ``port_base``; every node has
+    its own AMQPS and distribution port, and all share one epmd port and Erlang cookie."""
+
     root: Path
     port_base: int = 25671
+    cluster: int = 1
 
     # --- layout -----------------------------------------------------------------------
+    # node 1: AMQPS base, dist base+1; epmd base+2; node n>1: AMQPS base+2n-1, dist base+2n
+    # (workers' metrics ports start at base+11, so up to five nodes fit)
+
+    def node_amqps_port(self, node: int) -> int:
+        return self.port_base if node == 1 else self.port_base + 2 * node - 1
+
+    def node_dist_port(self, node: int) -> int:
+        return self.port_base + 1 if node == 1 else self.port_base + 2 * node
+
+    def node_name_of(self, node: int) -> str:
+        return f"sam{self.port_base}@localhost" if node == 1 else f"sam{self.port_base}-{node}@localhost"
+
+    def node_folder(self, node: int) -> Path:
+        return self.path("rabbitmq") if node == 1 else self.path(f"rabbitmq-{node}")
+
+    def node_pid_file(self, node: int) -> Path:
+        return self.path("run", "rabbitmq.pid" if node == 1 else f"rabbitmq-{node}.pid")
+
+    def node_url(self, node: int) -> str:
+        return f"amqps://127.0.0.1:{self.node_amqps_port(node)}/{VHOST}?auth=external&name=sam"
+
+    @property
+    def nodes(self) -> range:
+        return range(1, self.cluster + 1)
 
     @property
     def amqps_port(self) -> int:
-        return self.port_base
+        return self.node_amqps_port(1)
 
     @property
     def dist_port(self) -> int:
-        return self.port_base + 1
+        return self.node_dist_port(1)
 
     @property
     def epmd_port(self) -> int:
@@ -176,11 +204,12 @@ class Stack:
 
     @property
     def node_name(self) -> str:
-        return f"sam{self.port_base}@localhost"
+        return self.node_name_of(1)
 
     @property
     def url(self) -> str:
-        return f"amqps://127.0.0.1:{self.amqps_port}/{VHOST}?auth=external&name=sam"
+        """Every node's URL, comma-separated: workers and the SDK move on along it."""
+        return ",".join(self.node_url(node) for node in self.nodes)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -222,30 +251,31 @@ class Stack:
         for user in [*ADMINS, *SSAS, *AUTHORIZATION_SERVERS]:
             pki.jws_key(user)
 
-    def _rabbitmq_env(self) -> dict[str, str]:
-        base = self.path("rabbitmq")
+    def _rabbitmq_env(self, node: int = 1) -> dict[str, str]:
+        folder = self.node_folder(node)
         env = dict(os.environ)
         env.update(
-            HOME=str(base / "home"),
-            RABBITMQ_NODENAME=self.node_name,
+            # one HOME for every node: they must share the Erlang cookie kept there
+            HOME=str(self.path("rabbitmq", "home")),
+            RABBITMQ_NODENAME=self.node_name_of(node),
             RABBITMQ_USE_LONGNAME="false",
-            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_DIST_PORT=str(self.node_dist_port(node)),
             ERL_EPMD_PORT=str(self.epmd_port),
             ERL_EPMD_ADDRESS="127.0.0.1",
-            RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
-            RABBITMQ_LOG_BASE=str(base / "log"),
-            RABBITMQ_CONFIG_FILE=str(base / "rabbitmq.conf"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(base / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
-            RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),
-            RABBITMQ_PID_FILE=str(base / "rabbitmq.pid"),
+            RABBITMQ_MNESIA_BASE=str(folder / "mnesia"),
+            RABBITMQ_LOG_BASE=str(folder / "log"),
+            RABBITMQ_CONFIG_FILE=str(folder / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(folder / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(folder / "enabled_plugins"),
+            RABBITMQ_CONF_ENV_FILE=str(folder / "rabbitmq-env.conf"),
+            RABBITMQ_PID_FILE=str(folder / "rabbitmq.pid"),
         )
         return env
 
-    def rabbitmqctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def rabbitmqctl(self, *args: str, check: bool = True, node: int = 1) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [RABBITMQCTL, "-n", self.node_name, *args],
-            env=self._rabbitmq_env(),
+            [RABBITMQCTL, "-n", self.node_name_of(node), *args],
+            env=self._rabbitmq_env(node),
             capture_output=True,
             text=True,
             check=check,
@@ -253,47 +283,139 @@ class Stack:
         )
 
     def _rabbitmq(self) -> None:
-        base = self.path("rabbitmq")
-        for sub in ("home", "mnesia", "log"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        pki = self.pki
-        server = pki.root / "rabbitmq"
-        (base / "definitions.json").write_text(
+        """Start every node that is not running; with a cluster, join nodes 2.. to node 1
+        so that every quorum queue and stream has a member on each node."""
+        definitions_file = self.path("rabbitmq", "definitions.json")
+        self.path("rabbitmq").mkdir(parents=True, exist_ok=True)
+        definitions_file.write_text(
             json.dumps(definitions([WORKER_USER], ADMINS, SSAS, SIEMS, BENCHMARKS), indent=2)
         )
-        (base / "rabbitmq.conf").write_text(
-            rabbitmq_config(f"127.0.0.1:{self.amqps_port}", pki.ca_file, server, base / "definitions.json")
+        if self.cluster > 1 and self.node_running(1) and not self.node_folder(2).exists():
+            raise RuntimeError("this stack runs a single broker node: `ops/stack down` before --cluster 3")
+        if self.node_running(1) and self.cluster == 1:
+            # running already: bring its users, permissions and topology up to date
+            self.rabbitmqctl("import_definitions", str(definitions_file))
+        # launched together, awaited after: restarted cluster members wait for each other
+        started = {node: self._launch_node(node) for node in self.nodes if not self.node_running(node)}
+        for node, process in started.items():
+            self._await_node(node, process)
+        if self.cluster > 1:
+            self._form_cluster()
+
+    def node_running(self, node: int) -> bool:
+        pid_file = self.node_pid_file(node)
+        return pid_file.exists() and _pid_alive(int(pid_file.read_text()))
+
+    def start_node(self, node: int) -> None:
+        """Start one node (its files written anew) and wait until it has booted."""
+        self._await_node(node, self._launch_node(node))
+
+    def _launch_node(self, node: int) -> subprocess.Popen[bytes]:
+        folder = self.node_folder(node)
+        for sub in ("mnesia", "log"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        home = self.path("rabbitmq", "home")
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():  # written here, not by whichever node boots first
+            cookie.write_text(secrets.token_hex(20))
+            cookie.chmod(0o400)
+        pki = self.pki
+        (folder / "rabbitmq.conf").write_text(
+            rabbitmq_config(
+                f"127.0.0.1:{self.node_amqps_port(node)}",
+                pki.ca_file,
+                pki.root / "rabbitmq",
+                # a cluster imports them once it is formed (see _form_cluster)
+                self.path("rabbitmq", "definitions.json") if self.cluster == 1 else None,
+            )
             + "loopback_users = none\nlog.console = false\nlog.file.level = warning\n"
         )
-        (base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
-        (base / "rabbitmq-env.conf").write_text("")
-        (base / "advanced.config").write_text("[].\n")
-        pid_file = self.path("run", "rabbitmq.pid")
-        if pid_file.exists() and _pid_alive(int(pid_file.read_text())):
-            # running already: bring its users, permissions and topology up to date
-            self.rabbitmqctl("import_definitions", str(base / "definitions.json"))
-            return
-        log = (self.path("logs", "rabbitmq.out")).open("ab")
+        (folder / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+        (folder / "rabbitmq-env.conf").write_text("")
+        (folder / "advanced.config").write_text("[].\n")
+        log_name = "rabbitmq.out" if node == 1 else f"rabbitmq-{node}.out"
+        log = self.path("logs", log_name).open("ab")
         process = subprocess.Popen(
             [RABBITMQ_SERVER],
-            env=self._rabbitmq_env(),
+            env=self._rabbitmq_env(node),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        pid_file.write_text(str(process.pid))
+        self.node_pid_file(node).write_text(str(process.pid))
+        return process
+
+    def _await_node(self, node: int, process: subprocess.Popen[bytes]) -> None:
         # await_startup fails at once while the node is not yet registered with epmd
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
-            result = self.rabbitmqctl("await_startup", "--timeout", "30", check=False)
+            result = self.rabbitmqctl("await_startup", "--timeout", "30", check=False, node=node)
             if result.returncode == 0:
                 return
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"RabbitMQ did not start: {result.stderr.strip()[-500:]} (see {base / 'log'})"
+                    f"RabbitMQ node {node} did not start: {result.stderr.strip()[-500:]} "
+                    f"(see {self.node_folder(node) / 'log'})"
                 )
             time.sleep(0.5)
+
+    def stop_node(self, node: int, timeout: float = 60) -> None:
+        """Stop one node as an operator would (SIGTERM: a clean shutdown)."""
+        pid_file = self.node_pid_file(node)
+        if pid_file.exists():
+            _stop_pid(int(pid_file.read_text()), timeout=timeout)
+            pid_file.unlink(missing_ok=True)
+
+    def cluster_members(self) -> tuple[set[str], set[str]]:
+        """(disc nodes, running nodes) as node 1 sees them."""
+        result = self.rabbitmqctl("cluster_status", "--formatter", "json", node=self._any_running_node())
+        status = json.loads(result.stdout)
+        return set(status.get("disk_nodes", [])), set(status.get("running_nodes", []))
+
+    def _any_running_node(self) -> int:
+        return next((node for node in self.nodes if self.node_running(node)), 1)
+
+    def _form_cluster(self) -> None:
+        """Join nodes 2.. to node 1, then declare the topology: queues and streams declared
+        on a formed cluster get a member on every node. (Streams declared while node 1
+        stood alone and given replicas afterwards left the stream coordinator of
+        RabbitMQ 3.10 unable to start those replicas.)"""
+        members, _ = self.cluster_members()
+        seed = self.node_name_of(1)
+        for node in self.nodes:
+            name = self.node_name_of(node)
+            if node == 1 or name in members:
+                continue
+            self.rabbitmqctl("stop_app", node=node)
+            self.rabbitmqctl("reset", node=node)
+            self.rabbitmqctl("join_cluster", seed, node=node)
+            self.rabbitmqctl("start_app", node=node)
+            self.rabbitmqctl("await_startup", "--timeout", "60", node=node)
+        self.rabbitmqctl("import_definitions", str(self.path("rabbitmq", "definitions.json")))
+        short = {name: count for name, count in self.queue_members().items() if count < self.cluster}
+        if short:
+            raise RuntimeError(f"queues without a member on every node: {short}")
+
+    def queue_members(self) -> dict[str, int]:
+        """Each quorum queue and stream of vhost sam with its number of members."""
+        result = self.rabbitmqctl(
+            "list_queues",
+            "-p",
+            VHOST,
+            "name",
+            "type",
+            "members",
+            "--formatter",
+            "json",
+            node=self._any_running_node(),
+        )
+        return {
+            row["name"]: len(row.get("members") or [])
+            for row in json.loads(result.stdout)
+            if row.get("type") in ("quorum", "stream")
+        }
 
     def _token(self) -> None:
         conf = softhsm_config(self.path("softhsm"))
@@ -451,7 +573,7 @@ class Stack:
 
     def down_workers(self) -> None:
         for name in self._pids():
-            if name != "rabbitmq":
+            if not name.startswith("rabbitmq"):
                 self.stop_instance(name)
 
     # --- down / status ----------------------------------------------------------------
@@ -459,13 +581,15 @@ class Stack:
     def down(self) -> None:
         pids = self._pids()
         for name, pid in pids.items():
-            if name != "rabbitmq":
+            if not name.startswith("rabbitmq"):
                 _stop_pid(pid, timeout=15)
                 self.path("run", f"{name}.pid").unlink(missing_ok=True)
-        if "rabbitmq" in pids:
-            _stop_pid(pids["rabbitmq"], timeout=30)
-            self.path("run", "rabbitmq.pid").unlink(missing_ok=True)
-            # epmd was started by this node on its own port; stop that one only
+        nodes = [name for name in pids if name.startswith("rabbitmq")]
+        for name in nodes:
+            _stop_pid(pids[name], timeout=60)
+            self.path("run", f"{name}.pid").unlink(missing_ok=True)
+        if nodes:
+            # epmd was started by these nodes on their own port; stop that one only
             epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
             subprocess.run(
                 [epmd, "-port", str(self.epmd_port), "-kill"],
@@ -487,8 +611,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("SAM_STACK_DIR", ".stack")))
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("SAM_STACK_PORT_BASE", "25671")))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--cluster", type=int, choices=[1, 3], default=1, help="RabbitMQ nodes (3: a cluster on loopback)"
+    )
     args = parser.parse_args(argv)
-    stack = Stack(args.root.resolve(), args.port_base)
+    stack = Stack(args.root.resolve(), args.port_base, args.cluster)
     if args.command == "up":
         stack.up(args.workers)
         print(f"stack up in {stack.root}: RabbitMQ {stack.url}, {args.workers} worker(s)")

@@ -4,7 +4,9 @@ Clients (the SDK, tools) use aio-pika's robust connection. The worker does not: 
 worker that loses its connection exits and is started again by its supervisor
 (``connect_worker``), because restoring its stream consumers, confirm channels and
 in-flight state behind a reconnect proved unreliable, while a fresh start replays the
-streams and is known to be right.
+streams and is known to be right. With several node URLs (a cluster) a starting worker
+takes the first node that answers, beginning at a place its instance name picks, so
+replicas spread over the nodes and a stopped node only costs its workers a restart.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import asyncio
 import logging
 import ssl
 import time
+import zlib
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
-from worker.settings import TlsFiles
+from worker.settings import TlsFiles, split_urls
 
-__all__ = ["connect", "connect_worker", "tls_context"]
+__all__ = ["connect", "connect_worker", "rotated", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +34,48 @@ def tls_context(tls: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-async def connect(url: str, tls: TlsFiles) -> AbstractRobustConnection:
-    return await aio_pika.connect_robust(url, ssl_context=tls_context(tls))
+async def connect(urls: str, tls: TlsFiles) -> AbstractRobustConnection:
+    """A robust connection (tools, SIEM consumers) to the first of the comma-separated
+    node ``urls`` that answers; it reconnects to that node."""
+    context = tls_context(tls)
+    nodes = split_urls(urls)
+    for url in nodes[:-1]:
+        try:
+            return await aio_pika.connect_robust(url, ssl_context=context)
+        except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            log.warning("broker node %s not reachable (%s)", _host(url), type(exc).__name__)
+    return await aio_pika.connect_robust(nodes[-1], ssl_context=context)
 
 
-async def connect_worker(url: str, tls: TlsFiles, patience: float) -> AbstractConnection:
-    """A plain connection, retried for ``patience`` seconds (the broker may be starting)."""
+def rotated(urls: tuple[str, ...], name: str) -> list[str]:
+    """``urls`` starting at a place ``name`` picks (stable for a name, spread over names)."""
+    start = zlib.crc32(name.encode()) % len(urls)
+    return list(urls[start:] + urls[:start])
+
+
+async def connect_worker(
+    urls: tuple[str, ...], tls: TlsFiles, patience: float, instance: str
+) -> AbstractConnection:
+    """A plain connection to the first node that answers, tried round after round for
+    ``patience`` seconds (the broker may be starting)."""
     deadline = time.monotonic() + patience
     delay = 0.5
+    context = tls_context(tls)
     while True:
-        try:
-            return await aio_pika.connect(url, ssl_context=tls_context(tls))
-        except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("broker not reachable (%s); trying again in %.1f s", type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
+        for url in rotated(urls, instance):
+            try:
+                connection = await asyncio.wait_for(aio_pika.connect(url, ssl_context=context), 10)
+            except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                log.warning("broker node %s not reachable (%s)", _host(url), type(exc).__name__)
+                continue
+            log.info("connected to broker node %s", _host(url))
+            return connection
+        if time.monotonic() + delay > deadline:
+            raise ConnectionError(f"no broker node reachable within {patience} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5)
+
+
+def _host(url: str) -> str:
+    """host:port of an AMQP URL, for logs (never the query string)."""
+    return url.split("://", 1)[-1].split("/", 1)[0]
