@@ -68,7 +68,28 @@ class StreamLedger:
         self._queue = await self._consume_channel.get_queue(self.stream, ensure=False)
         offset: Any = self._start_at if self._start_at is not None else "first"
         await self._queue.consume(self._on_message, arguments={"x-stream-offset": offset})
-        await self.sync()
+        await self._replayed()
+
+    async def _replayed(self) -> None:
+        """Wait until the whole stream has been read. The stream grows with the
+        deployment (every key pair change stays in ``sam.key-events``), so the replay is
+        bounded by progress, not by a total: it fails only when ``timeout`` passes
+        without a single message read."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next.syncs.append(future)
+        self._wakeup.set()
+        while True:
+            seen = self.position
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await asyncio.shield(future)
+                return
+            except TimeoutError:
+                if self.position == seen:
+                    raise SamError(
+                        ErrorCode.ledger_unavailable, f"{self.stream} did not answer in time"
+                    ) from None
+                log.info("%s: replaying, at offset %d", self.stream, self.position)
 
     async def stop(self) -> None:
         if self._publisher is not None:
