@@ -101,7 +101,8 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         audit_exchange = await publish_channel.get_exchange(AUDIT_EXCHANGE, ensure=False)
 
         async def publish_audit(body: bytes, routing_key: str) -> None:
-            message = aio_pika.Message(body, content_type="application/json", delivery_mode=2)
+            # one or more entries, one JSON document per line (see AuditTrail)
+            message = aio_pika.Message(body, content_type="application/x-ndjson", delivery_mode=2)
             await audit_exchange.publish(message, routing_key=routing_key, mandatory=True)
 
         configuration = ConfigurationLog(static)

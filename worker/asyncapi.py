@@ -112,14 +112,16 @@ def asyncapi(
         },
     }
     messages["audit_entry"] = {
-        "name": "audit entry",
-        "contentType": "application/json",
+        "name": "audit entries",
+        "contentType": "application/x-ndjson",
+        "description": "one or more consecutive entries of one chain that share the routing key, "
+        "one JSON document per line, in chain order; the payload schema is that of one line",
         "payload": {"oneOf": [_ref("./audit.record.json"), _ref("./audit.checkpoint.json")]},
     }
     channels["audit"] = {
         "address": "{log}.{operation}.{outcome}",
-        "description": "every audit record and checkpoint, published with confirms (mandatory); "
-        "bind your own queue",
+        "description": "every audit record and checkpoint, published with confirms (mandatory), "
+        "consecutive records with one routing key in one message (JSON lines); bind your own queue",
         "parameters": {
             "log": {"enum": ["service", "admin"]},
             "operation": {"description": "the operation, or `checkpoint`"},

@@ -102,6 +102,7 @@ class SamClient:
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
         self._reply_queue_name = f"{reply_queue_prefix(user_id)}{uuid.uuid4()}"
+        self._consumer_tag = ""
         self._node = 0  # index in ``urls`` of the node tried first
         self._connected = asyncio.Event()
         self._reconnecting: asyncio.Task[None] | None = None
@@ -154,7 +155,7 @@ class SamClient:
             if len(self.urls) > 1:
                 arguments["x-queue-type"] = "quorum"
             queue = await channel.declare_queue(self._reply_queue_name, durable=True, arguments=arguments)
-            await queue.consume(self._on_reply, no_ack=True)
+            self._consumer_tag = await queue.consume(self._on_reply, no_ack=True)
         except BaseException:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -184,6 +185,8 @@ class SamClient:
         if self._connection is not None:
             if self._reply_queue is not None and not self._connection.is_closed:
                 with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                    # our own consumer first, so the broker has none to cancel
+                    await self._reply_queue.cancel(self._consumer_tag)
                     await self._reply_queue.delete(if_unused=False, if_empty=False)
             with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
                 await self._connection.close()

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
+from worker.audit_trail import runs_by_routing_key
 from worker.domain.audit import (
     AuditEvent,
     AuditLog,
@@ -166,3 +167,25 @@ def test_follower_checks_as_entries_arrive() -> None:
     assert bad.feed(orjson.loads(_alter(lines, 0, actor="x")[0]))[0].endswith(
         "altered (content does not match its hash)"
     )
+
+
+def test_broker_messages_carry_runs_of_one_routing_key_in_chain_order() -> None:
+    """What the worker publishes on sam.audit: consecutive entries with one routing key
+    in one message (JSON lines), the checkpoint alone; read line by line, the follower
+    sees the whole chain in order."""
+    lines = trail([5])
+    routing = ["service.signatures_create.success"] * 2 + ["service.signatures_create.failure"]
+    routing += ["service.signatures_create.success"] * 2 + ["service.checkpoint.success"]
+    messages = runs_by_routing_key(lines, routing)
+    assert [key for _, key in messages] == [
+        "service.signatures_create.success",
+        "service.signatures_create.failure",
+        "service.signatures_create.success",
+        "service.checkpoint.success",
+    ]
+    assert [len(body.splitlines()) for body, _ in messages] == [2, 1, 2, 1]
+    follower = ChainFollower(KEY.public_key())
+    received = [line for body, _ in messages for line in body.splitlines()]
+    assert received == lines
+    assert all(follower.feed(orjson.loads(line)) == [] for line in received)
+    assert runs_by_routing_key([], []) == []

@@ -50,16 +50,19 @@ async def tail(
                 except (TimeoutError, StopAsyncIteration):
                     break
                 async with message.process():
-                    try:
-                        entry = orjson.loads(message.body)
-                        problems = follower.feed(entry)
-                    except orjson.JSONDecodeError:
-                        problems = ["not JSON"]
-                    seen += 1
-                    failures += bool(problems)
-                    for problem in problems:
-                        print(f"BAD {problem}", file=sys.stderr)
-                    sys.stdout.write(message.body.decode(errors="replace") + "\n")
+                    # one message: one or more entries, one JSON document per line
+                    for line in message.body.splitlines():
+                        if not line.strip():
+                            continue
+                        try:
+                            problems = follower.feed(orjson.loads(line))
+                        except orjson.JSONDecodeError:
+                            problems = ["not JSON"]
+                        seen += 1
+                        failures += bool(problems)
+                        for problem in problems:
+                            print(f"BAD {problem}", file=sys.stderr)
+                        sys.stdout.write(line.decode(errors="replace") + "\n")
                     sys.stdout.flush()
         with contextlib.suppress(Exception):
             await channel.close()
