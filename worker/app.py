@@ -19,7 +19,7 @@ from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.hsm.instrumented import InstrumentedHsm
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
+from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session, renew_library
 from worker.metrics import Metrics
 from worker.service import SamService
 from worker.settings import (
@@ -67,6 +67,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         infrastructure.audit_key.label,
         infrastructure.factor_key_label,
         infrastructure.wrap_mechanism,
+        renew_library=lambda: renew_library(settings.pkcs11_module),
     )
     hsm = InstrumentedHsm(pkcs11_hsm, metrics, pkcs11_hsm.healthy)
     sealer = KeyPairSealer(

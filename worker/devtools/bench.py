@@ -54,6 +54,9 @@ class Point:
     p50_ms: float | None = None
     p99_ms: float | None = None
     per_request: int = 1  # signatures per request
+    # CPU time per request during the run, by part (broker, workers or echo servers,
+    # load generator): on one machine the parts share the cores, so this is the profile
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
 
     @property
     def signatures_per_second(self) -> float:
@@ -76,6 +79,60 @@ class Results:
             ):
                 return point
         raise KeyError((name, concurrency, processes))
+
+
+def own_cpu_seconds() -> float:
+    usage = os.times()
+    return usage.user + usage.system
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and all its descendants (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        spent[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree, grew = {pid}, True
+    while grew:
+        grown = tree | {child for child, parent in parents.items() if parent in tree}
+        grew, tree = grown != tree, grown
+    return sum(spent.get(member, 0.0) for member in tree)
+
+
+async def profiled_loop(
+    call: Callable[[int], Awaitable[None]],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    parts: dict[str, list[int]],
+) -> tuple[tuple[int, float, list[float]], dict[str, float]]:
+    """``closed_loop`` and the CPU milliseconds each part spent per call meanwhile."""
+    calls = 0
+
+    async def counted(n: int) -> None:
+        nonlocal calls
+        calls += 1
+        await call(n)
+
+    def snapshot() -> dict[str, float]:
+        # the load generator alone: the workers and echo servers it started are its children
+        return {
+            name: own_cpu_seconds() if name == "load" else sum(tree_cpu_seconds(pid) for pid in pids)
+            for name, pids in parts.items()
+        }
+
+    before = snapshot()
+    result = await closed_loop(counted, concurrency, seconds, warmup)
+    after = snapshot()
+    return result, {name: round((after[name] - before[name]) * 1000 / max(calls, 1), 3) for name in parts}
 
 
 async def closed_loop(
@@ -317,23 +374,52 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-async def run(stack: Stack, quick: bool, out: Path) -> Results:
+async def memory_run(
+    worker: subprocess.Popen[bytes], load: Workload, total: int = 100_000, chunk: int = 10_000
+) -> dict[str, Any]:
+    """Resident memory of one worker after every ``chunk`` of ``total`` requests (c=64).
+    It must level off: what grows with the rate is the SAD-use window (each ``jti`` is
+    kept until its SAD expires), bounded by rate x SAD lifetime."""
+    load.prepare(5000)
+    await closed_loop(load.call, 64, 3, 0)
+    series, sent = [rss_kb(worker.pid)], 0
+    started = time.monotonic()
+    while sent < total:
+        load.prepare(chunk)
+        sent += (await _run_count(load, chunk, 64))[0]
+        series.append(rss_kb(worker.pid))
+    return {
+        "worker_rss_kb_start": series[0],
+        "worker_rss_kb_end": series[-1],
+        "worker_rss_kb_every_10k": series,
+        "requests": sent,
+        "seconds": round(time.monotonic() - started),
+    }
+
+
+async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -> Results:
     seconds, warmup = (3.0, 1.0) if quick else (8.0, 2.0)
     results = Results(machine={"cpus": os.cpu_count(), "python": platform.python_version(), "quick": quick})
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    say("baselines: SoftHSM")
-    for kind in ("p256", "rsa2048"):
-        for mode in ("persistent", "stateless"):
-            for processes in (1, 2):
-                results.points.append(hsm_rate(stack, kind, mode, processes, seconds))
+    if not memory_only:
+        say("baselines: SoftHSM")
+        for kind in ("p256", "rsa2048"):
+            for mode in ("persistent", "stateless"):
+                for processes in (1, 2):
+                    results.points.append(hsm_rate(stack, kind, mode, processes, seconds))
 
     # the workers of the stack make way for the measured ones
     stack.down_workers()
     profile = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text())
     bench_profile = stack.profile("bench")
+    broker = int(stack.node_pid_file(1).read_text())
+
+    def parts(servers: list[subprocess.Popen[bytes]] | list[subprocess.Popen[str]]) -> dict[str, list[int]]:
+        return {"broker": [broker], "workers": [s.pid for s in servers], "load": [os.getpid()]}
+
     body_size = 0
     try:
         async with profile.client() as client:
@@ -360,7 +446,7 @@ async def run(stack: Stack, quick: bool, out: Path) -> Results:
                 Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 1).one()[1]
             )
 
-            for processes in (1, 2):
+            for processes in () if memory_only else (1, 2):
                 if processes == 2:
                     workers.append(stack.start_worker("bench-2"))
                 for label, key_pair, signer, algorithm in (
@@ -375,26 +461,19 @@ async def run(stack: Stack, quick: bool, out: Path) -> Results:
                             + 200
                         )
                         say(f"SAM {label} x1, c={concurrency}, {processes} worker(s)")
-                        results.points.append(
-                            _point(
-                                f"sam.sign.{label}",
-                                concurrency,
-                                processes,
-                                await closed_loop(load.call, concurrency, seconds, warmup),
-                            )
+                        outcome, cpu = await profiled_loop(
+                            load.call, concurrency, seconds, warmup, parts(workers)
                         )
+                        point = _point(f"sam.sign.{label}", concurrency, processes, outcome)
+                        point.cpu_ms_per_request = cpu
+                        results.points.append(point)
                 batch = Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 100)
                 batch.prepare(400)
                 say(f"SAM p256 x100, c=8, {processes} worker(s)")
-                results.points.append(
-                    _point(
-                        "sam.sign100.p256",
-                        8,
-                        processes,
-                        await closed_loop(batch.call, 8, seconds, warmup),
-                        100,
-                    )
-                )
+                outcome, cpu = await profiled_loop(batch.call, 8, seconds, warmup, parts(workers))
+                point = _point("sam.sign100.p256", 8, processes, outcome, 100)
+                point.cpu_ms_per_request = cpu
+                results.points.append(point)
                 for label, template in (
                     ("p256", {"algorithm": "ECDSA", "named_curve": "secp256r1"}),
                     ("rsa2048", {"algorithm": "RSA", "size": 2048}),
@@ -409,26 +488,19 @@ async def run(stack: Stack, quick: bool, out: Path) -> Results:
                     outcome = await closed_loop(create, 8, window, warmup)
                     results.points.append(_point(f"sam.create.{label}", 8, processes, outcome))
 
-            if not quick:
+            if memory_only or not quick:
                 say("memory: 100,000 requests on one worker")
                 for extra in workers[1:]:
                     extra.terminate()
                     extra.wait(20)
                 load = Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 1)
-                load.prepare(5000)
-                await closed_loop(load.call, 64, 3, 0)
-                start_rss, sent = rss_kb(worker.pid), 0
-                while sent < 100_000:
-                    load.prepare(10_000)
-                    sent += (await _run_count(load, 10_000, 64))[0]
-                results.memory = {
-                    "worker_rss_kb_start": start_rss,
-                    "worker_rss_kb_end": rss_kb(worker.pid),
-                    "requests": sent,
-                }
+                results.memory = await memory_run(worker, load)
     finally:
         for instance in ("bench-1", "bench-2"):
             stack.stop_instance(instance)
+    if memory_only:
+        stack.start_workers(2)
+        return results
 
     say("baseline: echo RPC")
     servers = [
@@ -456,11 +528,11 @@ async def run(stack: Stack, quick: bool, out: Path) -> Results:
                 async def call(_: int) -> None:
                     await echo.call(payload)
 
-                results.points.append(
-                    _point(
-                        "echo", concurrency, processes, await closed_loop(call, concurrency, seconds, warmup)
-                    )
-                )
+                running = servers[:processes]
+                outcome, cpu = await profiled_loop(call, concurrency, seconds, warmup, parts(running))
+                point = _point("echo", concurrency, processes, outcome)
+                point.cpu_ms_per_request = cpu
+                results.points.append(point)
             if processes == 1:
                 servers[1] = subprocess.Popen(
                     [sys.executable, "-m", "worker.devtools.bench", "echo-server", str(bench_profile)],
@@ -512,19 +584,22 @@ def ratios(results: Results) -> dict[str, float]:
 
 
 def table(results: Results) -> str:
-    lines = [f"{'measure':<22} {'c':>3} {'proc':>4} {'req/s':>9} {'sig/s':>9} {'p50 ms':>8} {'p99 ms':>8}"]
+    header = f"{'measure':<22} {'c':>3} {'proc':>4} {'req/s':>9} {'sig/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    lines = [header + "  CPU ms/request: broker workers load"]
     for p in results.points:
         p50 = f"{p.p50_ms:8.2f}" if p.p50_ms is not None else f"{'':>8}"
         p99 = f"{p.p99_ms:8.2f}" if p.p99_ms is not None else f"{'':>8}"
         rates = f"{p.rate:9.0f} {p.signatures_per_second:9.0f}"
-        lines.append(f"{p.name:<22} {p.concurrency or '':>3} {p.processes:>4} {rates} {p50} {p99}")
+        cpu = p.cpu_ms_per_request
+        split = f"  {cpu['broker']:6.2f} {cpu['workers']:6.2f} {cpu['load']:6.2f}" if cpu else ""
+        lines.append(f"{p.name:<22} {p.concurrency or '':>3} {p.processes:>4} {rates} {p50} {p99}{split}")
     lines.append("")
     lines += [f"{name:<32} {value:6.2f}" for name, value in results.ratios.items()]
     if results.memory:
         memory = results.memory
         lines.append(
             f"worker RSS: {memory['worker_rss_kb_start']} kB -> {memory['worker_rss_kb_end']} kB "
-            f"over {memory['requests']} requests"
+            f"over {memory['requests']} requests; every 10,000: {memory['worker_rss_kb_every_10k']}"
         )
     return "\n".join(lines)
 
@@ -563,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command")
     bench = sub.add_parser("run")
     bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--memory-only", action="store_true", help="only the 100,000-request memory run")
     bench.add_argument("--out", type=Path, default=Path("bench-results.json"))
     bench.add_argument("--root", type=Path, default=Path(os.environ.get("SAM_STACK_DIR", ".stack")))
     bench.add_argument("--port-base", type=int, default=int(os.environ.get("SAM_STACK_PORT_BASE", "25671")))
@@ -579,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(echo_server(args.profile, 16))
     else:
         stack = Stack(args.root.resolve(), args.port_base)
-        results = asyncio.run(run(stack, args.quick, args.out))
+        results = asyncio.run(run(stack, args.quick, args.out, args.memory_only))
         document = {
             "machine": results.machine,
             "points": [
@@ -590,7 +666,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(document, indent=2) + "\n")
-        chart(results, args.out.with_suffix(".png"))
+        if results.points:
+            chart(results, args.out.with_suffix(".png"))
         print(table(results))
         print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -535,7 +535,8 @@ class Stack:
             self.wait_ready(instance, process)
         return process
 
-    def wait_ready(self, instance: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    def wait_ready(self, instance: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
+        # a long-lived stack replays a long sam.key-events stream at start (README: limits)
         ready = self.path("run", f"{instance}.ready")
         deadline = time.monotonic() + timeout
         while not ready.exists():

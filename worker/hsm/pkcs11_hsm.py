@@ -7,6 +7,8 @@ exceptions without messages, so every translation names the exception class.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ __all__ = [
     "create_kek",
     "open_session",
     "provision_sam_keys",
+    "renew_library",
     "token_has",
     "token_public_key_pem",
 ]
@@ -72,6 +75,24 @@ def open_session(module: str, token_label: str, pin: str) -> Any:
         lib = pkcs11.lib(module)
         token = lib.get_token(token_label=token_label)
         return token.open(user_pin=pin, rw=True)
+
+
+def renew_library(module: str) -> None:
+    """C_Finalize + C_Initialize: what frees SoftHSM2's per-process object bookkeeping.
+    Only with no session open (``Pkcs11Hsm`` closes its own first).
+
+    SoftHSM2's OpenSSL backend leaves an error (``ENGINE: NO_SUCH_ENGINE``) on this
+    thread's OpenSSL error queue when it initializes again; the next TLS read of the
+    worker's broker connection, on the same thread, would report it as its own failure
+    and drop the connection. So the queue is cleared right after."""
+    pkcs11.lib(module).reinitialize()
+    _clear_openssl_errors()
+
+
+def _clear_openssl_errors() -> None:
+    name = ctypes.util.find_library("crypto")
+    if name is not None:
+        ctypes.CDLL(name).ERR_clear_error()
 
 
 def _spki_of(public_key: Any, key_type: KeyType) -> bytes:
@@ -198,13 +219,22 @@ class _Keys:
     keks: dict[str, Any]
 
 
+# SoftHSM2 keeps the bookkeeping of every session object it ever created, destroyed or
+# not, until C_Finalize (closing the session does not free it): ~190 bytes per unwrap,
+# which made a worker grow by ~2.4 MB per 10,000 signatures. After this many session
+# objects the adapter closes its session and, where the module needs it, re-initializes
+# the library (``renew_library``); the next call opens a new session.
+SESSION_OBJECTS_BEFORE_RENEWAL = 10_000
+
+
 class Pkcs11Hsm:
     """One PKCS#11 session per process, used from one thread only.
 
     Key handles are looked up lazily and forgotten after any error that may mean the
     HSM went away; the next call looks them up again in a new session. If no session
     can be opened any more, ``on_lost`` is called: the worker then drains and exits so
-    that its supervisor starts it afresh.
+    that its supervisor starts it afresh. The session is also renewed after
+    ``objects_per_session`` session objects (see ``SESSION_OBJECTS_BEFORE_RENEWAL``).
     """
 
     def __init__(
@@ -216,6 +246,8 @@ class Pkcs11Hsm:
         audit_key_label: str,
         factor_key_label: str | None = None,
         wrap_mechanism: str = "AES_KEY_WRAP_PAD",
+        renew_library: Callable[[], None] | None = None,
+        objects_per_session: int = SESSION_OBJECTS_BEFORE_RENEWAL,
     ) -> None:
         if wrap_mechanism not in _WRAP_MECHANISMS:
             raise ValueError(f"unknown wrap mechanism {wrap_mechanism}")
@@ -226,6 +258,11 @@ class Pkcs11Hsm:
         self._labels = (state_key_label, audit_key_label, factor_key_label)
         self._wrap_mechanism = wrap_mechanism
         self._resolved: _Keys | None = None
+        self._session_objects = 0
+        self._renew_library = renew_library
+        self._objects_per_session = objects_per_session
+        self.sessions_opened = 0
+        self.renewals = 0
         self._keys()  # fail at start, not at the first request, if the keys are missing
         self._kek(current_kek_label)
 
@@ -244,6 +281,21 @@ class Pkcs11Hsm:
             with contextlib.suppress(PKCS11Error):
                 self._session.close()
             self._session = None
+            self._session_objects = 0
+
+    def _destroyed(self, *objects: Any) -> None:
+        """Destroy session objects; renew the session once it has made enough of them."""
+        with self._guard("session key destruction"):
+            for item in objects:
+                item.destroy()
+        self._session_objects += len(objects)
+        if self._session_objects >= self._objects_per_session:
+            self._forget(session=True)
+            self.renewals += 1
+            if self._renew_library is not None:
+                # a failure shows at the next session open, which then reports the HSM lost
+                with contextlib.suppress(PKCS11Error):
+                    self._renew_library()
 
     def _keys(self) -> _Keys:
         if self._resolved is None:
@@ -259,6 +311,7 @@ class Pkcs11Hsm:
                         # process restart by the supervisor; tell the worker.
                         self._on_lost()
                         raise
+                    self.sessions_opened += 1
                 state_label, audit_label, factor_label = self._labels
                 get = self._session.get_key
                 self._resolved = _Keys(
@@ -322,8 +375,7 @@ class Pkcs11Hsm:
                 wrapped = kek.wrap_key(private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism])
                 spki = _spki_of(public, key_type)
             finally:
-                private.destroy()
-                public.destroy()
+                self._destroyed(private, public)
         return GeneratedKeyPair(spki, bytes(wrapped), self._kek_label, self._wrap_mechanism)
 
     def _unwrap(self, key: WrappedKey, extractable: bool = False) -> Any:
@@ -367,8 +419,7 @@ class Pkcs11Hsm:
                     for data in inputs
                 ]
         finally:
-            with self._guard("session key destruction"):
-                private.destroy()
+            self._destroyed(private)
 
     def rewrap(self, key: WrappedKey) -> WrappedKey:
         # Extractable only as a session object that lives for this call: the private
@@ -380,8 +431,7 @@ class Pkcs11Hsm:
                     private, mechanism=_WRAP_MECHANISMS[self._wrap_mechanism]
                 )
         finally:
-            with self._guard("session key destruction"):
-                private.destroy()
+            self._destroyed(private)
         return WrappedKey(key.spec, bytes(wrapped), self._kek_label, self._wrap_mechanism)
 
     @property
