@@ -115,8 +115,15 @@ async def test_rotation_twenty_times_under_load(harness: Harness, signing: Signi
                 replies.extend(await asyncio.gather(*(signing.send() for _ in range(8))))
 
         loader = asyncio.create_task(load())
+        current = audit_dir / instance / "service.jsonl"
         for _ in range(20):
             await asyncio.sleep(0.15)
+            # logrotate leaves an empty file alone (notifempty): rotate only once the new
+            # file holds a batch, or a slow machine rotates fewer than twenty times
+            for _ in range(200):
+                if current.exists() and current.stat().st_size > 0:
+                    break
+                await asyncio.sleep(0.05)
             result = await asyncio.to_thread(
                 subprocess.run,
                 [
