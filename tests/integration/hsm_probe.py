@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import ssl
 import sys
 from pathlib import Path
 
+from worker.devtools.bench import rss_kb
 from worker.domain.algorithms import KeyType, key_spec_from_template, signature_scheme
 from worker.hsm.api import WrappedKey
 from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session, renew_library
 from worker.settings import load_infrastructure, read_secret
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-
-
-def resident_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> None:
@@ -63,7 +58,7 @@ def main() -> None:
         for _ in range(int(per_round)):
             [signature] = hsm.sign_with_wrapped_key(key, scheme, [data])
             assert len(signature) == 64
-        resident.append(resident_kib())
+        resident.append(rss_kb(os.getpid()))
     connection.setblocking(False)
     try:
         connection.recv(16)

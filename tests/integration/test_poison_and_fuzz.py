@@ -8,12 +8,12 @@ import asyncio
 import os
 import random
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import Harness
+from worker.devtools.bench import rss_kb
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT
@@ -93,13 +93,6 @@ async def test_random_raw_messages_get_one_answer_and_leave_nothing(harness: Har
     assert all(depths[q] == (0, 0) for q in ("sam.admin", "sam.keys", "sam.signatures")), depths
 
 
-def _resident_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 async def test_worker_memory_stays_flat_under_hostile_input(harness: Harness) -> None:
     """Rounds of hostile messages, 16 in flight: after a warm-up round, the resident
     memory of both workers grows by less than 8 MiB over the remaining rounds (a leak
@@ -121,7 +114,7 @@ async def test_worker_memory_stays_flat_under_hostile_input(harness: Harness) ->
 
         for _ in range(MEMORY_ROUNDS):
             await asyncio.gather(*(one() for _ in range(MEMORY_CASES_PER_ROUND)))
-            resident.append({name: _resident_kib(pid) for name, pid in pids.items()})
+            resident.append({name: rss_kb(pid) for name, pid in pids.items()})
     print(f"resident KiB after each round of {MEMORY_CASES_PER_ROUND}: {resident}")
     for name in pids:
         growth = resident[-1][name] - resident[0][name]

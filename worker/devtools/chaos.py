@@ -167,10 +167,7 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
             else:
                 report.faults.append("audit disk full: skipped (no small filesystem could be mounted)")
         elif step == "broker":
-            pid = int(stack.path("run", "rabbitmq.pid").read_text())
-            os.kill(pid, signal.SIGTERM)
-            while subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0:
-                await asyncio.sleep(0.2)
+            await asyncio.to_thread(stack.stop_node, 1)
             report.faults.append("broker stopped and started again")
             await asyncio.to_thread(stack._rabbitmq)
         elif step.startswith("node-"):

@@ -73,6 +73,13 @@ def _stop_pid(pid: int, timeout: float, sig: int = signal.SIGTERM) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _stop_pid_file(pid_file: Path, timeout: float) -> None:
+    """Stop the process a pid file names (if any) and remove the file."""
+    if pid_file.exists():
+        _stop_pid(int(pid_file.read_text()), timeout=timeout)
+        pid_file.unlink(missing_ok=True)
+
+
 def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path | None) -> str:
     """The security core of every node's rabbitmq.conf: TLS only (1.2+), peer certificates
     required, EXTERNAL authentication by certificate CN, topology and users from definitions."""
@@ -361,18 +368,14 @@ class Stack:
                 )
             time.sleep(0.5)
 
-    def stop_node(self, node: int, timeout: float = 60) -> None:
+    def stop_node(self, node: int) -> None:
         """Stop one node as an operator would (SIGTERM: a clean shutdown)."""
-        pid_file = self.node_pid_file(node)
-        if pid_file.exists():
-            _stop_pid(int(pid_file.read_text()), timeout=timeout)
-            pid_file.unlink(missing_ok=True)
+        _stop_pid_file(self.node_pid_file(node), timeout=60)
 
-    def cluster_members(self) -> tuple[set[str], set[str]]:
-        """(disc nodes, running nodes) as node 1 sees them."""
+    def cluster_nodes(self) -> set[str]:
+        """The nodes of the cluster, as a running node sees it."""
         result = self.rabbitmqctl("cluster_status", "--formatter", "json", node=self._any_running_node())
-        status = json.loads(result.stdout)
-        return set(status.get("disk_nodes", [])), set(status.get("running_nodes", []))
+        return set(json.loads(result.stdout).get("disk_nodes", []))
 
     def _any_running_node(self) -> int:
         return next((node for node in self.nodes if self.node_running(node)), 1)
@@ -382,7 +385,7 @@ class Stack:
         on a formed cluster get a member on every node. (Streams declared while node 1
         stood alone and given replicas afterwards left the stream coordinator of
         RabbitMQ 3.10 unable to start those replicas.)"""
-        members, _ = self.cluster_members()
+        members = self.cluster_nodes()
         seed = self.node_name_of(1)
         for node in self.nodes:
             name = self.node_name_of(node)
@@ -567,10 +570,7 @@ class Stack:
         return pids
 
     def stop_instance(self, instance: str) -> None:
-        pid_file = self.path("run", f"{instance}.pid")
-        if pid_file.exists():
-            _stop_pid(int(pid_file.read_text()), timeout=20)
-            pid_file.unlink(missing_ok=True)
+        _stop_pid_file(self.path("run", f"{instance}.pid"), timeout=20)
 
     def down_workers(self) -> None:
         for name in self._pids():

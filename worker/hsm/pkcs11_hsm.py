@@ -261,7 +261,6 @@ class Pkcs11Hsm:
         self._session_objects = 0
         self._renew_library = renew_library
         self._objects_per_session = objects_per_session
-        self.sessions_opened = 0
         self.renewals = 0
         self._keys()  # fail at start, not at the first request, if the keys are missing
         self._kek(current_kek_label)
@@ -311,7 +310,6 @@ class Pkcs11Hsm:
                         # process restart by the supervisor; tell the worker.
                         self._on_lost()
                         raise
-                    self.sessions_opened += 1
                 state_label, audit_label, factor_label = self._labels
                 get = self._session.get_key
                 self._resolved = _Keys(

@@ -68,28 +68,9 @@ class StreamLedger:
         self._queue = await self._consume_channel.get_queue(self.stream, ensure=False)
         offset: Any = self._start_at if self._start_at is not None else "first"
         await self._queue.consume(self._on_message, arguments={"x-stream-offset": offset})
-        await self._replayed()
-
-    async def _replayed(self) -> None:
-        """Wait until the whole stream has been read. The stream grows with the
-        deployment (every key pair change stays in ``sam.key-events``), so the replay is
-        bounded by progress, not by a total: it fails only when ``timeout`` passes
-        without a single message read."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._next.syncs.append(future)
-        self._wakeup.set()
-        while True:
-            seen = self.position
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await asyncio.shield(future)
-                return
-            except TimeoutError:
-                if self.position == seen:
-                    raise SamError(
-                        ErrorCode.ledger_unavailable, f"{self.stream} did not answer in time"
-                    ) from None
-                log.info("%s: replaying, at offset %d", self.stream, self.position)
+        # The stream grows with the deployment (every key pair change stays in
+        # sam.key-events), so the replay is bounded by progress, not by a total.
+        await self.sync(while_progressing=True)
 
     async def stop(self) -> None:
         if self._publisher is not None:
@@ -104,18 +85,26 @@ class StreamLedger:
         verdict: SamError | None = await self._wait(future)
         return verdict
 
-    async def sync(self) -> None:
+    async def sync(self, *, while_progressing: bool = False) -> None:
+        """``while_progressing``: fail only when the timeout passes without a single
+        message read (a replay), not after the timeout in all."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next.syncs.append(future)
-        await self._wait(future)
+        await self._wait(future, while_progressing)
 
-    async def _wait(self, future: asyncio.Future[Any]) -> Any:
+    async def _wait(self, future: asyncio.Future[Any], while_progressing: bool = False) -> Any:
         self._wakeup.set()
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            raise SamError(ErrorCode.ledger_unavailable, f"{self.stream} did not answer in time") from None
+        while True:
+            seen = self.position
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await asyncio.shield(future)
+            except TimeoutError:
+                if not while_progressing or self.position == seen:
+                    raise SamError(
+                        ErrorCode.ledger_unavailable, f"{self.stream} did not answer in time"
+                    ) from None
+                log.info("%s: replaying, at offset %d", self.stream, self.position)
 
     async def _publish_forever(self) -> None:
         while True:
