@@ -96,12 +96,45 @@ class MemoryLedger:
 
     def __init__(self, reducer: Reducer) -> None:
         self.reducer = reducer
+        self.position = -1
 
     async def append(self, data: dict[str, Any]) -> SamError | None:
+        self.position += 1
         return self.reducer.apply(data)
 
-    async def sync(self) -> None:
-        return None
+    async def read_to(self, position: int) -> None:
+        assert position <= self.position, "nothing else appends to this log"
+
+
+class SharedStream:
+    """One stream's records, in log order, shared by the replicas of a test."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+
+class ReplicaLedger:
+    """One replica's view of a ``SharedStream``: it applies records only when it reads
+    (its own append's read-back, or ``read_to``), so a replica can lag behind another."""
+
+    def __init__(self, stream: SharedStream, reducer: Reducer) -> None:
+        self.stream, self.reducer = stream, reducer
+        self.position = -1
+
+    def _read(self, position: int) -> SamError | None:
+        verdict = None
+        while self.position < position:
+            self.position += 1
+            verdict = self.reducer.apply(self.stream.records[self.position])
+        return verdict
+
+    async def append(self, data: dict[str, Any]) -> SamError | None:
+        self.stream.records.append(data)
+        return self._read(len(self.stream.records) - 1)
+
+    async def read_to(self, position: int) -> None:
+        assert position < len(self.stream.records), "a mark never points past the log"
+        self._read(position)
 
 
 class MemoryAudit:

@@ -94,10 +94,19 @@ class Reply:
 
 
 class Appender(Protocol):
-    async def append(self, data: dict[str, Any]) -> SamError | None: ...
+    """A shared log (a RabbitMQ stream) as one replica sees it."""
 
-    async def sync(self) -> None:
-        """Return once every record appended before this call has been applied here."""
+    @property
+    def position(self) -> int:
+        """The offset this replica has applied up to."""
+        ...
+
+    async def append(self, data: dict[str, Any]) -> SamError | None:
+        """Append a record and return its verdict, read back in log order."""
+        ...
+
+    async def read_to(self, position: int) -> None:
+        """Return once this replica has applied the log up to ``position``."""
         ...
 
 
@@ -319,9 +328,13 @@ class SamService:
         return key_pair.signer
 
     async def _record(self, event: KeyEvent, key_pair: SealedKeyPair) -> None:
-        """Append the change to sam.key-events; the log's order decides races."""
+        """Append the change to sam.key-events (the log's order decides races), then
+        its mark to sam.sad-use, so every signature request spent after the reply waits
+        until its worker has read the change (see ``SadUseLog``)."""
         record = KeyEventLog.event(event, key_pair.id, key_pair.revision, key_pair.signer)
         verdict = await self._key_ledger.append(record)
+        if verdict is None:
+            verdict = await self._sad_ledger.append(SadUseLog.key_events_mark(self._key_ledger.position))
         if verdict is not None:
             raise verdict
 
@@ -515,15 +528,11 @@ class SamService:
         trace.dtbs_sha256 = [hashlib.sha256(d).hexdigest() for d in digests]
         assert request.user_id
         expected = SadExpectation(request.user_id, signer, key_pair.id, scheme.hash_oid, tuple(digests))
-        # The key-events barrier runs beside the jti append: a deletion or change
-        # confirmed before this request arrived is seen before anything is signed.
-        # Both are awaited to the end (no task left behind); the SAD's refusal wins.
-        authorized, synced = await asyncio.gather(
-            self._authorize(request, trace, expected), self._key_ledger.sync(), return_exceptions=True
-        )
-        for outcome in (authorized, synced):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await self._authorize(request, trace, expected)
+        # Read back, the jti record follows the mark of every key pair change confirmed
+        # before this request arrived: once key-events are read that far, a deletion or
+        # a newer revision is seen before anything is signed.
+        await self._key_ledger.read_to(self._sad_use.key_events_required)
         refusal = self._key_events.refusal(key_pair.id, key_pair.revision)
         if refusal is not None:
             raise refusal

@@ -94,3 +94,14 @@ def test_jti_single_use_until_expiry() -> None:
     assert log.apply(SadUseLog.use("as-2", "j-1", now + 60)) is None  # jti is per issuer
     log.forget_expired(now + 200)
     assert log.used == {}
+
+
+def test_key_events_marks_only_raise_the_required_position() -> None:
+    log = SadUseLog(clock_skew=30)
+    assert log.key_events_required == -1
+    assert log.apply(SadUseLog.key_events_mark(7)) is None
+    assert log.apply(SadUseLog.key_events_mark(3)) is None  # marks of two workers, interleaved
+    assert log.key_events_required == 7
+    assert log.used == {}  # a mark spends no jti
+    unreadable = log.apply({"key_events": "7"})
+    assert unreadable is not None and unreadable.code.name == "internal_error"

@@ -94,3 +94,20 @@ async def test_a_stream_that_stops_delivering_fails_the_start_after_the_timeout(
     with pytest.raises(SamError) as refused:
         await _start(_Broker(backlog=2, pace=0.3), ledger_timeout=0.1)
     assert refused.value.code is ErrorCode.ledger_unavailable
+
+
+async def test_read_to_waits_for_the_tail_without_writing() -> None:
+    broker = _Broker(backlog=5, pace=0.02)
+    ledger = StreamLedger("sam.key-events", _Reducer(), broker, broker, 1.0)  # type: ignore[arg-type]
+    await broker.consume(ledger._on_message, {})
+    try:
+        await ledger.read_to(3)
+        assert ledger.position >= 3
+        assert broker.published == []  # nothing was appended to get there
+        idle = StreamLedger("sam.key-events", _Reducer(), broker, broker, 0.1)  # type: ignore[arg-type]
+        with pytest.raises(SamError) as refused:  # a position it never reaches: refused after the timeout
+            await idle.read_to(100)
+        assert refused.value.code is ErrorCode.ledger_unavailable
+    finally:
+        if broker.delivering is not None:
+            broker.delivering.cancel()

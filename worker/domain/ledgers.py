@@ -139,17 +139,35 @@ class KeyEventLog:
 
 @dataclass
 class SadUseLog:
-    """``jti`` already used, remembered until their SAD expires (plus the skew)."""
+    """``jti`` already used, remembered until their SAD expires (plus the skew), and how
+    far ``sam.key-events`` must have been read before a signature.
+
+    A key pair change is confirmed to its caller only after a mark with its key-events
+    offset is in ``sam.sad-use`` too. A signature request spends its ``jti`` in this
+    stream, after any such mark, so reading it back tells the worker which key-events
+    offset to wait for: a change confirmed before the request arrived is always
+    honoured, and signing writes nothing to ``sam.key-events`` (which is never
+    truncated: it would otherwise grow with every signature)."""
 
     clock_skew: int
     used: dict[str, int] = field(default_factory=dict)  # "iss jti" -> exp
-    _applied: int = 0
+    key_events_required: int = -1
 
     @staticmethod
     def use(issuer: str, jti: str, exp: int) -> dict[str, Any]:
         return {"iss": issuer, "jti": jti, "exp": exp}
 
+    @staticmethod
+    def key_events_mark(position: int) -> dict[str, Any]:
+        return {"key_events": position}
+
     def apply(self, data: Mapping[str, Any]) -> SamError | None:
+        if "key_events" in data:
+            position = data["key_events"]
+            if not isinstance(position, int):
+                return SamError(ErrorCode.internal_error, "unreadable key-events mark")
+            self.key_events_required = max(self.key_events_required, position)
+            return None
         key = f"{data.get('iss')} {data.get('jti')}"
         if key in self.used:
             return SamError(ErrorCode.sad_replayed)

@@ -6,7 +6,9 @@ requests. The worker's own tail of the stream applies each record with the reduc
 log order; the verdict a record gets there is the cluster-wide outcome, because every
 replica applies the same records in the same order. ``sync`` joins the next message
 without a record: once it is read back, everything appended anywhere before the call
-has been applied here.
+has been applied here. ``read_to`` writes nothing: it waits until this worker's tail
+has applied the stream up to an offset learnt elsewhere (a key-events mark in
+``sam.sad-use``, see ``SadUseLog``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class StreamLedger:
         self._start_at = start_at
         self._next = _Batch()
         self._sent: dict[str, _Batch] = {}
+        self._readers: list[tuple[int, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         self._queue: AbstractQueue | None = None  # kept: aio-pika needs the reference
@@ -92,8 +95,19 @@ class StreamLedger:
         self._next.syncs.append(future)
         await self._wait(future, while_progressing)
 
-    async def _wait(self, future: asyncio.Future[Any], while_progressing: bool = False) -> Any:
-        self._wakeup.set()
+    async def read_to(self, position: int) -> None:
+        """Return once this worker has applied the stream up to ``position``."""
+        if self.position >= position:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._readers.append((position, future))
+        await self._wait(future, wake_publisher=False)
+
+    async def _wait(
+        self, future: asyncio.Future[Any], while_progressing: bool = False, wake_publisher: bool = True
+    ) -> Any:
+        if wake_publisher:
+            self._wakeup.set()
         while True:
             seen = self.position
             try:
@@ -141,6 +155,8 @@ class StreamLedger:
         offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self.position = offset
+            if self._readers:
+                self._release_readers()
         batch = self._sent.pop(batch_id, None)
         if batch is not None:
             for waiter, verdict in zip(batch.waiters, verdicts, strict=False):
@@ -150,3 +166,14 @@ class StreamLedger:
                 if not sync.done():
                     sync.set_result(None)
         await message.ack()
+
+    def _release_readers(self) -> None:
+        waiting = []
+        for position, future in self._readers:
+            if future.done():
+                continue  # timed out meanwhile
+            if position <= self.position:
+                future.set_result(None)
+            else:
+                waiting.append((position, future))
+        self._readers = waiting
