@@ -7,7 +7,8 @@ by ``publish`` (the broker adapter: ``sam.audit``, mandatory, confirmed). One me
 carries a run of consecutive entries with the same routing key (``<log>.<operation>.
 <outcome>``), one JSON entry per line, in chain order; the checkpoint is a message of its
 own. Under load a batch is then two or three broker messages instead of one per request
-(the broker's work per signature was twice an echo's). If that does
+(the broker's work per signature was twice an echo's). The fsync and the broker confirms
+run side by side, once the batch is written. If that does
 not happen within the configured time it raises ``audit_unavailable``, and the caller
 must not release a result. While one batch is being written the next one gathers, so
 under load one HSM signature and one fsync serve many requests.
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import Histogram
 
 from worker.domain.audit import AuditEvent, AuditLog, ChainHead, Outcome, chain_batch
 from worker.errors import ErrorCode, SamError
@@ -261,52 +263,80 @@ class AuditTrail:
         lines = [orjson.dumps(entry) for entry in entries]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        try:
-            await loop.run_in_executor(
-                self._io, self._write, state, b"".join(line + b"\n" for line in lines), head
-            )
-        except OSError as exc:
-            self._fail(batch, f"audit file not writable ({type(exc).__name__}: {exc.strerror})")
+        # One I/O job writes and then fsyncs (a SIGHUP's close cannot come in between);
+        # it signals when the write went through, and the broker publishes start then.
+        # The fsync and the broker's confirms run side by side: the reply waits for the
+        # slower one, not for both in a row. Only a failed fsync (the write itself went
+        # through) can now leave a batch on the broker that the file does not keep; its
+        # callers get audit_unavailable, the chain goes on from the file's last
+        # checkpoint, and the broker's copy shows a fork there (see the README).
+        written: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not written.done():
+                written.set_result(None)
+
+        def signal_written() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        data = b"".join(line + b"\n" for line in lines)
+        durable = loop.run_in_executor(self._io, self._write, state, data, head, signal_written)
+        await asyncio.wait([written, durable], return_when=asyncio.FIRST_COMPLETED)
+        if not written.done():  # the write failed (callbacks arrive in order): nothing left the worker
+            failure = durable.exception()
+            strerror = failure.strerror if isinstance(failure, OSError) else None
+            self._fail(batch, f"audit file not writable ({type(failure).__name__}: {strerror})")
+            return
+        routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
+        metrics = self._metrics
+        synced, *published = await asyncio.gather(
+            self._timed(durable, started, metrics.audit_flush_seconds if metrics else None),
+            *(
+                self._timed(
+                    self._publish(body, key), started, metrics.audit_confirm_seconds if metrics else None
+                )
+                for body, key in runs_by_routing_key(lines, routing)
+            ),
+            return_exceptions=True,
+        )
+        if isinstance(synced, BaseException):
+            strerror = synced.strerror if isinstance(synced, OSError) else None
+            self._fail(batch, f"audit file not made durable ({type(synced).__name__}: {strerror})")
             return
         state.head = head
         self.batches += 1
-        written = time.perf_counter()
         if self._metrics is not None:
-            self._metrics.audit_flush_seconds.observe(written - started)
             self._metrics.audit_batch_records.observe(len(batch))
-        routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
-        results = await asyncio.gather(
-            *(self._publish(body, key) for body, key in runs_by_routing_key(lines, routing)),
-            return_exceptions=True,
-        )
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        failure = next((r for r in published if isinstance(r, BaseException)), None)
         if failure is not None:
             self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
             return
         self.healthy = True
-        if self._metrics is not None:
-            self._metrics.audit_confirm_seconds.observe(time.perf_counter() - written)
         for pending, entry in zip(batch, entries, strict=False):
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(entry)
 
-    def _write(self, state: _Log, data: bytes, head: ChainHead) -> None:
-        """In the I/O thread: append a whole batch and fsync, or leave the file as it was."""
+    @staticmethod
+    async def _timed(step: Awaitable[None], started: float, histogram: Histogram | None) -> None:
+        await step
+        if histogram is not None:
+            histogram.observe(time.perf_counter() - started)
+
+    def _write(self, state: _Log, data: bytes, head: ChainHead, written: Callable[[], None]) -> None:
+        """In the I/O thread: append a whole batch and fsync it, or leave the file as it
+        was. ``written`` is called between the two."""
         if state.handle is None:
             fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             state.handle = os.fdopen(fd, "ab", buffering=0)
         handle = state.handle
         size = os.fstat(handle.fileno()).st_size
         try:
-            written = handle.write(data)
-            if written != len(data):
+            if handle.write(data) != len(data):
                 raise OSError(28, "short write")
+            written()
             os.fsync(handle.fileno())
         except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(handle.fileno(), size)
-            handle.close()
-            state.handle = None
+            self._cut(state, size)
             raise
         # Where the chain stands, for a restart after the file was rotated away. Only
         # a hint (the file itself is the truth), so a failure here fails nothing.
@@ -314,6 +344,13 @@ class AuditTrail:
             temporary = state.head_file.with_suffix(".head.tmp")
             temporary.write_bytes(orjson.dumps({"seq": head.seq, "hash": head.hash}))
             os.replace(temporary, state.head_file)
+
+    @staticmethod
+    def _cut(state: _Log, size: int) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(state.handle.fileno(), size)
+        state.handle.close()
+        state.handle = None
 
     def _fail(self, batch: list[_Pending], message: str) -> None:
         log.error("audit batch of %d failed: %s", len(batch), message)

@@ -61,7 +61,7 @@ class Metrics:
         )
         self.audit_confirm_seconds = Histogram(
             "sam_audit_confirm_seconds",
-            "Broker confirmation of one audit batch",
+            "From the start of an audit batch's write to the broker's confirm of each of its messages",
             buckets=_LATENCY,
             registry=registry,
         )
