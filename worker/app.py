@@ -165,6 +165,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         metrics.in_flight.set_function(lambda: consumer.in_flight)
         metrics.config_version.set_function(lambda: configuration.state.version)
         metrics.key_events_position.set_function(lambda: ledgers["key_events"].position)
+        metrics.sad_use_entries.set_function(lambda: len(sad_use.used))
         health = None
         if settings.metrics_port is not None:
             health = HealthServer(registry, readiness, settings.metrics_address, settings.metrics_port)

@@ -26,7 +26,13 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
 
@@ -100,6 +106,7 @@ class SamClient:
         self.timeout = timeout
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._requests: AbstractExchange | None = None  # sam.requests on the current channel
         self._reply_queue: AbstractQueue | None = None
         self._reply_queue_name = f"{reply_queue_prefix(user_id)}{uuid.uuid4()}"
         self._consumer_tag = ""
@@ -108,8 +115,10 @@ class SamClient:
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
         self._pending: dict[str, asyncio.Future[RawReply]] = {}
-        # every reply that arrived, by correlation id: a duplicate shows up here
-        self.replies_seen: Counter[str] = Counter()
+        # replies nobody waited for any more (a second answer, or one after its timeout),
+        # by correlation id; answered requests are not kept, so a long-lived client does
+        # not grow with its traffic
+        self.unmatched_replies: Counter[str] = Counter()
         self.retried = 0
         self.reconnects = 0
 
@@ -156,11 +165,13 @@ class SamClient:
                 arguments["x-queue-type"] = "quorum"
             queue = await channel.declare_queue(self._reply_queue_name, durable=True, arguments=arguments)
             self._consumer_tag = await queue.consume(self._on_reply, no_ack=True)
+            requests = await channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
         except BaseException:
             with contextlib.suppress(Exception):
                 await connection.close()
             raise
         self._connection, self._channel, self._reply_queue = connection, channel, queue
+        self._requests = requests
         connection.close_callbacks.add(self._on_connection_lost)
         self._connected.set()
 
@@ -194,9 +205,10 @@ class SamClient:
         self._connected.clear()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        self.replies_seen[message.correlation_id or ""] += 1
         future = self._pending.get(message.correlation_id or "")
-        if future is not None and not future.done():
+        if future is None or future.done():
+            self.unmatched_replies[message.correlation_id or ""] += 1
+        else:
             status = (message.headers or {}).get(HEADER_STATUS)
             reply = RawReply(
                 int(status) if isinstance(status, int) else 0, message.body, message.correlation_id
@@ -269,11 +281,12 @@ class SamClient:
             for attempt in range(retries + 1):
                 while True:
                     try:
-                        # a node that went away: wait while the client moves to another
-                        await asyncio.wait_for(self._connected.wait(), max(deadline - time.monotonic(), 0.01))
-                        assert self._channel is not None
-                        exchange = await self._channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
-                        await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                        if not self._connected.is_set():  # a node went away: wait while the client moves
+                            await asyncio.wait_for(
+                                self._connected.wait(), max(deadline - time.monotonic(), 0.01)
+                            )
+                        assert self._requests is not None
+                        await self._requests.publish(message, routing_key=routing_key, mandatory=True)
                         break
                     except TimeoutError:
                         raise SamTimeout(message_id, seconds) from None

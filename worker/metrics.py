@@ -81,4 +81,9 @@ class Metrics:
         self.key_events_position = Gauge(
             "sam_key_events_position", "Offset of the last sam.key-events record applied", registry=registry
         )
+        self.sad_use_entries = Gauge(
+            "sam_sad_use_entries",
+            "SAD jti remembered until their SAD expires: grows with request rate x SAD lifetime",
+            registry=registry,
+        )
         self.ready = Gauge("sam_ready", "1 when the worker is ready to serve", registry=registry)
