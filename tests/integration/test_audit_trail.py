@@ -204,10 +204,10 @@ async def test_disk_full(harness: Harness, signing: Signing, tmp_path: Path, how
 
             def fill() -> None:
                 if mounted.returncode == 0:
-                    with filler.open("wb") as handle, contextlib.suppress(OSError):
+                    # unbuffered: closing a full file must not flush (and fail on) a buffered rest
+                    with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
                         while True:
                             handle.write(b"\0" * 65536)
-                            handle.flush()
                 else:
                     size = (audit_dir / instance / "service.jsonl").stat().st_size
                     subprocess.run(

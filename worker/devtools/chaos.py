@@ -157,10 +157,10 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
             filler = audit / "filler"
             mounted = subprocess.run(["mountpoint", "-q", str(audit)], check=False).returncode == 0
             if mounted:
-                with filler.open("wb") as handle, contextlib.suppress(OSError):
+                # unbuffered: closing a full file must not flush (and fail on) a buffered rest
+                with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
                     while True:
                         handle.write(b"\0" * 65536)
-                        handle.flush()
                 report.faults.append("audit disk full for 4 s")
                 await asyncio.sleep(4)
                 filler.unlink()
