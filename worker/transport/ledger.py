@@ -4,8 +4,8 @@
 one stream message (with confirms), so under load one broker round trip serves many
 requests. The worker's own tail of the stream applies each record with the reducer, in
 log order; the verdict a record gets there is the cluster-wide outcome, because every
-replica applies the same records in the same order. ``sync`` joins the next message
-without a record: once it is read back, everything appended anywhere before the call
+replica applies the same records in the same order. At start the ledger joins the next
+message without a record: once it is read back, everything appended anywhere before
 has been applied here. ``read_to`` writes nothing: it waits until this worker's tail
 has applied the stream up to an offset learnt elsewhere (a key-events mark in
 ``sam.sad-use``, see ``SadUseLog``).
@@ -71,9 +71,7 @@ class StreamLedger:
         self._queue = await self._consume_channel.get_queue(self.stream, ensure=False)
         offset: Any = self._start_at if self._start_at is not None else "first"
         await self._queue.consume(self._on_message, arguments={"x-stream-offset": offset})
-        # The stream grows with the deployment (every key pair change stays in
-        # sam.key-events), so the replay is bounded by progress, not by a total.
-        await self.sync(while_progressing=True)
+        await self._replay()
 
     async def stop(self) -> None:
         if self._publisher is not None:
@@ -85,15 +83,19 @@ class StreamLedger:
         future: asyncio.Future[SamError | None] = asyncio.get_running_loop().create_future()
         self._next.records.append(data)
         self._next.waiters.append(future)
+        self._wakeup.set()
         verdict: SamError | None = await self._wait(future)
         return verdict
 
-    async def sync(self, *, while_progressing: bool = False) -> None:
-        """``while_progressing``: fail only when the timeout passes without a single
-        message read (a replay), not after the timeout in all."""
+    async def _replay(self) -> None:
+        """Join the next message without a record and wait until it is read back: then
+        everything appended before the start has been applied here. The stream grows with
+        the deployment (every key pair change stays in sam.key-events), so this fails only
+        when the timeout passes without a single message read, not after the timeout in all."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next.syncs.append(future)
-        await self._wait(future, while_progressing)
+        self._wakeup.set()
+        await self._wait(future, while_progressing=True)
 
     async def read_to(self, position: int) -> None:
         """Return once this worker has applied the stream up to ``position``."""
@@ -101,13 +103,9 @@ class StreamLedger:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._readers.append((position, future))
-        await self._wait(future, wake_publisher=False)
+        await self._wait(future)
 
-    async def _wait(
-        self, future: asyncio.Future[Any], while_progressing: bool = False, wake_publisher: bool = True
-    ) -> Any:
-        if wake_publisher:
-            self._wakeup.set()
+    async def _wait(self, future: asyncio.Future[Any], while_progressing: bool = False) -> Any:
         while True:
             seen = self.position
             try:
