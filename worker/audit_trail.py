@@ -113,6 +113,11 @@ def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[by
     return runs
 
 
+def _describe(failure: BaseException | None) -> str:
+    strerror = failure.strerror if isinstance(failure, OSError) else None
+    return f"{type(failure).__name__}: {strerror}"
+
+
 def _withheld(event: AuditEvent, why: str) -> AuditEvent:
     """The record of what the caller actually got when its first record missed the bound."""
     return dataclasses.replace(
@@ -283,9 +288,7 @@ class AuditTrail:
         durable = loop.run_in_executor(self._io, self._write, state, data, head, signal_written)
         await asyncio.wait([written, durable], return_when=asyncio.FIRST_COMPLETED)
         if not written.done():  # the write failed (callbacks arrive in order): nothing left the worker
-            failure = durable.exception()
-            strerror = failure.strerror if isinstance(failure, OSError) else None
-            self._fail(batch, f"audit file not writable ({type(failure).__name__}: {strerror})")
+            self._fail(batch, f"audit file not writable ({_describe(durable.exception())})")
             return
         routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
         metrics = self._metrics
@@ -300,8 +303,7 @@ class AuditTrail:
             return_exceptions=True,
         )
         if isinstance(synced, BaseException):
-            strerror = synced.strerror if isinstance(synced, OSError) else None
-            self._fail(batch, f"audit file not made durable ({type(synced).__name__}: {strerror})")
+            self._fail(batch, f"audit file not made durable ({_describe(synced)})")
             return
         state.head = head
         self.batches += 1

@@ -28,7 +28,7 @@ import pytest
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.cli.sam import ClientProfile
 from worker.client import RawReply, SamClient
-from worker.devtools.stack import verify_audit
+from worker.devtools.stack import fill_filesystem, verify_audit
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import AUDIT_EXCHANGE
@@ -204,10 +204,7 @@ async def test_disk_full(harness: Harness, signing: Signing, tmp_path: Path, how
 
             def fill() -> None:
                 if mounted.returncode == 0:
-                    # unbuffered: closing a full file must not flush (and fail on) a buffered rest
-                    with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
-                        while True:
-                            handle.write(b"\0" * 65536)
+                    fill_filesystem(filler)
                 else:
                     size = (audit_dir / instance / "service.jsonl").stat().st_size
                     subprocess.run(

@@ -442,8 +442,20 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
     bench_profile = stack.profile("bench")
     broker = int(stack.node_pid_file(1).read_text())
 
-    def parts(servers: list[subprocess.Popen[bytes]] | list[subprocess.Popen[str]]) -> dict[str, list[int]]:
-        return {"broker": [broker], "workers": [s.pid for s in servers], "load": [os.getpid()]}
+    async def measure(
+        name: str,
+        call: Callable[[int], Awaitable[None]],
+        concurrency: int,
+        processes: int,
+        servers: list[subprocess.Popen[bytes]] | list[subprocess.Popen[str]],
+        per_request: int = 1,
+    ) -> None:
+        """One end-to-end point, with the CPU per request of broker, servers and load."""
+        parts = {"broker": [broker], "workers": [s.pid for s in servers], "load": [os.getpid()]}
+        outcome, cpu = await profiled_loop(call, concurrency, seconds, warmup, parts)
+        point = _point(name, concurrency, processes, outcome, per_request)
+        point.cpu_ms_per_request = cpu
+        results.points.append(point)
 
     body_size = 0
     try:
@@ -486,19 +498,11 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
                             + 200
                         )
                         say(f"SAM {label} x1, c={concurrency}, {processes} worker(s)")
-                        outcome, cpu = await profiled_loop(
-                            load.call, concurrency, seconds, warmup, parts(workers)
-                        )
-                        point = _point(f"sam.sign.{label}", concurrency, processes, outcome)
-                        point.cpu_ms_per_request = cpu
-                        results.points.append(point)
+                        await measure(f"sam.sign.{label}", load.call, concurrency, processes, workers)
                 batch = Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 100)
                 batch.prepare(400)
                 say(f"SAM p256 x100, c=8, {processes} worker(s)")
-                outcome, cpu = await profiled_loop(batch.call, 8, seconds, warmup, parts(workers))
-                point = _point("sam.sign100.p256", 8, processes, outcome, 100)
-                point.cpu_ms_per_request = cpu
-                results.points.append(point)
+                await measure("sam.sign100.p256", batch.call, 8, processes, workers, per_request=100)
                 for label, template in (
                     ("p256", {"algorithm": "ECDSA", "named_curve": "secp256r1"}),
                     ("rsa2048", {"algorithm": "RSA", "size": 2048}),
@@ -553,11 +557,7 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
                 async def call(_: int) -> None:
                     await echo.call(payload)
 
-                running = servers[:processes]
-                outcome, cpu = await profiled_loop(call, concurrency, seconds, warmup, parts(running))
-                point = _point("echo", concurrency, processes, outcome)
-                point.cpu_ms_per_request = cpu
-                results.points.append(point)
+                await measure("echo", call, concurrency, processes, servers[:processes])
             if processes == 1:
                 servers[1] = subprocess.Popen(
                     [sys.executable, "-m", "worker.devtools.bench", "echo-server", str(bench_profile)],

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ import orjson
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack, verify_audit
+from worker.devtools.stack import Stack, fill_filesystem, verify_audit
 
 __all__ = ["ChaosReport", "main", "run"]
 
@@ -157,10 +156,7 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
             filler = audit / "filler"
             mounted = subprocess.run(["mountpoint", "-q", str(audit)], check=False).returncode == 0
             if mounted:
-                # unbuffered: closing a full file must not flush (and fail on) a buffered rest
-                with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
-                    while True:
-                        handle.write(b"\0" * 65536)
+                fill_filesystem(filler)
                 report.faults.append("audit disk full for 4 s")
                 await asyncio.sleep(4)
                 filler.unlink()

@@ -28,6 +28,7 @@ from worker.transport.topology import VHOST, definitions
 __all__ = [
     "Stack",
     "create_sam_keys",
+    "fill_filesystem",
     "init_token",
     "main",
     "rabbitmq_config",
@@ -78,6 +79,14 @@ def _stop_pid_file(pid_file: Path, timeout: float) -> None:
     if pid_file.exists():
         _stop_pid(int(pid_file.read_text()), timeout=timeout)
         pid_file.unlink(missing_ok=True)
+
+
+def fill_filesystem(filler: Path) -> None:
+    """Write ``filler`` until its filesystem is full (a small tmpfs under test)."""
+    # unbuffered: closing a full file must not flush (and fail on) a buffered rest
+    with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
 
 
 def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path | None) -> str:
