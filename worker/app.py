@@ -19,7 +19,8 @@ from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.hsm.instrumented import InstrumentedHsm
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session, renew_library
+from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
+from worker.hsm.softhsm import renew_library
 from worker.metrics import Metrics
 from worker.service import SamService
 from worker.settings import (
@@ -69,7 +70,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         infrastructure.wrap_mechanism,
         renew_library=lambda: renew_library(settings.pkcs11_module),
     )
-    hsm = InstrumentedHsm(pkcs11_hsm, metrics, pkcs11_hsm.healthy)
+    hsm = InstrumentedHsm(pkcs11_hsm, metrics)
     sealer = KeyPairSealer(
         static.sam_id,
         infrastructure.state_key.label,
@@ -165,7 +166,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         metrics.in_flight.set_function(lambda: consumer.in_flight)
         metrics.config_version.set_function(lambda: configuration.state.version)
         metrics.key_events_position.set_function(lambda: ledgers["key_events"].position)
-        metrics.sad_use_entries.set_function(lambda: len(sad_use.used))
+        metrics.sad_use_entries.set_function(lambda: len(sad_use))
         health = None
         if settings.metrics_port is not None:
             health = HealthServer(registry, readiness, settings.metrics_address, settings.metrics_port)

@@ -151,7 +151,6 @@ class AuditTrail:
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
-        self.healthy = True  # the last batch was made durable (for readiness)
         self._node = node
         self._instance = instance
         self._sign = sign_digest
@@ -313,7 +312,6 @@ class AuditTrail:
         if failure is not None:
             self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
             return
-        self.healthy = True
         for pending, entry in zip(batch, entries, strict=False):
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(entry)
@@ -356,7 +354,6 @@ class AuditTrail:
 
     def _fail(self, batch: list[_Pending], message: str) -> None:
         log.error("audit batch of %d failed: %s", len(batch), message)
-        self.healthy = False
         if self._metrics is not None:
             self._metrics.audit_failures.inc()
         for pending in batch:

@@ -18,10 +18,13 @@ _KNOWN = {str(operation) for operation in Operation}
 
 
 def operation_label(operation: str | None) -> str:
+    """The operation as a label value: a known operation's name, else ``unknown``."""
     return operation if operation in _KNOWN else "unknown"
 
 
 class Metrics:
+    """Every instrument of one worker process, registered in ``registry``."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         # process_resident_memory_bytes, CPU seconds, open files: memory must stay flat
@@ -87,3 +90,12 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("sam_ready", "1 when the worker is ready to serve", registry=registry)
+
+    def observe(self, operation: str | None, status: int, error_code: str | None, seconds: float) -> None:
+        """Count one answered request and its latency; refusals (4xx) also by reason."""
+        label = operation_label(operation)
+        outcome = "success" if status < 400 else "failure"
+        self.requests.labels(label, outcome, error_code or "ok").inc()
+        self.request_seconds.labels(label).observe(seconds)
+        if 400 <= status < 500 and error_code:
+            self.rejections.labels(error_code).inc()

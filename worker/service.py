@@ -1,41 +1,44 @@
-"""One request, start to finish: authenticate, authorize, act, audit, answer.
+"""One request, start to finish: authenticate → parse → decide → act → audit → answer.
 
 The transport hands in an ``IncomingRequest`` (the broker message converted at the
-edge) and gets back the one ``Reply`` to send. Every path — success, refusal or fault
-— produces exactly one audit record before the reply exists; if the record cannot be
-made durable the reply becomes ``audit_unavailable`` and the result is dropped.
+edge) and gets back the one ``Reply`` to send. What a request may do is decided by the
+pure domain (``worker.domain.authorization`` for who may ask and what the signer
+authorized, ``worker.domain.lifecycle`` for what an operation may do to a key pair);
+this module only puts those decisions in order and acts on them through the ports
+(``worker.ports``: the HSM, the shared ledgers, the audit sink).
+
+Every path — success, refusal or fault — produces exactly one audit record before the
+reply exists; if the record cannot be made durable the reply becomes
+``audit_unavailable`` and the result is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import hashlib
-import hmac
-import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from worker.domain.algorithms import HsmMechanism, SignatureScheme, key_spec_from_template, signature_scheme
+from worker.domain import lifecycle
+from worker.domain.algorithms import (
+    HsmMechanism,
+    SignatureScheme,
+    ecdsa_signature_der,
+    key_spec_from_template,
+)
 from worker.domain.audit import AuditEvent, AuditLog, Outcome
 from worker.domain.authorization import (
-    SAD_TYPE_DELETION,
-    SKAD_TYPE_ASSIGNMENT,
     RequestBinding,
     SadClaims,
     SadExpectation,
     verify_request_jws,
     verify_sad,
 )
-from worker.domain.certification import canonical_subject, check_certificate, check_certification_request_info
 from worker.domain.configuration import StaticConfiguration
 from worker.domain.contract import (
     OPERATION_QUEUE,
@@ -61,57 +64,14 @@ from worker.domain.contract import (
 )
 from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
 from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
+from worker.domain.wire import parse_body
 from worker.errors import ErrorCode, SamError
-from worker.hsm.api import Hsm, WrappedKey
-from worker.metrics import Metrics, operation_label
+from worker.metrics import Metrics
+from worker.ports import AuditSink, Hsm, IncomingRequest, Ledger, Reply, WrappedKey
 
-__all__ = ["Appender", "AuditSink", "IncomingRequest", "Reply", "SamService", "error_reply"]
+__all__ = ["SamService", "error_reply"]
 
 log = logging.getLogger(__name__)
-
-_M = TypeVar("_M", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class IncomingRequest:
-    """A request as delivered, before anything about it is trusted."""
-
-    operation: str | None
-    message_id: str | None
-    correlation_id: str | None
-    reply_to: str | None
-    user_id: str | None
-    body: bytes
-    request_jws: str | None
-    sad: str | None
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: bytes
-    error_code: str | None = None
-
-
-class Appender(Protocol):
-    """A shared log (a RabbitMQ stream) as one replica sees it."""
-
-    @property
-    def position(self) -> int:
-        """The offset this replica has applied up to."""
-        ...
-
-    async def append(self, data: dict[str, Any]) -> SamError | None:
-        """Append a record and return its verdict, read back in log order."""
-        ...
-
-    async def read_to(self, position: int) -> None:
-        """Return once this replica has applied the log up to ``position``."""
-        ...
-
-
-class AuditSink(Protocol):
-    async def record(self, event: AuditEvent) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -144,27 +104,22 @@ class _Trace:
         )
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key")
-    return result
+@dataclass(frozen=True)
+class _Caller:
+    """A request whose sender is established: its request JWS verified."""
 
+    request: IncomingRequest
+    user: str
+    operation: Operation
+    trace: _Trace
 
-def _parse(model: type[_M], body: bytes) -> _M:
-    # The stdlib parser, unlike orjson, lets us refuse duplicate keys: two readers of
-    # one body must never see different values.
-    try:
-        document = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SamError(ErrorCode.malformed_message, f"body is not valid JSON ({type(exc).__name__})") from exc
-    if not isinstance(document, dict):
-        raise SamError(ErrorCode.malformed_message, "body is not a JSON object")
-    try:
-        return model.model_validate(document)
-    except ValidationError as exc:
-        where = ", ".join(".".join(map(str, e["loc"])) or "body" for e in exc.errors()[:5])
-        raise SamError(ErrorCode.schema_violation, f"schema violation at {where}") from exc
+    @property
+    def body(self) -> bytes:
+        return self.request.body
+
+    @property
+    def sad_given(self) -> bool:
+        return self.request.sad is not None
 
 
 def _ok(status: int, model: BaseModel | None) -> Reply:
@@ -173,18 +128,28 @@ def _ok(status: int, model: BaseModel | None) -> Reply:
 
 
 def error_reply(error: SamError, request_id: str | None) -> Reply:
+    """The reply of a refusal: its stable code, our message, the request id."""
     body = ErrorReply(error=ErrorBody(code=error.code.name, message=error.message, request_id=request_id))
     return Reply(error.status, body.model_dump_json().encode(), error.code.name)
 
 
+def _wrapped(key_pair: SealedKeyPair) -> WrappedKey:
+    return WrappedKey(key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism)
+
+
 class SamService:
+    """The SAM's request pipeline over its ports; stateless apart from the replicated
+    ledger state (``ConfigurationLog``, ``KeyEventLog``, ``SadUseLog``) it reads.
+
+    ``process`` never raises: every outcome is a ``Reply`` with its audit record."""
+
     def __init__(
         self,
         static: StaticConfiguration,
         configuration: ConfigurationLog,
         key_events: KeyEventLog,
         sad_use: SadUseLog,
-        appenders: dict[str, Appender],
+        ledgers: dict[str, Ledger],
         hsm: Hsm,
         sealer: KeyPairSealer,
         audit: AuditSink,
@@ -197,14 +162,14 @@ class SamService:
         self._configuration = configuration
         self._key_events = key_events
         self._sad_use = sad_use
-        self._config_ledger = appenders["config"]
-        self._key_ledger = appenders["key_events"]
-        self._sad_ledger = appenders["sad_use"]
+        self._config_ledger = ledgers["config"]
+        self._key_ledger = ledgers["key_events"]
+        self._sad_ledger = ledgers["sad_use"]
         self._hsm = hsm
         self._sealer = sealer
         self._audit = audit
         self._clock = clock
-        self._handlers: dict[Operation, Callable[[IncomingRequest, _Trace], Awaitable[Reply]]] = {
+        self._handlers: dict[Operation, Callable[[_Caller], Awaitable[Reply]]] = {
             Operation.configurations_dynamic_put: self._put_configuration,
             Operation.configurations_dynamic_get: self._get_configuration,
             Operation.key_pairs_create: self._create_key_pair,
@@ -217,31 +182,30 @@ class SamService:
         }
 
     async def process(self, request: IncomingRequest) -> Reply:
+        """The one reply to ``request``, sent only after its audit record is durable."""
         started = time.perf_counter()
         if request.operation == Operation.key_pairs_create:
             # Key generation holds the event loop for up to seconds (RSA-4096). One at a
             # time, each with its audit record made durable before the next starts:
             # otherwise a queue of them starves the audit flusher into timeouts.
             async with self._key_generation_lane:
-                reply = await self._process(request)
+                reply = await self._audited(request)
         else:
-            reply = await self._process(request)
+            reply = await self._audited(request)
         if self._metrics is not None:
-            operation = operation_label(request.operation)
-            outcome = "success" if reply.status < 400 else "failure"
-            self._metrics.requests.labels(operation, outcome, reply.error_code or "ok").inc()
-            self._metrics.request_seconds.labels(operation).observe(time.perf_counter() - started)
-            if 400 <= reply.status < 500 and reply.error_code:
-                self._metrics.rejections.labels(reply.error_code).inc()
+            self._metrics.observe(
+                request.operation, reply.status, reply.error_code, time.perf_counter() - started
+            )
         return reply
 
-    async def _process(self, request: IncomingRequest) -> Reply:
+    async def _audited(self, request: IncomingRequest) -> Reply:
         trace = _Trace(
             operation=request.operation or "unknown", actor=request.user_id, request_id=request.message_id
         )
         detail: str | None = None
         try:
-            reply = await self._authenticate_and_handle(request, trace)
+            caller = self._authenticate(request, trace)
+            reply = await self._handlers[caller.operation](caller)
         except SamError as exc:
             reply, detail = error_reply(exc, request.message_id), exc.message
         except Exception:
@@ -254,7 +218,9 @@ class SamService:
             return error_reply(exc, request.message_id)
         return reply
 
-    async def _authenticate_and_handle(self, request: IncomingRequest, trace: _Trace) -> Reply:
+    def _authenticate(self, request: IncomingRequest, trace: _Trace) -> _Caller:
+        """Who is asking, proven by the request JWS over this very message, and whether
+        they may call this operation at all."""
         limits = self._static.limits
         user = request.user_id
         if not user:
@@ -278,37 +244,11 @@ class SamService:
             operation = Operation(request.operation or "")
         except ValueError:
             raise SamError(ErrorCode.unknown_operation, f"no operation {request.operation!r}") from None
-        needs_admin = OPERATION_QUEUE[operation] is QueueClass.admin
-        if needs_admin != (admin_key is not None):
+        if (OPERATION_QUEUE[operation] is QueueClass.admin) != (admin_key is not None):
             raise SamError(ErrorCode.operation_not_permitted, f"{user!r} may not call {operation}")
-        return await self._handlers[operation](request, trace)
+        return _Caller(request, user, operation, trace)
 
-    # --- administration ---------------------------------------------------------------
-
-    async def _put_configuration(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        config = _parse(DynamicConfiguration, request.body)
-        current = self._configuration.state.version
-        if config.version <= current:
-            raise SamError(
-                ErrorCode.configuration_version_conflict,
-                f"version {config.version} is not above the current {current}",
-            )
-        assert request.user_id and request.message_id and request.request_jws
-        record = ConfigurationLog.record(
-            request.user_id, request.message_id, request.body, request.request_jws
-        )
-        verdict = await self._config_ledger.append(record)
-        if verdict is not None:
-            raise verdict
-        return _ok(204, None)
-
-    async def _get_configuration(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        config = self._configuration.state.config
-        if config is None:
-            raise SamError(ErrorCode.configuration_missing)
-        return _ok(200, config)
-
-    # --- key pairs --------------------------------------------------------------------
+    # --- acting on the ports ----------------------------------------------------------
 
     def _open(self, sealed: str, trace: _Trace, *, assigning: bool = False) -> SealedKeyPair:
         """The key pair inside the seal, refused if deleted or an outdated copy."""
@@ -319,13 +259,23 @@ class SamService:
             raise refusal
         return key_pair
 
-    @staticmethod
-    def _owned(key_pair: SealedKeyPair, signer: str | None) -> str:
-        if not key_pair.status.assigned or key_pair.signer is None:
-            raise SamError(ErrorCode.key_pair_not_assigned)
-        if signer != key_pair.signer:
-            raise SamError(ErrorCode.signer_mismatch)
-        return key_pair.signer
+    async def _authorize(self, caller: _Caller, expected: SadExpectation) -> SadClaims:
+        """Verify a SAD (or SKAD) and spend its jti cluster-wide."""
+        claims = verify_sad(
+            caller.request.sad,
+            self._configuration.state,
+            self._static.sam_id,
+            self._static.sad_policy,
+            expected,
+            int(self._clock()),
+        )
+        caller.trace.sad_jti = claims.jti
+        if self._sad_use.seen(claims.iss, claims.jti):
+            raise SamError(ErrorCode.sad_replayed)
+        verdict = await self._sad_ledger.append(SadUseLog.use(claims.iss, claims.jti, claims.exp))
+        if verdict is not None:
+            raise verdict
+        return claims
 
     async def _record(self, event: KeyEvent, key_pair: SealedKeyPair) -> None:
         """Append the change to sam.key-events (the log's order decides races), then
@@ -338,31 +288,52 @@ class SamService:
         if verdict is not None:
             raise verdict
 
+    def _sign(
+        self, key_pair: SealedKeyPair, scheme: SignatureScheme, digests: tuple[bytes, ...]
+    ) -> list[bytes]:
+        raw = self._hsm.sign_with_wrapped_key(
+            _wrapped(key_pair), scheme, [scheme.hsm_input(d) for d in digests]
+        )
+        if scheme.mechanism is HsmMechanism.ECDSA:
+            return [ecdsa_signature_der(sig) for sig in raw]
+        return raw
+
+    def _factor_verifier(self, key_pair: SealedKeyPair, factor: SamFactor | None) -> bytes | None:
+        if factor is None:
+            return None
+        return self._hsm.factor_mac(lifecycle.factor_input(key_pair.id, factor))
+
     def _sealed_reply(self, key_pair: SealedKeyPair, status: int = 200) -> Reply:
         return _ok(status, KeyPairReply(key_pair=key_pair.readable(self._sealer.seal(key_pair))))
 
-    async def _authorize(
-        self, request: IncomingRequest, trace: _Trace, expected: SadExpectation
-    ) -> SadClaims:
-        """Verify a SAD (or SKAD) and spend its jti cluster-wide."""
-        claims = verify_sad(
-            request.sad,
-            self._configuration.state,
-            self._static.sam_id,
-            self._static.sad_policy,
-            expected,
-            int(self._clock()),
-        )
-        trace.sad_jti = claims.jti
-        if f"{claims.iss} {claims.jti}" in self._sad_use.used:
-            raise SamError(ErrorCode.sad_replayed)
-        verdict = await self._sad_ledger.append(SadUseLog.use(claims.iss, claims.jti, claims.exp))
+    # --- administration ---------------------------------------------------------------
+
+    async def _put_configuration(self, caller: _Caller) -> Reply:
+        config = parse_body(DynamicConfiguration, caller.body)
+        current = self._configuration.state.version
+        if config.version <= current:
+            raise SamError(
+                ErrorCode.configuration_version_conflict,
+                f"version {config.version} is not above the current {current}",
+            )
+        request = caller.request
+        assert request.message_id and request.request_jws  # checked by _authenticate
+        record = ConfigurationLog.record(caller.user, request.message_id, caller.body, request.request_jws)
+        verdict = await self._config_ledger.append(record)
         if verdict is not None:
             raise verdict
-        return claims
+        return _ok(204, None)
 
-    async def _create_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        template = _parse(KeyPairCreateRequest, request.body).key_template
+    async def _get_configuration(self, caller: _Caller) -> Reply:
+        config = self._configuration.state.config
+        if config is None:
+            raise SamError(ErrorCode.configuration_missing)
+        return _ok(200, config)
+
+    # --- key pairs --------------------------------------------------------------------
+
+    async def _create_key_pair(self, caller: _Caller) -> Reply:
+        template = parse_body(KeyPairCreateRequest, caller.body).key_template
         spec = key_spec_from_template(template.algorithm, template.size, template.named_curve)
         generated = self._hsm.generate_key_pair(spec)
         key_pair = SealedKeyPair(
@@ -378,157 +349,75 @@ class SamService:
             status=KeyPairStatus(assigned=False, certified=False, enabled=False),
             created=int(self._clock()),
         )
-        trace.key_pair = key_pair.id
+        caller.trace.key_pair = key_pair.id
         return self._sealed_reply(key_pair, 201)
 
-    async def _assign_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        body = _parse(AssignRequest, request.body)
-        trace.signer = body.signer.id
-        key_pair = self._open(body.key_pair.sealed, trace, assigning=True)
-        if key_pair.status.assigned:
-            raise SamError(ErrorCode.key_pair_already_assigned)
-        subject = canonical_subject(body.subject)
-        if request.sad is not None or self._static.sad_policy.assignment_skad == "required":
-            assert request.user_id
-            expected = SadExpectation(
-                request.user_id, body.signer.id, key_pair.id, detail_type=SKAD_TYPE_ASSIGNMENT
-            )
-            await self._authorize(request, trace, expected)
-        factor: dict[str, object] = {}
-        if body.sam_factor is not None:
-            mac = self._hsm.factor_mac(_factor_input(key_pair.id, body.sam_factor))
-            factor = {"factor_type": body.sam_factor.type, "factor_verifier": base64.b64encode(mac).decode()}
-        assigned = key_pair.next_revision(
-            signer=body.signer.id,
-            subject=subject,
-            status=key_pair.status.model_copy(update={"assigned": True}),
-            **factor,
+    async def _assign_key_pair(self, caller: _Caller) -> Reply:
+        body = parse_body(AssignRequest, caller.body)
+        caller.trace.signer = body.signer.id
+        key_pair = self._open(body.key_pair.sealed, caller.trace, assigning=True)
+        assignment = lifecycle.plan_assignment(
+            key_pair, body, caller.user, self._static.sad_policy, caller.sad_given
         )
+        if assignment.skad is not None:
+            await self._authorize(caller, assignment.skad)
+        assigned = assignment.result(self._factor_verifier(key_pair, assignment.factor))
         await self._record(KeyEvent.assigned, assigned)
         return self._sealed_reply(assigned)
 
-    async def _prove_possession(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        body = _parse(ProofOfPossessionRequest, request.body)
-        key_pair = self._open(body.key_pair.sealed, trace)
-        trace.signer = key_pair.signer
-        if not key_pair.status.assigned or key_pair.subject is None:
-            raise SamError(ErrorCode.key_pair_not_assigned)
-        if key_pair.status.certified:
-            raise SamError(ErrorCode.key_pair_certified)
-        scheme = signature_scheme(
-            body.request.signature_algorithm, key_pair.algorithm, body.request.signature_algorithm_parameters
+    async def _prove_possession(self, caller: _Caller) -> Reply:
+        body = parse_body(ProofOfPossessionRequest, caller.body)
+        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        caller.trace.signer = key_pair.signer
+        proof = lifecycle.plan_proof_of_possession(key_pair, body)
+        caller.trace.dtbs_sha256 = [proof.info_sha256]
+        [signature] = self._sign(key_pair, proof.scheme, (proof.digest,))
+        reply = ProofOfPossessionReply(
+            signature=base64.b64encode(signature).decode(), signature_algorithm=proof.scheme.oid
         )
-        info = _base64(body.request.dtbs, ErrorCode.pop_not_a_certification_request, "dtbs")
-        check_certification_request_info(info, key_pair.public_key_der, key_pair.subject)
-        trace.dtbs_sha256 = [hashlib.sha256(info).hexdigest()]
-        [signature] = self._sign(key_pair, scheme, [scheme.digest(info)])
-        return _ok(
-            200,
-            ProofOfPossessionReply(
-                signature=base64.b64encode(signature).decode(), signature_algorithm=scheme.oid
-            ),
-        )
+        return _ok(200, reply)
 
-    async def _update_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        body = _parse(KeyPairUpdateRequest, request.body)
-        trace.signer = body.signer.id
-        key_pair = self._open(body.key_pair.sealed, trace)
-        self._owned(key_pair, body.signer.id)
-        wanted = body.status
-        if not wanted.assigned or (key_pair.status.certified and not wanted.certified):
-            raise SamError(
-                ErrorCode.status_transition_invalid, "a key pair cannot be unassigned or un-certified"
-            )
-        certificate = key_pair.certificate
-        if body.certificate is not None:
-            if not wanted.certified:
-                raise SamError(
-                    ErrorCode.status_transition_invalid, "a certificate comes with certified: true"
-                )
-            der = _base64(body.certificate, ErrorCode.certificate_invalid, "certificate")
-            assert key_pair.subject is not None
-            check_certificate(der, key_pair.public_key_der, key_pair.subject)
-            certificate = base64.b64encode(der).decode()
-        elif wanted.certified and certificate is None:
-            raise SamError(ErrorCode.certificate_required)
-        updated = key_pair.next_revision(status=wanted, certificate=certificate)
+    async def _update_key_pair(self, caller: _Caller) -> Reply:
+        body = parse_body(KeyPairUpdateRequest, caller.body)
+        caller.trace.signer = body.signer.id
+        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        updated = lifecycle.updated(key_pair, body)
         await self._record(KeyEvent.updated, updated)
         return self._sealed_reply(updated)
 
-    async def _delete_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        body = _parse(KeyPairDeleteRequest, request.body)
-        key_pair = self._open(body.key_pair.sealed, trace)
-        trace.signer = key_pair.signer
-        if key_pair.signer is not None:
-            self._owned(key_pair, body.signer.id if body.signer else None)
-        if request.sad is not None:
-            # the signer's own request, relayed by the SSA
-            assert request.user_id
-            expected = SadExpectation(
-                request.user_id, key_pair.signer or "", key_pair.id, detail_type=SAD_TYPE_DELETION
-            )
-            await self._authorize(request, trace, expected)
-        await self._record(KeyEvent.deleted, key_pair.next_revision())
+    async def _delete_key_pair(self, caller: _Caller) -> Reply:
+        body = parse_body(KeyPairDeleteRequest, caller.body)
+        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        caller.trace.signer = key_pair.signer
+        deletion = lifecycle.plan_deletion(key_pair, body, caller.user, caller.sad_given)
+        if deletion.sad is not None:
+            await self._authorize(caller, deletion.sad)
+        await self._record(KeyEvent.deleted, deletion.result)
         return _ok(200, KeyPairDeleteReply(key_pair_id=key_pair.id, deleted=True))
 
-    async def _rewrap_key_pair(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        body = _parse(KeyPairRewrapRequest, request.body)
-        key_pair = self._open(body.key_pair.sealed, trace)
-        trace.signer = key_pair.signer
-        if key_pair.kek == self._hsm.current_kek_label:
+    async def _rewrap_key_pair(self, caller: _Caller) -> Reply:
+        body = parse_body(KeyPairRewrapRequest, caller.body)
+        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        caller.trace.signer = key_pair.signer
+        if not lifecycle.rewrap_needed(key_pair, self._hsm.current_kek_label):
             return _ok(200, KeyPairReply(key_pair=key_pair.readable(body.key_pair.sealed)))
         rewrapped = self._hsm.rewrap(_wrapped(key_pair))
-        updated = key_pair.next_revision(
-            wrapped_private_key=base64.b64encode(rewrapped.wrapped).decode(),
-            kek=rewrapped.kek_label,
-            wrap_mechanism=rewrapped.wrap_mechanism,
+        updated = lifecycle.rewrapped(
+            key_pair, rewrapped.wrapped, rewrapped.kek_label, rewrapped.wrap_mechanism
         )
         await self._record(KeyEvent.rewrapped, updated)
         return self._sealed_reply(updated)
 
     # --- signatures -------------------------------------------------------------------
 
-    def _sign(self, key_pair: SealedKeyPair, scheme: SignatureScheme, digests: list[bytes]) -> list[bytes]:
-        raw = self._hsm.sign_with_wrapped_key(
-            _wrapped(key_pair), scheme, [scheme.hsm_input(d) for d in digests]
-        )
-        if scheme.mechanism is HsmMechanism.ECDSA:
-            return [_ecdsa_der(sig) for sig in raw]
-        return raw
-
-    async def _create_signatures(self, request: IncomingRequest, trace: _Trace) -> Reply:
-        body = _parse(SignaturesCreateRequest, request.body)
-        trace.signer = body.signer.id
-        limit = self._static.limits.max_digests_per_request
-        if len(body.requests) > limit:
-            raise SamError(ErrorCode.too_many_digests, f"at most {limit} DTBS/R per request")
-        key_pair = self._open(body.key_pair.sealed, trace)
-        signer = self._owned(key_pair, body.signer.id)
-        if not key_pair.status.certified:
-            raise SamError(ErrorCode.key_pair_not_certified)
-        if not key_pair.status.enabled:
-            raise SamError(ErrorCode.key_pair_disabled)
-        scheme = signature_scheme(
-            body.signature_algorithm, key_pair.algorithm, body.signature_algorithm_parameters
-        )
-        digests = []
-        for item in body.requests:
-            if item.signature_algorithm is not None and (
-                item.signature_algorithm != scheme.oid
-                or (item.signature_algorithm_parameters or body.signature_algorithm_parameters)
-                != body.signature_algorithm_parameters
-            ):
-                # One SAD names one hash algorithm, and one unwrap serves one scheme.
-                raise SamError(
-                    ErrorCode.unsupported_algorithm, "all DTBS/R of one request use one signature algorithm"
-                )
-            dtbs = _base64(item.dtbs, ErrorCode.invalid_dtbs, "DTBS/R")
-            scheme.check_dtbs(dtbs)
-            digests.append(dtbs)
-        trace.dtbs_sha256 = [hashlib.sha256(d).hexdigest() for d in digests]
-        assert request.user_id
-        expected = SadExpectation(request.user_id, signer, key_pair.id, scheme.hash_oid, tuple(digests))
-        await self._authorize(request, trace, expected)
+    async def _create_signatures(self, caller: _Caller) -> Reply:
+        body = parse_body(SignaturesCreateRequest, caller.body)
+        caller.trace.signer = body.signer.id
+        lifecycle.check_digest_count(body, self._static.limits.max_digests_per_request)
+        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        signing = lifecycle.plan_signing(key_pair, body, caller.user)
+        caller.trace.dtbs_sha256 = signing.dtbs_sha256
+        await self._authorize(caller, signing.sad)
         # Read back, the jti record follows the mark of every key pair change confirmed
         # before this request arrived: once key-events are read that far, a deletion or
         # a newer revision is seen before anything is signed.
@@ -536,39 +425,11 @@ class SamService:
         refusal = self._key_events.refusal(key_pair.id, key_pair.revision)
         if refusal is not None:
             raise refusal
-        self._check_factor(key_pair, body.sam_factor)
+        factor = lifecycle.check_factor(key_pair, body.sam_factor)
+        if factor is not None:
+            lifecycle.verify_factor_mac(key_pair, self._hsm.factor_mac(factor))
         signatures = [
-            Signature(signature=base64.b64encode(sig).decode(), signature_algorithm=scheme.oid)
-            for sig in self._sign(key_pair, scheme, digests)
+            Signature(signature=base64.b64encode(sig).decode(), signature_algorithm=signing.scheme.oid)
+            for sig in self._sign(key_pair, signing.scheme, signing.digests)
         ]
         return _ok(200, SignaturesReply(signatures=signatures))
-
-    def _check_factor(self, key_pair: SealedKeyPair, factor: SamFactor | None) -> None:
-        if key_pair.factor_verifier is None:
-            return
-        if factor is None or factor.type != key_pair.factor_type:
-            raise SamError(ErrorCode.sam_factor_missing)
-        expected = base64.b64decode(key_pair.factor_verifier)
-        if not hmac.compare_digest(self._hsm.factor_mac(_factor_input(key_pair.id, factor)), expected):
-            raise SamError(ErrorCode.sam_factor_invalid)
-
-
-def _base64(text: str, code: ErrorCode, what: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SamError(code, f"{what} is not base64") from exc
-
-
-def _factor_input(key_pair_id: str, factor: SamFactor) -> bytes:
-    # bound to the key pair, so a verifier copied into another key pair is useless
-    return b"\0".join([b"sam-factor-v1", key_pair_id.encode(), factor.type.encode(), factor.value.encode()])
-
-
-def _wrapped(key_pair: SealedKeyPair) -> WrappedKey:
-    return WrappedKey(key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism)
-
-
-def _ecdsa_der(raw: bytes) -> bytes:
-    half = len(raw) // 2
-    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))

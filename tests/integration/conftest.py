@@ -8,12 +8,8 @@ import asyncio
 import contextlib
 import copy
 import json
-import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -28,7 +24,6 @@ pytestmark = pytest.mark.integration
 
 EC_SHA256 = "1.2.840.10045.4.3.2"
 RSA_SHA256 = "1.2.840.113549.1.1.11"
-PORT_BASE = int(os.environ.get("SAM_TEST_PORT_BASE", "26671"))
 
 
 class Harness:
@@ -125,19 +120,6 @@ class Harness:
             name, ready, unacked = line.split("\t")
             depths[name] = (int(ready), int(unacked))
         return depths
-
-
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    root = Path(tempfile.mkdtemp(prefix="sam-test-stack-"))
-    stack = Stack(root, PORT_BASE)
-    try:
-        stack.up(workers=0)
-        yield stack
-    finally:
-        stack.down()
-        if os.environ.get("SAM_TEST_KEEP_STACK") != "1":
-            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from worker.devtools.bench import rss_kb
 from worker.domain.algorithms import KeyType, key_spec_from_template, signature_scheme
-from worker.hsm.api import WrappedKey
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session, renew_library
+from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
+from worker.hsm.softhsm import renew_library
+from worker.ports import WrappedKey
 from worker.settings import load_infrastructure, read_secret
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from joserfc import jws
 from joserfc.jwk import ECKey
 
-from tests.fakes import MemoryAudit, MemoryLedger, SoftwareHsm
 from worker.devtools.authorization_server import DevAuthorizationServer
 from worker.devtools.pki import private_key_pem, public_key_pem
 from worker.domain.algorithms import KeyType, key_spec_from_template
@@ -33,7 +32,9 @@ from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.errors import ErrorCode
-from worker.service import IncomingRequest, SamService
+from worker.fakes import MemoryAudit, MemoryLedger, SoftwareHsm
+from worker.ports import IncomingRequest
+from worker.service import SamService
 
 EXAMPLES = int(os.environ.get("SAM_FUZZ_EXAMPLES", "1500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

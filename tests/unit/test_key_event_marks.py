@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from tests.fakes import MemoryLedger, ReplicaLedger, SharedStream
 from tests.unit.test_hostile_input import EC_SHA256, World
 from worker.domain.ledgers import KeyEventLog, SadUseLog
+from worker.fakes import MemoryLedger, ReplicaLedger, SharedStream
 from worker.service import SamService
 
 

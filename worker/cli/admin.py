@@ -15,13 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.domain.audit import verify_entries
 from worker.errors import SamError
-from worker.hsm.pkcs11_hsm import (
-    create_kek,
-    open_session,
-    provision_sam_keys,
-    token_has,
-    token_public_key_pem,
-)
+from worker.hsm.pkcs11_hsm import open_session
+from worker.hsm.provisioning import create_kek, provision_sam_keys, token_has, token_public_key_pem
 from worker.schemas import write
 from worker.settings import Infrastructure, KeyInfo, load_infrastructure, read_secret
 

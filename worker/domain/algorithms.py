@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from asn1crypto import algos
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from worker.errors import ErrorCode, SamError
 
@@ -23,6 +24,7 @@ __all__ = [
     "KeySpec",
     "KeyType",
     "SignatureScheme",
+    "ecdsa_signature_der",
     "key_spec_from_template",
     "pss_parameters",
     "signature_scheme",
@@ -46,13 +48,12 @@ class HsmMechanism(StrEnum):
 class Curve:
     name: str
     oid: str
-    field_bytes: int
 
 
 # The brief's aliases name the same curves; the canonical name is the SEC one.
-_P256 = Curve("secp256r1", "1.2.840.10045.3.1.7", 32)
-_P384 = Curve("secp384r1", "1.3.132.0.34", 48)
-_P521 = Curve("secp521r1", "1.3.132.0.35", 66)
+_P256 = Curve("secp256r1", "1.2.840.10045.3.1.7")
+_P384 = Curve("secp384r1", "1.3.132.0.34")
+_P521 = Curve("secp521r1", "1.3.132.0.35")
 CURVES: dict[str, Curve] = {
     "secp256r1": _P256,
     "prime256v1": _P256,
@@ -185,7 +186,6 @@ _SCHEMES = {
         SignatureScheme("1.2.840.10045.4.3.4", "ecdsa-with-SHA512", KeyType.EC, _SHA512, HsmMechanism.ECDSA),
     )
 }
-_HASHES = {h.oid: h for h in (_SHA256, _SHA384, _SHA512)}
 _HASHES_BY_NAME = {"sha256": _SHA256, "sha384": _SHA384, "sha512": _SHA512}
 RSASSA_PSS = "1.2.840.113549.1.1.10"
 
@@ -247,7 +247,8 @@ def signature_scheme(oid: str, key_type: KeyType, parameters_b64: str | None = N
     return scheme
 
 
-def hash_for(oid: str) -> str | None:
-    """The hash name ("SHA-256" …) of a supported hash OID."""
-    digest = _HASHES.get(oid)
-    return digest.name if digest else None
+def ecdsa_signature_der(raw: bytes) -> bytes:
+    """The DER ECDSA-Sig-Value of a raw r‖s signature (as PKCS#11 ``CKM_ECDSA`` and JWS
+    ES256 have it), for X.509, CMS and the CSC API."""
+    half = len(raw) // 2
+    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))

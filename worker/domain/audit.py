@@ -22,9 +22,10 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.domain.algorithms import ecdsa_signature_der
 from worker.domain.authorization import b64url
 
 __all__ = [
@@ -201,9 +202,7 @@ class _Seen:
 def _signature_ok(public_key: ec.EllipticCurvePublicKey, digest: bytes, sig: str) -> bool:
     try:
         raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
-        half = len(raw) // 2
-        der = encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
-        public_key.verify(der, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        public_key.verify(ecdsa_signature_der(raw), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True

@@ -105,7 +105,6 @@ class KeyPairSealer:
         cache_size: int = 4096,
     ) -> None:
         self._sam_id = sam_id
-        self._kid = state_key_label
         self._public_key = state_public_key
         self._sign = sign_es256
         self._header = b64url(orjson.dumps({"alg": "ES256", "kid": state_key_label, "typ": SEAL_TYPE}))

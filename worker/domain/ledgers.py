@@ -161,6 +161,14 @@ class SadUseLog:
     def key_events_mark(position: int) -> dict[str, Any]:
         return {"key_events": position}
 
+    def seen(self, issuer: str, jti: str) -> bool:
+        """Whether this replica has already applied a use of ``jti`` from ``issuer``."""
+        return f"{issuer} {jti}" in self.used
+
+    def __len__(self) -> int:
+        """How many uses are remembered (the window the SAD lifetime bounds)."""
+        return len(self.used)
+
     def apply(self, data: Mapping[str, Any]) -> SamError | None:
         if "key_events" in data:
             position = data["key_events"]

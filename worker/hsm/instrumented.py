@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from worker.domain.algorithms import KeySpec, SignatureScheme
 from worker.errors import SamError
-from worker.hsm.api import GeneratedKeyPair, Hsm, WrappedKey
 from worker.metrics import Metrics
+from worker.ports import GeneratedKeyPair, Hsm, WrappedKey
 
 __all__ = ["InstrumentedHsm"]
 
 
 class InstrumentedHsm:
-    def __init__(self, inner: Hsm, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+    """An ``Hsm`` that passes every call on and records its time (and its failure) in
+    ``sam_hsm_seconds`` / ``sam_hsm_errors``."""
+
+    def __init__(self, inner: Hsm, metrics: Metrics) -> None:
         self._inner = inner
         self._metrics = metrics
-        self.healthy = healthy
 
     @contextmanager
     def _timed(self, operation: str, mechanism: str) -> Iterator[None]:

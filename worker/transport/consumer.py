@@ -17,7 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker.domain.contract import HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, QueueClass
-from worker.service import IncomingRequest, Reply
+from worker.ports import IncomingRequest, Reply
 
 __all__ = ["RequestConsumer", "to_request"]
 

@@ -64,7 +64,6 @@ class StreamLedger:
         self._publisher: asyncio.Task[None] | None = None
         self._queue: AbstractQueue | None = None  # kept: aio-pika needs the reference
         self.position = -1
-        self.messages_published = 0
 
     async def start(self) -> None:
         self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
@@ -131,7 +130,6 @@ class StreamLedger:
                 await self._publish_channel.default_exchange.publish(
                     aio_pika.Message(body, content_type="application/json"), routing_key=self.stream
                 )
-                self.messages_published += 1
             except Exception as exc:  # the publisher must outlive any one failure
                 self._sent.pop(batch.id, None)
                 error = SamError(

@@ -1,0 +1,154 @@
+"""One suite for the ``Ledger`` port, run over the in-memory ledgers and over
+``StreamLedger`` on a real RabbitMQ stream of the test session: verdicts come from the
+reducer in log order, replicas racing on one log agree on one winner, ``read_to``
+applies what another replica appended without writing, and a position the log never
+reaches is ``ledger_unavailable``. ``MemoryLedger`` is one replica alone by design, so
+the suites about two replicas run over the other two."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+
+from worker.cli.sam import ClientProfile
+from worker.devtools.stack import Stack
+from worker.domain.ledgers import KeyEvent, KeyEventLog
+from worker.errors import ErrorCode, SamError
+from worker.fakes import MemoryLedger, ReplicaLedger, SharedStream
+from worker.ports import Ledger
+from worker.settings import TlsFiles
+from worker.transport.amqp import tls_context
+from worker.transport.ledger import StreamLedger
+
+TIMEOUT = 1.0
+Replica = Callable[[KeyEventLog], Awaitable[Ledger]]
+
+
+async def _stream_replicas(stack: Stack) -> AsyncIterator[tuple[Replica, Callable[[], Awaitable[int]]]]:
+    profile = ClientProfile.model_validate_json(stack.profile("bench").read_text())
+    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
+    connection = await aio_pika.connect(profile.url, ssl_context=tls_context(tls))
+    name = f"bench.contract-{uuid.uuid4()}"
+    setup = await connection.channel()
+    await setup.declare_queue(name, durable=True, arguments={"x-queue-type": "stream"})
+    started: list[StreamLedger] = []
+
+    async def replica(reducer: KeyEventLog) -> Ledger:
+        consume = await connection.channel()
+        await consume.set_qos(prefetch_count=100)
+        publish = await connection.channel(publisher_confirms=True)
+        ledger = StreamLedger(name, reducer, consume, publish, TIMEOUT)
+        await ledger.start()
+        started.append(ledger)
+        return ledger
+
+    async def messages() -> int:
+        queue = await setup.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count or 0
+
+    try:
+        yield replica, messages
+    finally:
+        for ledger in started:
+            await ledger.stop()
+        await setup.queue_delete(name)
+        await connection.close()
+
+
+@pytest.fixture(params=["memory", "replica", pytest.param("stream", marks=pytest.mark.integration)])
+async def log(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[str, Replica, Callable[[], Awaitable[int]]]]:
+    """(kind, a factory of replicas on one fresh log, the log's message count)."""
+    if request.param == "stream":
+        async for replica, messages in _stream_replicas(request.getfixturevalue("stack")):
+            yield "stream", replica, messages
+        return
+    stream = SharedStream()
+
+    async def count() -> int:
+        return len(stream.records)
+
+    if request.param == "memory":
+        made: list[MemoryLedger] = []
+
+        async def alone(reducer: KeyEventLog) -> Ledger:
+            assert not made, "a MemoryLedger is one replica alone"
+            made.append(MemoryLedger(reducer))
+            return made[0]
+
+        yield "memory", alone, count
+    else:
+
+        async def replica(reducer: KeyEventLog) -> Ledger:
+            return ReplicaLedger(stream, reducer)
+
+        yield "replica", replica, count
+
+
+def _assigned(key_pair: str, signer: str) -> dict[str, Any]:
+    return KeyEventLog.event(KeyEvent.assigned, key_pair, 1, signer)
+
+
+def _two_replicas(kind: str) -> None:
+    if kind == "memory":
+        pytest.skip("MemoryLedger is one replica alone")
+
+
+async def test_append_returns_the_reducers_verdict_and_advances(log: tuple[str, Replica, Any]) -> None:
+    _, make, _ = log
+    reducer = KeyEventLog()
+    ledger = await make(reducer)
+    before = ledger.position
+    assert await ledger.append(_assigned("kp-1", "alice")) is None
+    after_first = ledger.position
+    assert after_first > before
+    refused = await ledger.append(_assigned("kp-1", "bob"))
+    assert isinstance(refused, SamError) and refused.code is ErrorCode.key_pair_already_assigned
+    assert ledger.position > after_first
+    assert reducer.history["kp-1"].signer == "alice"
+
+
+async def test_replicas_racing_on_one_log_agree_on_one_winner(log: tuple[str, Replica, Any]) -> None:
+    kind, make, _ = log
+    _two_replicas(kind)
+    first, second = KeyEventLog(), KeyEventLog()
+    a, b = await make(first), await make(second)
+    verdicts = await asyncio.gather(a.append(_assigned("kp-2", "alice")), b.append(_assigned("kp-2", "bob")))
+    winners = [v for v in verdicts if v is None]
+    losers = [v for v in verdicts if v is not None]
+    assert len(winners) == 1 and len(losers) == 1
+    assert losers[0].code is ErrorCode.key_pair_already_assigned
+    await a.read_to(b.position)
+    await b.read_to(a.position)
+    assert first.history["kp-2"] == second.history["kp-2"]
+
+
+async def test_read_to_applies_another_replicas_records_without_writing(
+    log: tuple[str, Replica, Callable[[], Awaitable[int]]],
+) -> None:
+    kind, make, messages = log
+    _two_replicas(kind)
+    writer_state, reader_state = KeyEventLog(), KeyEventLog()
+    writer, reader = await make(writer_state), await make(reader_state)
+    assert await writer.append(_assigned("kp-3", "carol")) is None
+    assert "kp-3" not in reader_state.history or kind == "stream"  # a stream tail may be quick
+    written = await messages()
+    await reader.read_to(writer.position)
+    assert reader_state.history["kp-3"].signer == "carol"
+    assert reader.position >= writer.position
+    assert await messages() == written
+
+
+async def test_a_position_the_log_never_reaches_is_ledger_unavailable(log: tuple[str, Replica, Any]) -> None:
+    _, make, _ = log
+    ledger = await make(KeyEventLog())
+    assert await ledger.append(_assigned("kp-4", "dave")) is None
+    with pytest.raises(SamError) as refused:
+        await ledger.read_to(ledger.position + 10)
+    assert refused.value.code is ErrorCode.ledger_unavailable

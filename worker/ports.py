@@ -1,0 +1,166 @@
+"""The interfaces between the service and the adapters at its edge.
+
+The service (``worker.service``) depends on these and on nothing of aio-pika, pkcs11 or
+the file system; the adapters (``worker.transport``, ``worker.hsm``,
+``worker.audit_trail``) implement them, and ``worker.fakes`` holds one in-memory
+implementation of each for unit tests. ``tests/contract`` runs one suite per port over
+the fake and the real adapter, so a fake cannot drift from what it stands in for.
+
+Each port states its error contract: only ``SamError`` escapes an implementation, with
+the codes named on the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from worker.domain.algorithms import KeySpec, SignatureScheme
+from worker.domain.audit import AuditEvent
+from worker.errors import SamError
+
+__all__ = [
+    "AuditSink",
+    "GeneratedKeyPair",
+    "Hsm",
+    "IncomingRequest",
+    "Ledger",
+    "Reply",
+    "WrappedKey",
+]
+
+
+# --- requests and replies ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """A request as delivered, converted at the transport edge; nothing in it is
+    trusted yet (the service authenticates it before it reads the body)."""
+
+    operation: str | None
+    message_id: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    user_id: str | None
+    body: bytes
+    request_jws: str | None
+    sad: str | None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The one answer to a request: an HTTP-like status, the JSON body, and the error
+    code when it is a refusal (for the audit record and the metrics)."""
+
+    status: int
+    body: bytes
+    error_code: str | None = None
+
+
+# --- shared logs ------------------------------------------------------------------------
+
+
+class Ledger(Protocol):
+    """A shared log (a RabbitMQ stream in production) as one replica sees it. Its
+    records are applied by a pure reducer (``worker.domain.ledgers``) in log order.
+
+    Errors: ``SamError(ledger_unavailable)`` when the log does not answer in time."""
+
+    @property
+    def position(self) -> int:
+        """The offset this replica has applied up to (-1: nothing yet)."""
+        ...
+
+    async def append(self, data: dict[str, Any]) -> SamError | None:
+        """Append a record and return its verdict as the reducer gave it in log order
+        (``None``: accepted) — the same verdict on every replica."""
+        ...
+
+    async def read_to(self, position: int) -> None:
+        """Return once this replica has applied the log up to ``position``; writes
+        nothing."""
+        ...
+
+
+# --- audit ------------------------------------------------------------------------------
+
+
+class AuditSink(Protocol):
+    """Where the audit record of every request goes before its reply may leave."""
+
+    async def record(self, event: AuditEvent) -> dict[str, Any]:
+        """Return the chained entry once it is durable.
+
+        Errors: ``SamError(audit_unavailable)`` when it could not be made durable
+        within the sink's bound; the caller must then withhold the result."""
+        ...
+
+
+# --- the HSM ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratedKeyPair:
+    """A key pair just generated: its public key and its private key wrapped under the
+    KEK named here. Nothing of it stays in the HSM."""
+
+    public_key_der: bytes  # SubjectPublicKeyInfo
+    wrapped_private_key: bytes
+    kek_label: str
+    wrap_mechanism: str
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A private key as the SAM holds it between requests: wrapped under a KEK."""
+
+    spec: KeySpec
+    wrapped: bytes
+    kek_label: str
+    wrap_mechanism: str
+
+
+class Hsm(Protocol):
+    """What the service needs of the cryptographic module.
+
+    Calls are synchronous: SoftHSM runs without locking under python-pkcs11 and
+    measurements (DESIGN.md §4) showed inline calls on the event-loop thread, one
+    session per process, beat executor threads.
+
+    Errors: ``SamError`` only — ``hsm_unavailable`` when the module fails or is away,
+    ``key_pair_invalid`` when a wrapped key is not one this HSM can unwrap,
+    ``sam_factor_unavailable`` when it has no factor key."""
+
+    @property
+    def current_kek_label(self) -> str:
+        """The KEK new and re-wrapped key pairs are wrapped under."""
+        ...
+
+    def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
+        """Generate in the HSM, wrap the private key under the current KEK, keep nothing."""
+        ...
+
+    def sign_with_wrapped_key(
+        self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
+    ) -> list[bytes]:
+        """Unwrap into a session object, sign each input as ``scheme.hsm_input`` made
+        it, destroy the object. ECDSA signatures come back raw (r‖s)."""
+        ...
+
+    def rewrap(self, key: WrappedKey) -> WrappedKey:
+        """Unwrap under the key's KEK and wrap again under the current one, inside the HSM."""
+        ...
+
+    def factor_mac(self, data: bytes) -> bytes:
+        """HMAC-SHA256 with the HSM factor key (verifiers of SAM-managed factors)."""
+        ...
+
+    def sign_with_state_key(self, data: bytes) -> bytes:
+        """ES256 (raw r‖s) over SHA-256(data) with the key-pair sealing key."""
+        ...
+
+    def sign_audit_digest(self, digest: bytes) -> bytes:
+        """ECDSA P-256 (raw r‖s) over a SHA-256 digest with the audit key."""
+        ...
