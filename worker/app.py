@@ -9,12 +9,15 @@ import datetime
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
+from aio_pika.abc import AbstractChannel
 from prometheus_client import CollectorRegistry
 
 from worker.audit_trail import AuditTrail
+from worker.domain.configuration import StaticConfiguration
 from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
@@ -24,6 +27,7 @@ from worker.hsm.softhsm import renew_library
 from worker.metrics import Metrics
 from worker.service import SamService
 from worker.settings import (
+    Infrastructure,
     WorkerSettings,
     load_infrastructure,
     load_static_configuration,
@@ -60,16 +64,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         exit_status = EXIT_RESTART
         stop.set()
 
-    pkcs11_hsm = Pkcs11Hsm(
-        lambda: open_session(settings.pkcs11_module, settings.token_label, pin),
-        hsm_lost,
-        infrastructure.kek_label,
-        infrastructure.state_key.label,
-        infrastructure.audit_key.label,
-        infrastructure.factor_key_label,
-        infrastructure.wrap_mechanism,
-        renew_library=lambda: renew_library(settings.pkcs11_module),
-    )
+    pkcs11_hsm = _pkcs11_hsm(settings, infrastructure, pin, hsm_lost)
     hsm = InstrumentedHsm(pkcs11_hsm, metrics)
     sealer = KeyPairSealer(
         static.sam_id,
@@ -107,32 +102,8 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             message = aio_pika.Message(body, content_type="application/x-ndjson", delivery_mode=2)
             await audit_exchange.publish(message, routing_key=routing_key, mandatory=True)
 
-        configuration = ConfigurationLog(static)
-        key_events = KeyEventLog()
-        sad_use = SadUseLog(static.sad_policy.clock_skew_seconds)
-        # A jti older than the longest SAD lifetime can no longer be replayed, so
-        # the SAD-use stream is read from that horizon only.
-        horizon = static.sad_policy.max_lifetime_seconds + 2 * static.sad_policy.clock_skew_seconds
-        ledgers = {
-            "config": StreamLedger(
-                CONFIG_STREAM, configuration, ledger_channel, publish_channel, settings.ledger_timeout_seconds
-            ),
-            "key_events": StreamLedger(
-                KEY_EVENTS_STREAM,
-                key_events,
-                ledger_channel,
-                publish_channel,
-                settings.ledger_timeout_seconds,
-            ),
-            "sad_use": StreamLedger(
-                SAD_USE_STREAM,
-                sad_use,
-                ledger_channel,
-                publish_channel,
-                settings.ledger_timeout_seconds,
-                start_at=datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=horizon),
-            ),
-        }
+        state, ledgers = _ledgers(static, settings, ledger_channel, publish_channel)
+        configuration, key_events, sad_use = state
         for ledger in ledgers.values():
             await ledger.start()
         audit = AuditTrail(
@@ -200,3 +171,48 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             await connection.close()
         pkcs11_hsm.close()
     return exit_status
+
+
+def _ledgers(
+    static: StaticConfiguration,
+    settings: WorkerSettings,
+    consume_channel: AbstractChannel,
+    publish_channel: AbstractChannel,
+) -> tuple[tuple[ConfigurationLog, KeyEventLog, SadUseLog], dict[str, StreamLedger]]:
+    """The replicated state and the stream ledgers that feed it (not started yet)."""
+    configuration = ConfigurationLog(static)
+    key_events = KeyEventLog()
+    sad_use = SadUseLog(static.sad_policy.clock_skew_seconds)
+    # A jti older than the longest SAD lifetime can no longer be replayed, so the
+    # SAD-use stream is read from that horizon only.
+    horizon = static.sad_policy.max_lifetime_seconds + 2 * static.sad_policy.clock_skew_seconds
+    timeout = settings.ledger_timeout_seconds
+    ledgers = {
+        "config": StreamLedger(CONFIG_STREAM, configuration, consume_channel, publish_channel, timeout),
+        "key_events": StreamLedger(KEY_EVENTS_STREAM, key_events, consume_channel, publish_channel, timeout),
+        "sad_use": StreamLedger(
+            SAD_USE_STREAM,
+            sad_use,
+            consume_channel,
+            publish_channel,
+            timeout,
+            start_at=datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=horizon),
+        ),
+    }
+    return (configuration, key_events, sad_use), ledgers
+
+
+def _pkcs11_hsm(
+    settings: WorkerSettings, infrastructure: Infrastructure, pin: str, on_lost: Callable[[], None]
+) -> Pkcs11Hsm:
+    """The HSM adapter on this process's one session to the token."""
+    return Pkcs11Hsm(
+        lambda: open_session(settings.pkcs11_module, settings.token_label, pin),
+        on_lost,
+        infrastructure.kek_label,
+        infrastructure.state_key.label,
+        infrastructure.audit_key.label,
+        infrastructure.factor_key_label,
+        infrastructure.wrap_mechanism,
+        renew_library=lambda: renew_library(settings.pkcs11_module),
+    )

@@ -20,6 +20,9 @@ def _ref(name: str) -> dict[str, str]:
 def asyncapi(
     replies: dict[Operation, type[BaseModel] | None], statuses: dict[Operation, int]
 ) -> dict[str, Any]:
+    """The AsyncAPI 3.0 document: request channels per queue class, replies on ``reply_to``
+    and the audit exchange. ``replies`` gives each operation's reply model (``None``: an
+    empty body), ``statuses`` its success status where it is not 200."""
     vhost = topology.VHOST
     work_queue = {
         "x-queue-type": "quorum",

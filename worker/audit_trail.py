@@ -51,6 +51,7 @@ MAX_BATCH = 512
 
 
 def audit_file(audit_dir: Path, instance: str, audit_log: AuditLog) -> Path:
+    """Where a worker instance writes one of its audit logs."""
     return audit_dir / instance / f"{audit_log}.jsonl"
 
 
@@ -140,6 +141,10 @@ class _Log:
 
 
 class AuditTrail:
+    """The ``AuditSink`` of a worker process (see the module docstring): records are
+    answered only once durable in their file and confirmed by the broker, else
+    ``audit_unavailable`` within ``timeout``."""
+
     def __init__(
         self,
         node: str,
@@ -251,6 +256,8 @@ class AuditTrail:
                         self._fail(batch, f"audit failed ({type(exc).__name__})")
 
     async def _flush(self, audit_log: AuditLog, state: _Log, batch: list[_Pending]) -> None:
+        """Chain and sign ``batch``, write it, then make it durable in the file and on the
+        broker side by side; release its callers only when both hold."""
         try:
             entries, head = chain_batch(
                 self._node,
@@ -265,29 +272,10 @@ class AuditTrail:
             self._fail(batch, f"audit signing failed: {exc.message}")
             return
         lines = [orjson.dumps(entry) for entry in entries]
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        # One I/O job writes and then fsyncs (a SIGHUP's close cannot come in between);
-        # it signals when the write went through, and the broker publishes start then.
-        # The fsync and the broker's confirms run side by side: the reply waits for the
-        # slower one, not for both in a row. Only a failed fsync (the write itself went
-        # through) can now leave a batch on the broker that the file does not keep; its
-        # callers get audit_unavailable, the chain goes on from the file's last
-        # checkpoint, and the broker's copy shows a fork there (see the README).
-        written: asyncio.Future[None] = loop.create_future()
-
-        def settle() -> None:
-            if not written.done():
-                written.set_result(None)
-
-        def signal_written() -> None:
-            loop.call_soon_threadsafe(settle)
-
-        data = b"".join(line + b"\n" for line in lines)
-        durable = loop.run_in_executor(self._io, self._write, state, data, head, signal_written)
-        await asyncio.wait([written, durable], return_when=asyncio.FIRST_COMPLETED)
-        if not written.done():  # the write failed (callbacks arrive in order): nothing left the worker
-            self._fail(batch, f"audit file not writable ({_describe(durable.exception())})")
+        durable = await self._written(state, lines, head)
+        if isinstance(durable, BaseException):  # nothing left the worker
+            self._fail(batch, f"audit file not writable ({_describe(durable)})")
             return
         routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
         metrics = self._metrics
@@ -306,8 +294,8 @@ class AuditTrail:
             return
         state.head = head
         self.batches += 1
-        if self._metrics is not None:
-            self._metrics.audit_batch_records.observe(len(batch))
+        if metrics is not None:
+            metrics.audit_batch_records.observe(len(batch))
         failure = next((r for r in published if isinstance(r, BaseException)), None)
         if failure is not None:
             self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
@@ -315,6 +303,36 @@ class AuditTrail:
         for pending, entry in zip(batch, entries, strict=False):
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(entry)
+
+    async def _written(
+        self, state: _Log, lines: list[bytes], head: ChainHead
+    ) -> asyncio.Future[None] | BaseException:
+        """Start the batch's I/O job and return, once its write went through, the future
+        of its fsync — or the write's failure.
+
+        One I/O job writes and then fsyncs (a SIGHUP's close cannot come in between);
+        it signals when the write went through, and the broker publishes start then.
+        The fsync and the broker's confirms run side by side: the reply waits for the
+        slower one, not for both in a row. Only a failed fsync (the write itself went
+        through) can now leave a batch on the broker that the file does not keep; its
+        callers get audit_unavailable, the chain goes on from the file's last
+        checkpoint, and the broker's copy shows a fork there (see the README)."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not written.done():
+                written.set_result(None)
+
+        def signal_written() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        data = b"".join(line + b"\n" for line in lines)
+        durable = loop.run_in_executor(self._io, self._write, state, data, head, signal_written)
+        await asyncio.wait([written, durable], return_when=asyncio.FIRST_COMPLETED)
+        if not written.done():  # the write failed (callbacks arrive in order)
+            return durable.exception() or RuntimeError("audit write failed")
+        return durable
 
     @staticmethod
     async def _timed(step: Awaitable[None], started: float, histogram: Histogram | None) -> None:

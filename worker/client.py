@@ -57,6 +57,8 @@ class SamClientError(Exception):
 
 
 class SamTimeout(SamClientError):
+    """No reply within the time allowed; the request may still have been processed."""
+
     def __init__(self, request_id: str, seconds: float) -> None:
         super().__init__(f"no reply to {request_id} within {seconds} s")
         self.request_id = request_id
@@ -75,6 +77,8 @@ class SamRequestError(SamClientError):
 
 @dataclass(frozen=True)
 class RawReply:
+    """A reply as it arrived: status, body and correlation id (``json()`` decodes it)."""
+
     status: int
     body: bytes
     correlation_id: str | None
@@ -89,6 +93,10 @@ def _jws_key(pem: bytes) -> ECKey | RSAKey:
 
 
 class SamClient:
+    """The SSA SDK: one TLS connection (EXTERNAL auth) to the broker, one reply queue of
+    the user's own, every request signed with the user's registered JWS key; each
+    operation of the contract as a method. Refusals raise ``SamRequestError``."""
+
     def __init__(
         self,
         url: str,
@@ -246,7 +254,6 @@ class SamClient:
         gets ``sad_replayed``). The first reply wins; later ones are ignored."""
         assert self._channel is not None, "not connected"
         message_id = message_id or str(uuid.uuid4())
-        correlation_id = str(uuid.uuid4())
         if request_jws is None and sign:
             request_jws = self.sign_request(body, message_id, operation)
         all_headers: dict[str, Any] = dict(headers or {})
@@ -264,47 +271,60 @@ class SamClient:
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
-            correlation_id=correlation_id,
+            correlation_id=str(uuid.uuid4()),
             reply_to=self._reply_queue_name if reply_to == "" else reply_to,
             user_id=self.user_id if user_id == "" else user_id,
             type=operation,
             timestamp=time.time(),
             headers=all_headers,
         )
+        return await self._exchange(message, routing_key, reply_timeout or self.timeout, wait, retries)
+
+    async def _exchange(
+        self, message: aio_pika.Message, routing_key: str, seconds: float, wait: bool, retries: int
+    ) -> RawReply | None:
+        """Publish ``message`` and wait for the reply with its correlation id, publishing
+        the same message again after each timeout while ``retries`` last."""
+        assert message.correlation_id is not None and message.message_id is not None
+        correlation_id = message.correlation_id
         future: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
-        seconds = reply_timeout or self.timeout
         # with retries, a broker that is away (restarting) is waited for, up to the
         # time all attempts would take
         deadline = time.monotonic() + seconds * (retries + 1)
         try:
             for attempt in range(retries + 1):
-                while True:
-                    try:
-                        if not self._connected.is_set():  # a node went away: wait while the client moves
-                            await asyncio.wait_for(
-                                self._connected.wait(), max(deadline - time.monotonic(), 0.01)
-                            )
-                        assert self._requests is not None
-                        await self._requests.publish(message, routing_key=routing_key, mandatory=True)
-                        break
-                    except TimeoutError:
-                        raise SamTimeout(message_id, seconds) from None
-                    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
-                        if not retries or time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(1)
+                await self._publish(message, routing_key, deadline, seconds, retrying=retries > 0)
                 if not wait:
                     return None
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), seconds)
                 except TimeoutError:
                     if attempt == retries:
-                        raise SamTimeout(message_id, seconds) from None
+                        raise SamTimeout(message.message_id, seconds) from None
                     self.retried += 1
-            raise SamTimeout(message_id, seconds)
+            raise SamTimeout(message.message_id, seconds)
         finally:
             self._pending.pop(correlation_id, None)
+
+    async def _publish(
+        self, message: aio_pika.Message, routing_key: str, deadline: float, seconds: float, retrying: bool
+    ) -> None:
+        """Publish once the client is connected; when ``retrying``, a publish the broker
+        did not take is tried again each second until ``deadline``."""
+        while True:
+            try:
+                if not self._connected.is_set():  # a node went away: wait while the client moves
+                    await asyncio.wait_for(self._connected.wait(), max(deadline - time.monotonic(), 0.01))
+                assert self._requests is not None
+                await self._requests.publish(message, routing_key=routing_key, mandatory=True)
+                return
+            except TimeoutError:
+                raise SamTimeout(message.message_id or "", seconds) from None
+            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+                if not retrying or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
 
     async def call(self, operation: Operation | str, body: Any = None, *, sad: str | None = None) -> Any:
         """Send a well-formed request; return the reply document or raise ``SamRequestError``."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
@@ -97,13 +98,13 @@ class SoftwareHsm:
         return keywrap.aes_key_wrap_with_padding(self._keks[self._current], der)
 
     def _unwrap(self, key: WrappedKey) -> Any:
+        if key.wrap_mechanism != WRAP_MECHANISM:
+            raise SamError(ErrorCode.key_pair_invalid, f"unknown wrap mechanism {key.wrap_mechanism!r}")
         kek = self._keks.get(key.kek_label)
         if kek is None:
             raise SamError(
                 ErrorCode.key_pair_invalid, f"key encryption key {key.kek_label!r} is not in this HSM"
             )
-        if key.wrap_mechanism != WRAP_MECHANISM:
-            raise SamError(ErrorCode.key_pair_invalid, f"unknown wrap mechanism {key.wrap_mechanism!r}")
         try:
             private = serialization.load_der_private_key(
                 keywrap.aes_key_unwrap_with_padding(kek, key.wrapped), None
@@ -230,6 +231,7 @@ class MemoryAudit:
         self._node, self._instance = node, instance
         self._heads: dict[AuditLog, ChainHead] = {log: ChainHead() for log in AuditLog}
         self.entries: list[dict[str, Any]] = []
+        self.lines: list[bytes] = []
         self.events: list[AuditEvent] = []
         self.failing = False
 
@@ -237,15 +239,21 @@ class MemoryAudit:
         if self.failing:
             raise SamError(ErrorCode.audit_unavailable, "the audit sink is failing")
         time_ms = int(time.time() * 1000)
-        entries, self._heads[event.log] = chain_batch(
-            self._node,
-            self._instance,
-            event.log,
-            self._heads[event.log],
-            [(event, time_ms)],
-            time_ms,
-            self._sign,
-        )
+        try:
+            entries, head = chain_batch(
+                self._node,
+                self._instance,
+                event.log,
+                self._heads[event.log],
+                [(event, time_ms)],
+                time_ms,
+                self._sign,
+            )
+            lines = [orjson.dumps(entry) for entry in entries]  # as the trail writes them
+        except (SamError, TypeError) as exc:
+            raise SamError(ErrorCode.audit_unavailable, f"audit failed ({type(exc).__name__})") from exc
+        self._heads[event.log] = head
         self.events.append(event)
         self.entries += entries
+        self.lines += lines
         return entries[0]

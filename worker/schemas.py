@@ -105,6 +105,8 @@ def render() -> dict[str, bytes]:
 
 
 def write(folder: Path) -> list[str]:
+    """Write everything ``render`` produces into ``folder`` and delete the ``*.json`` and
+    ``*.yaml`` there that it no longer produces; returns the names written."""
     folder.mkdir(parents=True, exist_ok=True)
     rendered = render()
     for stale in [*folder.glob("*.json"), *folder.glob("*.yaml")]:

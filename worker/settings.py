@@ -42,6 +42,9 @@ def split_urls(urls: str) -> tuple[str, ...]:
 
 
 class TlsFiles(BaseModel):
+    """The CA, client certificate and key of a mutual-TLS broker connection; with EXTERNAL
+    authentication the certificate's CN is the AMQP user."""
+
     model_config = ConfigDict(frozen=True)
     ca_file: Path
     cert_file: Path
@@ -124,6 +127,9 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Worke
 
 
 class KeyInfo(BaseModel):
+    """An HSM key the infrastructure file names: its token label and PEM public key, so a
+    node can check that its token holds the very same key."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     label: str
     public_key: str
@@ -147,10 +153,14 @@ class Infrastructure(BaseModel):
 
 
 def load_infrastructure(path: Path) -> Infrastructure:
+    """The private configuration from ``sam_infrastructure.json``; ``OSError`` if unreadable,
+    pydantic ``ValidationError`` if malformed."""
     return Infrastructure.model_validate_json(path.read_bytes())
 
 
 def load_static_configuration(path: Path) -> StaticConfiguration:
+    """The operator's static configuration from its JSON file; ``OSError`` if unreadable,
+    ``ValueError`` (bad JSON or a pydantic ``ValidationError``) if malformed."""
     return StaticConfiguration.model_validate(json.loads(path.read_text()))
 
 

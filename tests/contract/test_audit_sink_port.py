@@ -90,7 +90,7 @@ async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     sink = MemoryAudit(hsm.sign_audit_digest)
 
     async def trails() -> list[list[bytes]]:
-        return [[orjson.dumps(entry) for entry in sink.entries]]
+        return [list(sink.lines)]
 
     def fail() -> None:
         sink.failing = True

@@ -32,7 +32,11 @@ from worker.ports import Hsm, WrappedKey
 from worker.settings import load_infrastructure, read_secret
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-_HASHES = {"SHA-256": hashes.SHA256, "SHA-384": hashes.SHA384, "SHA-512": hashes.SHA512}
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "SHA-256": hashes.SHA256,
+    "SHA-384": hashes.SHA384,
+    "SHA-512": hashes.SHA512,
+}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asn1crypto import x509 as asn1_x509
@@ -26,7 +27,7 @@ from worker.integrations.pdf import SamSigner, blank_pdf, sign_detached, sign_pd
 
 pytestmark = pytest.mark.integration
 
-TEMPLATES = {
+TEMPLATES: dict[str, dict[str, Any]] = {
     "ec-p256": {"algorithm": "ECDSA", "named_curve": "secp256r1"},
     "rsa-2048": {"algorithm": "RSA", "size": 2048},
 }
@@ -91,6 +92,7 @@ async def test_pdf_signed_through_the_sam_validates_everywhere(
         embedded[0], ValidationContext(trust_roots=[ca], allow_fetching=False)
     )
     assert status.intact and status.valid and status.trusted, status.summary()
+    assert status.coverage is not None
     assert status.coverage.name == "ENTIRE_FILE"
 
     pdfsig = await asyncio.to_thread(

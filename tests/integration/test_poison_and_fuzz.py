@@ -45,7 +45,7 @@ def _hostile(generator: random.Random) -> tuple[str, bytes, dict[str, Any], bool
             + b'"}}',
         ]
     )
-    headers = generator.choice(
+    headers: dict[str, Any] = generator.choice(
         [{}, {"sam-sad": os.urandom(8).hex()}, {"sam-sad": 12}, {"sam-request-jws": ""}]
     )
     operation = generator.choice(OPERATIONS)

@@ -135,7 +135,7 @@ class World:
         before = len(self.audit.events)
         reply = self.loop.run_until_complete(self.service.process(request))
         assert len(self.audit.events) == before + 1, "exactly one audit record per request"
-        document = orjson.loads(reply.body) if reply.body else None
+        document: Any = orjson.loads(reply.body) if reply.body else None
         if reply.status >= 400:
             code = document["error"]["code"]
             assert STATUS[code] == reply.status, (code, reply.status)

@@ -171,6 +171,7 @@ def _schemas(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``sam-admin``: exits 0 on success, 1 when a command fails, 2 with the code on a ``SamError``."""
     parser = argparse.ArgumentParser(prog="sam-admin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create the KEK, state key and audit key in the token")

@@ -31,6 +31,9 @@ async def tail(
     count: int | None,
     idle_timeout: float | None,
 ) -> int:
+    """Follow ``sam.audit`` through ``queue_name`` (default ``<user>.audit``), verifying and
+    printing each entry, until ``count`` entries or ``idle_timeout`` seconds without one;
+    returns 1 if any entry failed verification."""
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     follower = ChainFollower(key)
     seen, failures = 0, 0

@@ -30,6 +30,9 @@ __all__ = ["ClientProfile", "main"]
 
 
 class ClientProfile(BaseModel):
+    """Who a ``sam`` user is: broker URL, TLS files, user id and the JWS key requests are
+    signed with; a profile without one (a SIEM's) cannot send requests (``ValueError``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     url: str
     user_id: str
@@ -188,6 +191,7 @@ def _public_key(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``sam``: exits 1 when the SAM refuses (its status and code are printed) or the SDK fails."""
     parser = argparse.ArgumentParser(prog="sam", description=__doc__)
     parser.add_argument("--profile", type=Path, default=os.environ.get("SAM_PROFILE"))
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,6 +16,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``sam-worker``: run one worker until it stops. A ``SamError`` at start exits with
+    ``EXIT_RESTART`` if it is ``hsm_unavailable`` (the supervisor tries again), else with 1."""
     parser = argparse.ArgumentParser(prog="sam-worker", description=__doc__)
     parser.add_argument("--config", type=Path, help="settings file (TOML); SAM_* variables override it")
     parser.add_argument("--queues", help="comma-separated queue classes to consume: admin,keys,signatures")

@@ -25,6 +25,9 @@ __all__ = ["DevAuthorizationServer", "main"]
 
 
 class DevAuthorizationServer:
+    """TEST TOOLING: an authorization server that signs (ES256) any SAD, SKAD or deletion SAD
+    it is asked for, with ``kid`` and ``iss`` its id."""
+
     def __init__(self, server_id: str, private_key_pem: bytes) -> None:
         self.id = server_id
         self._key = ECKey.import_key(private_key_pem.decode())
@@ -86,6 +89,7 @@ class DevAuthorizationServer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``sam-dev-as``: print a SAD for a signer, a key pair and the given DTBS/R."""
     parser = argparse.ArgumentParser(
         prog="sam-dev-as", description="TEST TOOLING: issue a SAD from the development authorization server"
     )

@@ -46,6 +46,8 @@ ECHO_QUEUE = "bench.echo"
 
 @dataclass
 class Point:
+    """One measurement: rate and latency percentiles at one concurrency and process count."""
+
     name: str
     concurrency: int
     processes: int
@@ -66,6 +68,8 @@ class Point:
 
 @dataclass
 class Results:
+    """Everything one bench run measured, with the ratios and ceilings derived from it."""
+
     machine: dict[str, Any] = field(default_factory=dict)
     points: list[Point] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -269,6 +273,8 @@ async def echo_server(profile_file: Path, prefetch: int) -> None:
 
 
 class EchoClient:
+    """The echo baseline's caller: RPCs as large as a signature request, with confirms."""
+
     def __init__(self, profile: ClientProfile) -> None:
         self.profile = profile
         self.pending: dict[str, asyncio.Future[None]] = {}
@@ -700,6 +706,8 @@ def chart(results: Results, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``ops/bench``: ``run`` the whole measurement (JSON, chart, table), or ``hsm-loop`` and
+    ``echo-server``, the subprocesses a run starts."""
     parser = argparse.ArgumentParser(prog="ops/bench", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     bench = sub.add_parser("run")

@@ -45,6 +45,9 @@ EC_SHA256 = "1.2.840.10045.4.3.2"
 
 @dataclass
 class ChaosReport:
+    """What a chaos run saw: requests and their outcomes, unanswered ones, SDK retries, the
+    faults injected and whether the audit trail verified with a record per answer."""
+
     sent: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     unanswered: int = 0
@@ -177,6 +180,8 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
 
 
 async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> ChaosReport:
+    """Start a stack of its own and load it while faults are injected, then verify its audit
+    trail; the stack is stopped and its folder removed whatever happens."""
     root = Path(tempfile.mkdtemp(prefix="sam-chaos-"))
     stack = Stack(root, port_base, cluster)
     report = ChaosReport()
@@ -238,6 +243,8 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``ops/chaos``: print (and with ``--out`` write) the report; exit 1 if a request went
+    unanswered, an answer has no audit record or the audit trail does not verify."""
     parser = argparse.ArgumentParser(prog="ops/chaos", description=__doc__)
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--cluster", action="store_true", help="a three-node RabbitMQ cluster")

@@ -31,6 +31,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The compose init job: dev PKI, broker files, token, SAM keys and worker settings into
+    ``--config``; what exists is kept."""
     parser = argparse.ArgumentParser(prog="compose-init")
     parser.add_argument("--config", type=Path, default=Path("/config"))
     parser.add_argument("--broker-host", default="rabbitmq")

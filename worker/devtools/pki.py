@@ -16,12 +16,14 @@ __all__ = ["DevPki", "private_key_pem", "public_key_pem"]
 
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM (test tooling: never for a real key)."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
 def public_key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    """The key's public half as a PEM SubjectPublicKeyInfo, as the configurations register it."""
     return (
         key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -207,20 +207,8 @@ class Stack:
         return range(1, self.cluster + 1)
 
     @property
-    def amqps_port(self) -> int:
-        return self.node_amqps_port(1)
-
-    @property
-    def dist_port(self) -> int:
-        return self.node_dist_port(1)
-
-    @property
     def epmd_port(self) -> int:
         return self.port_base + 2
-
-    @property
-    def node_name(self) -> str:
-        return self.node_name_of(1)
 
     @property
     def url(self) -> str:
@@ -614,6 +602,7 @@ class Stack:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``ops/stack up|down|status`` for the stack under ``--root``."""
     parser = argparse.ArgumentParser(
         prog="ops/stack", description="the local sam-worker stack (test tooling)"
     )

@@ -18,6 +18,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command after ``--``, again a second after every non-zero exit; exit with its
+    status once it exits 0 or a SIGTERM came."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = arguments[arguments.index("--") + 1 :] if "--" in arguments else arguments
     child: subprocess.Popen[bytes] | None = None

@@ -32,6 +32,8 @@ __all__ = [
 
 
 class KeyType(StrEnum):
+    """The key types of a key pair; the value is the ``key_template.algorithm`` spelling."""
+
     RSA = "RSA"
     EC = "ECDSA"
 
@@ -46,6 +48,8 @@ class HsmMechanism(StrEnum):
 
 @dataclass(frozen=True)
 class Curve:
+    """A supported EC curve: its canonical SEC name and its OID."""
+
     name: str
     oid: str
 
@@ -131,6 +135,10 @@ _SHA512 = _Hash(
 
 @dataclass(frozen=True)
 class SignatureScheme:
+    """A supported signature algorithm, chosen by OID: the key type it needs, the hash the
+    DTBS/R must come from and how the HSM signs. ``check_dtbs`` refuses a DTBS/R of the
+    wrong length (``invalid_dtbs``)."""
+
     oid: str
     name: str
     key_type: KeyType

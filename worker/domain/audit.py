@@ -49,11 +49,16 @@ RECORD, CHECKPOINT = "record", "checkpoint"
 
 
 class AuditLog(StrEnum):
+    """The audit chain a request's record joins: ``admin`` for administrators, ``service``
+    for everyone else."""
+
     service = "service"
     admin = "admin"
 
 
 class Outcome(StrEnum):
+    """``success``: answered with a status below 400; ``failure``: refused or failed."""
+
     success = "success"
     failure = "failure"
 
@@ -87,6 +92,8 @@ def _canonical(entry: dict[str, Any]) -> bytes:
 
 
 def entry_hash(entry: dict[str, Any]) -> bytes:
+    """SHA-256 of an entry's canonical JSON (sorted keys, without ``hash`` and ``sig``): the
+    value the next entry's ``prev`` names and a checkpoint's signature covers."""
     return hashlib.sha256(_canonical(entry)).digest()
 
 
@@ -157,6 +164,9 @@ def chain_batch(
 
 @dataclass(frozen=True)
 class ChainProblem:
+    """One fault found in an audit trail: the chain, the sequence numbers and the file line
+    where it shows, and what is wrong; ``kind`` is a stable keyword (``gap``, ``fork``…)."""
+
     chain: str
     kind: str  # altered|signature|gap|fork|broken-link|reordered|repeated|unsigned-tail|unreadable
     seqs: tuple[int, int] | None
@@ -175,6 +185,9 @@ class ChainProblem:
 
 @dataclass
 class ChainSummary:
+    """What verification saw of one chain: its first and last seq, how many records and
+    checkpoints, and the last seq a valid checkpoint signature covers."""
+
     first: int
     last: int
     records: int
@@ -184,6 +197,9 @@ class ChainSummary:
 
 @dataclass
 class VerifyReport:
+    """The result of ``verify_entries``: entries read, a summary per chain and every
+    problem found; ``ok`` only when there is none."""
+
     entries: int = 0
     chains: dict[str, ChainSummary] = field(default_factory=dict)
     problems: list[ChainProblem] = field(default_factory=list)

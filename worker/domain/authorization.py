@@ -41,6 +41,7 @@ SAD_TYPE_DELETION = "sam_key_deletion"
 
 
 def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JOSE writes it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
@@ -110,11 +111,15 @@ class _Claims(BaseModel):
 
 
 class DocumentDigest(_Claims):
+    """One authorized DTBS/R (base64 or base64url of the hash)."""
+
     hash: str
     label: str | None = None
 
 
 class AuthorizationDetail(_Claims):
+    """One RAR ``authorization_details`` entry: what the signer authorized for which key pair."""
+
     type: str
     credentialID: str
     hashAlgorithmOID: str | None = None
@@ -123,6 +128,8 @@ class AuthorizationDetail(_Claims):
 
 
 class SadClaims(_Claims):
+    """The claims of a SAD or SKAD, shaped like a CSC v2 / OAuth 2 RAR access token."""
+
     iss: str
     aud: str | list[str]
     sub: str
@@ -154,9 +161,29 @@ def verify_sad(
     expected: SadExpectation,
     now: int,
 ) -> SadClaims:
-    """Check a SAD end to end except ``jti`` single use; return its claims."""
+    """Check a SAD end to end except ``jti`` single use; return its claims.
+
+    In order: signed by a registered authorization server that this SSA may use, for
+    this SAM, alive now within the policy's lifetime, for this signer, with exactly one
+    authorization detail of the expected type for this key pair and these DTBS/R, and
+    with enough authentication factors. Each refusal has its own ``sad_*`` code."""
     if not token:
         raise SamError(ErrorCode.sad_missing)
+    claims = _verified_claims(token, state, expected.ssa)
+    audiences = [claims.aud] if isinstance(claims.aud, str) else claims.aud
+    if audience not in audiences:
+        raise SamError(ErrorCode.sad_audience_mismatch)
+    _check_lifetime(claims, policy, now)
+    if claims.sub != expected.signer:
+        raise SamError(ErrorCode.sad_signer_mismatch)
+    _check_detail(claims, expected)
+    if len(set(claims.amr)) < policy.min_authentication_factors:
+        raise SamError(ErrorCode.sad_authentication_insufficient)
+    return claims
+
+
+def _verified_claims(token: str, state: DynamicState, ssa_id: str) -> SadClaims:
+    """The claims of a SAD signed by a registered AS that ``ssa_id`` may use."""
     try:
         header = jws.extract_compact(token.encode()).headers()
     except (JoseError, ValueError) as exc:
@@ -164,9 +191,9 @@ def verify_sad(
     issuer = header.get("kid")
     if not isinstance(issuer, str) or issuer not in state.authorization_servers:
         raise SamError(ErrorCode.sad_issuer_unknown, "SAD kid names no registered authorization server")
-    ssa = state.ssa(expected.ssa)
+    ssa = state.ssa(ssa_id)
     if ssa is None or issuer not in ssa.allowed_authorization_servers:
-        raise SamError(ErrorCode.sad_issuer_not_allowed, f"{expected.ssa} may not use {issuer}")
+        raise SamError(ErrorCode.sad_issuer_not_allowed, f"{ssa_id} may not use {issuer}")
     key = state.authorization_servers[issuer]
     if header.get("alg") not in key.algorithms:
         raise SamError(ErrorCode.sad_invalid, f"SAD alg {header.get('alg')!r} is not allowed for {issuer}")
@@ -182,35 +209,37 @@ def verify_sad(
         raise SamError(ErrorCode.sad_invalid, "SAD claims do not match the SAD schema") from exc
     if claims.iss != issuer:
         raise SamError(ErrorCode.sad_invalid, "SAD iss differs from its kid")
-    audiences = [claims.aud] if isinstance(claims.aud, str) else claims.aud
-    if audience not in audiences:
-        raise SamError(ErrorCode.sad_audience_mismatch)
+    return claims
+
+
+def _check_lifetime(claims: SadClaims, policy: SadPolicy, now: int) -> None:
     skew = policy.clock_skew_seconds
     if claims.iat > now + skew or claims.exp <= now - skew:
         raise SamError(ErrorCode.sad_expired)
     if claims.exp - claims.iat > policy.max_lifetime_seconds:
         raise SamError(ErrorCode.sad_expired, "SAD lifetime exceeds the policy maximum")
-    if claims.sub != expected.signer:
-        raise SamError(ErrorCode.sad_signer_mismatch)
+
+
+def _check_detail(claims: SadClaims, expected: SadExpectation) -> None:
+    """Exactly one detail of the expected type, for this key pair and, for a signature,
+    exactly these DTBS/R (as a multiset) under this hash algorithm."""
     details = [d for d in claims.authorization_details if d.type == expected.detail_type]
     if len(details) != 1:
         raise SamError(ErrorCode.sad_invalid, f"SAD needs exactly one {expected.detail_type!r} detail")
     detail = details[0]
     if detail.credentialID != expected.key_pair_id:
         raise SamError(ErrorCode.sad_key_pair_mismatch)
-    if expected.hash_oid is not None:
-        if detail.hashAlgorithmOID != expected.hash_oid:
-            raise SamError(ErrorCode.sad_digest_mismatch, "SAD authorizes another hash algorithm")
-        authorized = Counter(_b64_any(d.hash) for d in detail.documentDigests)
-        if authorized != Counter(expected.digests):
-            raise SamError(ErrorCode.sad_digest_mismatch)
-        if detail.numSignatures is not None and detail.numSignatures != len(expected.digests):
-            raise SamError(ErrorCode.sad_digest_mismatch, "SAD numSignatures differs from the request")
-    elif detail.documentDigests:
-        raise SamError(ErrorCode.sad_invalid, f"a {expected.detail_type} SAD authorizes no digests")
-    if len(set(claims.amr)) < policy.min_authentication_factors:
-        raise SamError(ErrorCode.sad_authentication_insufficient)
-    return claims
+    if expected.hash_oid is None:
+        if detail.documentDigests:
+            raise SamError(ErrorCode.sad_invalid, f"a {expected.detail_type} SAD authorizes no digests")
+        return
+    if detail.hashAlgorithmOID != expected.hash_oid:
+        raise SamError(ErrorCode.sad_digest_mismatch, "SAD authorizes another hash algorithm")
+    authorized = Counter(_b64_any(d.hash) for d in detail.documentDigests)
+    if authorized != Counter(expected.digests):
+        raise SamError(ErrorCode.sad_digest_mismatch)
+    if detail.numSignatures is not None and detail.numSignatures != len(expected.digests):
+        raise SamError(ErrorCode.sad_digest_mismatch, "SAD numSignatures differs from the request")
 
 
 def _b64_any(text: str) -> bytes | None:

@@ -40,6 +40,9 @@ def canonical_subject(subject: str) -> str:
 
 
 def check_certification_request_info(der: bytes, public_key_der: bytes, subject: str) -> None:
+    """Accept ``der`` for a proof of possession only as canonical DER v1 CertificationRequestInfo
+    for ``public_key_der`` and ``subject``; refused as ``pop_not_a_certification_request``,
+    ``pop_public_key_mismatch`` or ``pop_subject_mismatch``."""
     try:
         info = csr.CertificationRequestInfo.load(der, strict=True)
         # force a full parse and insist on the one DER encoding: no trailing or alternate bytes
@@ -70,6 +73,9 @@ def check_certification_request_info(der: bytes, public_key_der: bytes, subject:
 
 
 def check_certificate(der: bytes, public_key_der: bytes, subject: str) -> None:
+    """Accept ``der`` only as a DER X.509 certificate for ``public_key_der`` issued to ``subject``;
+    refused as ``certificate_invalid``, ``certificate_key_mismatch`` or
+    ``certificate_subject_mismatch``."""
     try:
         certificate = asn1_x509.Certificate.load(der, strict=True)
         certificate_key = certificate.public_key.dump()

@@ -28,12 +28,18 @@ __all__ = [
 
 
 class Administrator(BaseModel):
+    """An administrator of this SAM: the certificate CN it connects with (= AMQP user_id) and
+    the PEM public key its request JWS must verify with."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: Identifier
     public_key: Pem
 
 
 class SadPolicy(BaseModel):
+    """How strict SAD checks are: lifetime and clock skew (``sad_expired``), distinct factors
+    (``sad_authentication_insufficient``), and whether an assignment needs a SKAD."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_lifetime_seconds: int = Field(default=300, ge=1, le=86400)
     clock_skew_seconds: int = Field(default=30, ge=0, le=600)
@@ -46,6 +52,9 @@ class SadPolicy(BaseModel):
 
 
 class Limits(BaseModel):
+    """Per-request bounds: body size (``message_too_large``), DTBS/R per request
+    (``too_many_digests``) and request JWS age (``request_signature_invalid``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_body_bytes: int = Field(default=262_144, ge=1024)
     max_digests_per_request: int = Field(default=100, ge=1, le=10_000)

@@ -58,6 +58,9 @@ Pem = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 
 
 class Operation(StrEnum):
+    """The operations a SAM answers; the value is the request's AMQP ``type`` (any other:
+    ``unknown_operation``)."""
+
     configurations_dynamic_put = "configurations.dynamic.put"
     configurations_dynamic_get = "configurations.dynamic.get"
     key_pairs_create = "key_pairs.create"
@@ -70,6 +73,9 @@ class Operation(StrEnum):
 
 
 class QueueClass(StrEnum):
+    """The work queues ``sam.<class>`` and their routing keys. ``admin`` operations are for
+    administrators only, the others for SSAs only (``operation_not_permitted``)."""
+
     admin = "admin"
     keys = "keys"
     signatures = "signatures"
@@ -100,17 +106,27 @@ class _Strict(BaseModel):
 
 
 class AuthorizationServer(_Strict):
+    """An authorization server whose SADs and SKADs this SAM accepts: ``id`` is their JWS
+    ``kid`` and ``iss``; others are refused as ``sad_issuer_unknown``."""
+
     id: Identifier
     public_key: Pem = Field(description="PEM SubjectPublicKeyInfo of the key that signs SADs")
 
 
 class SigningServicePrivilegedUser(_Strict):
+    """An SSA, which may call the key and signature operations and relay SADs only from the
+    authorization servers it lists (others: ``sad_issuer_not_allowed``)."""
+
     id: Identifier = Field(description="The certificate CN the SSA connects with (= AMQP user_id)")
     public_key: Pem = Field(description="PEM SubjectPublicKeyInfo of the key that signs request JWS")
     allowed_authorization_servers: list[Identifier] = Field(max_length=64)
 
 
 class DynamicConfiguration(_Strict):
+    """Body of ``configurations.dynamic.put``: the registered authorization servers and SSAs.
+    Refused as ``configuration_version_conflict`` unless ``version`` is above the current
+    one, as ``configuration_invalid`` for a duplicate id, an unknown server or a bad key."""
+
     version: int = Field(ge=1, le=2**53)
     authorization_servers: list[AuthorizationServer] = Field(max_length=256)
     signing_service_privileged_users: list[SigningServicePrivilegedUser] = Field(max_length=1024)
@@ -120,16 +136,25 @@ class DynamicConfiguration(_Strict):
 
 
 class KeyTemplate(_Strict):
+    """The key pair to generate: RSA of ``size`` 2048, 3072 or 4096, or ECDSA on ``named_curve``
+    secp256r1, secp384r1 or secp521r1 (alias prime256v1, prime384v1, prime521v1); anything
+    else is ``unsupported_algorithm``."""
+
     algorithm: Literal["RSA", "ECDSA"]
     size: int | None = None
     named_curve: str | None = Field(default=None, max_length=32)
 
 
 class KeyPairCreateRequest(_Strict):
+    """Body of ``key_pairs.create``: a new key pair in the HSM, unassigned, sealed for the SSA."""
+
     key_template: KeyTemplate
 
 
 class KeyPairStatus(_Strict):
+    """Where a key pair stands. Assigned and certified are never undone
+    (``status_transition_invalid``); only a certified, enabled key pair signs."""
+
     assigned: bool
     certified: bool
     enabled: bool
@@ -143,6 +168,9 @@ class SamFactor(_Strict):
 
 
 class Signer(_Strict):
+    """A signer, by the id its authorization server puts in the SAD ``sub`` (a SAD for another
+    signer: ``sad_signer_mismatch``)."""
+
     id: Identifier
 
 
@@ -170,10 +198,17 @@ class KeyPairObject(_Strict):
 
 
 class KeyPairReply(_Strict):
+    """Reply of an operation that creates or changes a key pair: its new copy, which
+    supersedes every older one (older copies: ``key_pair_outdated``)."""
+
     key_pair: KeyPairObject
 
 
 class AssignRequest(_Strict):
+    """Body of ``signers.key_pairs.assign``: bind an unassigned key pair to a signer and subject
+    for good (again: ``key_pair_already_assigned``), with the signer's SKAD when given or
+    when the policy requires one."""
+
     key_pair: KeyPairObject
     signer: Signer
     subject: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
@@ -183,6 +218,9 @@ class AssignRequest(_Strict):
 
 
 class KeyPairUpdateRequest(_Strict):
+    """Body of ``key_pairs.update``: the signer's own key pair (``signer_mismatch``) gets a new
+    status; certifying it needs its certificate (``certificate_required``)."""
+
     key_pair: KeyPairObject
     signer: Signer
     status: KeyPairStatus
@@ -192,16 +230,25 @@ class KeyPairUpdateRequest(_Strict):
 
 
 class KeyPairDeleteRequest(_Strict):
+    """Body of ``key_pairs.delete``: delete a key pair for good. An assigned one needs its
+    ``signer`` (``signer_mismatch``); a SAD, when given, must be the signer's deletion SAD."""
+
     key_pair: KeyPairObject
     signer: Signer | None = None
 
 
 class KeyPairDeleteReply(_Strict):
+    """Reply of ``key_pairs.delete``: every later request with the key pair is refused as
+    ``key_pair_deleted``."""
+
     key_pair_id: str
     deleted: bool
 
 
 class KeyPairRewrapRequest(_Strict):
+    """Body of ``key_pairs.rewrap``: wrap the private key under the current KEK; a key pair
+    already under it comes back unchanged."""
+
     key_pair: KeyPairObject
 
 
@@ -214,16 +261,24 @@ AlgorithmParameters = Annotated[str, StringConstraints(min_length=1, max_length=
 
 
 class SignatureRequest(_Strict):
+    """One DTBS/R to sign. Its own signature algorithm, if given, must be the request's
+    (``unsupported_algorithm``); its length must fit the hash (``invalid_dtbs``)."""
+
     dtbs: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
         description="base64 of the DTBS/R (the hash to sign)"
     )
-    signature_algorithm: Oid | None = Field(default=None, description="overrides the request's")
+    signature_algorithm: Oid | None = Field(
+        default=None, description="if given, must equal the request's: one SAD names one hash"
+    )
     signature_algorithm_parameters: AlgorithmParameters | None = Field(
         default=None, description="base64 DER parameters (RSASSA-PSS-params for 1.2.840.113549.1.1.10)"
     )
 
 
 class SignaturesCreateRequest(_Strict):
+    """Body of ``signatures.create``: DTBS/R for the signer's certified, enabled key pair, with a
+    SAD for exactly these hashes (``sad_*`` codes) and the SAM-managed factor if one is enrolled."""
+
     signature_algorithm: Oid
     signature_algorithm_parameters: AlgorithmParameters | None = None
     requests: list[SignatureRequest] = Field(min_length=1)
@@ -233,6 +288,9 @@ class SignaturesCreateRequest(_Strict):
 
 
 class ProofOfPossessionInput(_Strict):
+    """What a proof of possession signs: only a CertificationRequestInfo for the key pair's own
+    public key and its signer's subject (``pop_*`` codes)."""
+
     dtbs: Annotated[str, StringConstraints(min_length=1, max_length=16384)] = Field(
         description="base64 DER CertificationRequestInfo (PKCS#10) for the key pair's own public key"
     )
@@ -241,21 +299,30 @@ class ProofOfPossessionInput(_Strict):
 
 
 class ProofOfPossessionRequest(_Strict):
+    """Body of ``proofs_of_possession.create``: only for an assigned key pair not certified yet
+    (``key_pair_not_assigned``, ``key_pair_certified``)."""
+
     key_pair: KeyPairObject
     request: ProofOfPossessionInput
 
 
 class ProofOfPossessionReply(_Strict):
+    """Reply of ``proofs_of_possession.create``: the signature that completes the PKCS#10 request."""
+
     signature: str = Field(description="base64 signature over the CertificationRequestInfo")
     signature_algorithm: Oid
 
 
 class Signature(_Strict):
+    """One signature, in the place of its DTBS/R in the request."""
+
     signature: str = Field(description="base64; PKCS#1 v1.5 bytes or DER ECDSA-Sig-Value")
     signature_algorithm: Oid
 
 
 class SignaturesReply(_Strict):
+    """Reply of ``signatures.create``: one signature per DTBS/R, in request order."""
+
     signatures: list[Signature]
 
 
@@ -263,17 +330,23 @@ class SignaturesReply(_Strict):
 
 
 class ErrorBody(_Strict):
+    """A refusal: ``code`` is stable (error-codes.json), ``message`` is for people,
+    ``request_id`` is the request's message_id."""
+
     code: str
     message: str
     request_id: str | None
 
 
 class ErrorReply(_Strict):
+    """Reply of any operation that was refused or failed; the ``sam-status`` header carries
+    the code's status."""
+
     error: ErrorBody
 
 
 class EmptyRequest(_Strict):
-    pass
+    """Body of ``configurations.dynamic.get``: an empty JSON object."""
 
 
 REQUEST_MODELS: dict[Operation, type[BaseModel]] = {

@@ -93,7 +93,8 @@ class KeyPairSealer:
     """Seals key pairs with the HSM state key and opens them with its public key.
 
     ``sign_es256`` returns the raw r||s ECDSA P-256 signature of SHA-256(input) — the
-    JWS ES256 form, as PKCS#11 ``CKM_ECDSA`` returns it.
+    JWS ES256 form, as PKCS#11 ``CKM_ECDSA`` returns it. ``open`` refuses a seal that does
+    not verify, is no sealed key pair or comes from another SAM (``key_pair_invalid``).
     """
 
     def __init__(

@@ -28,6 +28,9 @@ __all__ = ["ConfigurationLog", "KeyEvent", "KeyEventLog", "KeyPairHistory", "Red
 
 
 class Reducer(Protocol):
+    """The rule of one ledger: applies a record and returns its verdict (``None``: accepted,
+    else the refusal), which depends only on the records applied before it."""
+
     def apply(self, data: Mapping[str, Any]) -> SamError | None: ...
 
 
@@ -80,6 +83,8 @@ class ConfigurationLog:
 
 
 class KeyEvent(StrEnum):
+    """The kinds of key pair change recorded in ``sam.key-events``."""
+
     assigned = "assigned"
     updated = "updated"
     rewrapped = "rewrapped"
@@ -88,6 +93,9 @@ class KeyEvent(StrEnum):
 
 @dataclass(frozen=True)
 class KeyPairHistory:
+    """What ``sam.key-events`` says of one key pair: its latest revision, its signer and
+    whether it was deleted."""
+
     revision: int
     signer: str | None
     deleted: bool

@@ -14,7 +14,7 @@ from pkcs11.exceptions import PKCS11Error
 
 from worker.errors import ErrorCode, SamError
 
-__all__ = ["STALE", "translated"]
+__all__ = ["HANDLES_LOST", "STALE", "translated"]
 
 # Errors after which cached handles (or the session) cannot be trusted: SoftHSM, for one,
 # hands out new object handles when its token store was away and came back.
@@ -29,6 +29,11 @@ STALE: tuple[type[PKCS11Error], ...] = (
     pkcs11.exceptions.GeneralError,
     pkcs11.exceptions.NoSuchKey,
 )
+# Errors that say the session, a handle or the device went away, whatever the input was.
+HANDLES_LOST: tuple[type[PKCS11Error], ...] = (
+    *(error for error in STALE if error not in (pkcs11.exceptions.GeneralError, pkcs11.exceptions.NoSuchKey)),
+    pkcs11.exceptions.UnwrappingKeyHandleInvalid,
+)
 
 
 @contextmanager
@@ -36,19 +41,18 @@ def translated(
     action: str,
     *,
     on_stale: Callable[[], None] | None = None,
-    blame: Callable[[PKCS11Error], ErrorCode] | None = None,
+    blame: Callable[[PKCS11Error], tuple[ErrorCode, str]] | None = None,
 ) -> Iterator[None]:
     """Raise ``SamError`` for any PKCS#11 error inside: by default ``hsm_unavailable``,
     after ``on_stale`` for an error that means the HSM or the session went away.
-    ``blame`` decides the code instead where the input may be at fault (a wrapped key
-    that does not unwrap is the caller's key pair, not the HSM)."""
+    ``blame`` decides the code and message instead where the input may be at fault (a
+    wrapped key that does not unwrap is the caller's key pair, not the HSM)."""
     try:
         yield
     except PKCS11Error as exc:
         if blame is not None:
-            code = blame(exc)
-        else:
-            code = ErrorCode.hsm_unavailable
-            if on_stale is not None and isinstance(exc, STALE):
-                on_stale()
-        raise SamError(code, f"HSM {action} failed ({type(exc).__name__})") from exc
+            code, message = blame(exc)
+            raise SamError(code, message) from exc
+        if on_stale is not None and isinstance(exc, STALE):
+            on_stale()
+        raise SamError(ErrorCode.hsm_unavailable, f"HSM {action} failed ({type(exc).__name__})") from exc

@@ -24,7 +24,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from worker.domain import algorithms
 from worker.domain.algorithms import HsmMechanism, KeySpec, SignatureScheme
 from worker.errors import ErrorCode, SamError
-from worker.hsm.pkcs11_errors import translated
+from worker.hsm.pkcs11_errors import HANDLES_LOST, translated
 from worker.ports import GeneratedKeyPair, WrappedKey
 
 __all__ = ["SESSION_OBJECTS_BEFORE_RENEWAL", "Pkcs11Hsm", "open_session", "spki_of"]
@@ -137,13 +137,22 @@ class Pkcs11Hsm:
     def _translated(self, action: str) -> Any:
         return translated(action, on_stale=self._forget_session)
 
-    def _blame_wrapped_key(self, error: PKCS11Error) -> ErrorCode:
-        """Who is at fault when a wrapped key does not unwrap. SoftHSM answers a key that
-        fails AES key wrap's integrity check with CKR_GENERAL_ERROR, as it answers a
-        failing token, and a KEK handle gone stale is UnwrappingKeyHandleInvalid: so
-        ask the HSM itself, in a fresh session, whether it still answers."""
-        self._forget_session()
-        return ErrorCode.key_pair_invalid if self.healthy() else ErrorCode.hsm_unavailable
+    def _blame_wrapped_key(self, error: PKCS11Error) -> tuple[ErrorCode, str]:
+        """Who is at fault when a wrapped key does not unwrap: the HSM when a session,
+        handle or device went away (the KEK handle gone stale is
+        UnwrappingKeyHandleInvalid); for GeneralError — what SoftHSM answers both for a
+        key that fails AES key wrap's integrity check and for a failing token — the HSM
+        itself, asked in a fresh session, decides; otherwise the key pair."""
+        name = type(error).__name__
+        lost = f"HSM unwrapping failed ({name})"
+        if isinstance(error, HANDLES_LOST):
+            self._forget_session()
+            return ErrorCode.hsm_unavailable, lost
+        if isinstance(error, pkcs11.exceptions.GeneralError):
+            self._forget_session()
+            if not self.healthy():
+                return ErrorCode.hsm_unavailable, lost
+        return ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({name})"
 
     def _forget_session(self) -> None:
         self._resolved = None
@@ -151,7 +160,6 @@ class Pkcs11Hsm:
             with contextlib.suppress(PKCS11Error):
                 self._session.close()
             self._session = None
-            self._session_objects = 0
 
     def _destroyed(self, *objects: Any) -> None:
         """Destroy session objects; renew the session once it has made enough of them."""
@@ -161,6 +169,8 @@ class Pkcs11Hsm:
         self._session_objects += len(objects)
         if self._session_objects >= self._objects_per_session:
             self._forget_session()
+            # counted since the last renewal, across sessions: closing one frees nothing
+            self._session_objects = 0
             self.renewals += 1
             if self._renew_library is not None:
                 # a failure shows at the next session open, which then reports the HSM lost

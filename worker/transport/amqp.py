@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """A client TLS context (1.2 or later) that verifies the broker against the CA and
+    presents our certificate; ``OSError`` or ``ssl.SSLError`` if a file is missing or unusable."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.cert_file), str(tls.key_file))

@@ -35,6 +35,8 @@ def _header(message: AbstractIncomingMessage, name: str) -> str | None:
 
 
 def to_request(message: AbstractIncomingMessage) -> IncomingRequest:
+    """The delivery as the service sees it: AMQP properties, body, request JWS and SAD headers
+    (a header that is not ASCII text counts as absent). Refuses nothing; the service checks."""
     return IncomingRequest(
         operation=message.type,
         message_id=message.message_id,
@@ -48,6 +50,9 @@ def to_request(message: AbstractIncomingMessage) -> IncomingRequest:
 
 
 class RequestConsumer:
+    """Consumes the work queues: every delivery goes to ``process``, its reply to ``reply_to``,
+    then it is acked; a delivery ``process`` raises on is dead-lettered, never requeued."""
+
     def __init__(
         self,
         process: Callable[[IncomingRequest], Awaitable[Reply]],

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class HealthServer:
+    """``/metrics``, ``/live`` and ``/ready`` on the event loop; ``/ready`` answers 503 while
+    any readiness check is false, any other path 404."""
+
     def __init__(
         self, registry: CollectorRegistry, readiness: Callable[[], dict[str, bool]], address: str, port: int
     ) -> None:

@@ -42,6 +42,10 @@ class _Batch:
 
 
 class StreamLedger:
+    """One ledger: appends records to a RabbitMQ stream and applies every record of it, in log
+    order, with ``reducer``. ``start``, ``append`` and ``read_to`` raise a ``SamError`` with
+    ``ledger_unavailable`` when the stream does not answer in time."""
+
     def __init__(
         self,
         stream: str,

@@ -1,0 +1,405 @@
+"""The key pair lifecycle as tables of (key pair state, request) → outcome, over the pure
+decisions in ``worker.domain.lifecycle``: no HSM, no broker, milliseconds."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from worker.domain import lifecycle
+from worker.domain.algorithms import KeyType
+from worker.domain.authorization import SAD_TYPE_DELETION, SAD_TYPE_SIGNATURE, SKAD_TYPE_ASSIGNMENT
+from worker.domain.certification import build_certification_request_info
+from worker.domain.configuration import SadPolicy
+from worker.domain.contract import (
+    AssignRequest,
+    KeyPairDeleteRequest,
+    KeyPairStatus,
+    KeyPairUpdateRequest,
+    ProofOfPossessionRequest,
+    SamFactor,
+    SignaturesCreateRequest,
+)
+from worker.domain.key_pair import SealedKeyPair
+from worker.errors import ErrorCode, SamError
+
+KEY = ec.generate_private_key(ec.SECP256R1())
+OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
+SPKI = KEY.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+EC_SHA256, EC_SHA384, RSA_SHA256 = "1.2.840.10045.4.3.2", "1.2.840.10045.4.3.3", "1.2.840.113549.1.1.11"
+SUBJECT = "CN=alice,O=Example"
+SEALED = {"sealed": "x"}  # the seal is opened by the service; the decisions get its payload
+
+
+def key_pair(state: str, **changes: Any) -> SealedKeyPair:
+    """A P-256 key pair in one of the lifecycle's states."""
+    assigned = state != "created"
+    certified = state in ("certified", "enabled")
+    fields: dict[str, Any] = {
+        "sam": "sam-1",
+        "id": "kp-1",
+        "algorithm": KeyType.EC,
+        "named_curve": "secp256r1",
+        "public_key": base64.b64encode(SPKI).decode(),
+        "wrapped_private_key": base64.b64encode(b"wrapped").decode(),
+        "kek": "kek-1",
+        "wrap_mechanism": "AES_KEY_WRAP_PAD",
+        "status": KeyPairStatus(assigned=assigned, certified=certified, enabled=state == "enabled"),
+        "signer": "alice" if assigned else None,
+        "subject": SUBJECT if assigned else None,
+        "certificate": base64.b64encode(certificate()).decode() if certified else None,
+        "revision": 3,
+        "created": 0,
+    }
+    return SealedKeyPair(**{**fields, **changes})
+
+
+def certificate(public_key: ec.EllipticCurvePublicKey | None = None, subject: str = "alice") -> bytes:
+    name = x509.Name.from_rfc4514_string(f"CN={subject},O=Example")
+    now = datetime.datetime.now(datetime.UTC)
+    built = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev CA")]))
+        .public_key(public_key or KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(OTHER_KEY, hashes.SHA256())
+    )
+    return built.public_bytes(serialization.Encoding.DER)
+
+
+def refusal(decide: Any, *args: Any) -> str:
+    try:
+        decide(*args)
+    except SamError as exc:
+        return exc.code.name
+    return "ok"
+
+
+# --- assignment -------------------------------------------------------------------------
+
+
+def assign_request(**changes: Any) -> AssignRequest:
+    return AssignRequest.model_validate(
+        {"key_pair": SEALED, "signer": {"id": "alice"}, "subject": SUBJECT, **changes}
+    )
+
+
+OPTIONAL, REQUIRED = SadPolicy(assignment_skad="optional"), SadPolicy(assignment_skad="required")
+
+
+@pytest.mark.parametrize(
+    ("state", "request_changes", "policy", "skad_given", "expected"),
+    [
+        ("created", {}, OPTIONAL, False, "ok"),
+        ("created", {}, OPTIONAL, True, "ok"),
+        ("created", {}, REQUIRED, False, "ok"),
+        ("assigned", {}, OPTIONAL, False, "key_pair_already_assigned"),
+        ("enabled", {}, OPTIONAL, True, "key_pair_already_assigned"),
+        ("created", {"subject": "not a name"}, OPTIONAL, False, "invalid_subject"),
+    ],
+)
+def test_assignment(
+    state: str, request_changes: dict[str, Any], policy: SadPolicy, skad_given: bool, expected: str
+) -> None:
+    assert (
+        refusal(
+            lifecycle.plan_assignment,
+            key_pair(state),
+            assign_request(**request_changes),
+            "ssa-1",
+            policy,
+            skad_given,
+        )
+        == expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "skad_given", "skad_expected"),
+    [(OPTIONAL, False, False), (OPTIONAL, True, True), (REQUIRED, False, True), (REQUIRED, True, True)],
+)
+def test_assignment_asks_for_the_signers_skad_when_given_or_required(
+    policy: SadPolicy, skad_given: bool, skad_expected: bool
+) -> None:
+    plan = lifecycle.plan_assignment(key_pair("created"), assign_request(), "ssa-1", policy, skad_given)
+    assert (plan.skad is not None) is skad_expected
+    if plan.skad is not None:
+        assert (plan.skad.ssa, plan.skad.signer, plan.skad.key_pair_id) == ("ssa-1", "alice", "kp-1")
+        assert plan.skad.detail_type == SKAD_TYPE_ASSIGNMENT and plan.skad.digests == ()
+
+
+def test_an_assigned_key_pair_is_the_next_revision_bound_to_its_signer() -> None:
+    plan = lifecycle.plan_assignment(
+        key_pair("created"), assign_request(subject="2.5.4.3=alice,O=Example"), "ssa-1", OPTIONAL, False
+    )
+    result = plan.result(None)
+    assert (result.signer, result.subject, result.revision) == ("alice", "CN=alice,O=Example", 4)
+    assert result.status == KeyPairStatus(assigned=True, certified=False, enabled=False)
+    assert result.factor_verifier is None
+
+
+def test_an_enrolled_factor_keeps_only_its_verifier() -> None:
+    request = assign_request(sam_factor={"type": "pin", "value": "123456"})
+    plan = lifecycle.plan_assignment(key_pair("created"), request, "ssa-1", OPTIONAL, False)
+    with pytest.raises(SamError):
+        plan.result(None)  # a factor without its HSM verifier is a fault, never silently dropped
+    result = plan.result(b"mac")
+    assert (result.factor_type, result.factor_verifier) == ("pin", base64.b64encode(b"mac").decode())
+    assert "123456" not in result.model_dump_json()
+
+
+# --- proof of possession ----------------------------------------------------------------
+
+
+def pop_request(info: bytes | str, algorithm: str = EC_SHA256) -> ProofOfPossessionRequest:
+    dtbs = info if isinstance(info, str) else base64.b64encode(info).decode()
+    return ProofOfPossessionRequest.model_validate(
+        {"key_pair": SEALED, "request": {"dtbs": dtbs, "signature_algorithm": algorithm}}
+    )
+
+
+OTHER_SPKI = OTHER_KEY.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+
+
+@pytest.mark.parametrize(
+    ("state", "request_", "expected"),
+    [
+        ("assigned", pop_request(build_certification_request_info(SPKI, SUBJECT)), "ok"),
+        ("created", pop_request(build_certification_request_info(SPKI, SUBJECT)), "key_pair_not_assigned"),
+        ("certified", pop_request(build_certification_request_info(SPKI, SUBJECT)), "key_pair_certified"),
+        ("enabled", pop_request(build_certification_request_info(SPKI, SUBJECT)), "key_pair_certified"),
+        (
+            "assigned",
+            pop_request(build_certification_request_info(OTHER_SPKI, SUBJECT)),
+            "pop_public_key_mismatch",
+        ),
+        (
+            "assigned",
+            pop_request(build_certification_request_info(SPKI, "CN=mallory")),
+            "pop_subject_mismatch",
+        ),
+        ("assigned", pop_request(hashlib.sha256(b"any data").digest()), "pop_not_a_certification_request"),
+        ("assigned", pop_request("not base64!"), "pop_not_a_certification_request"),
+        (
+            "assigned",
+            pop_request(build_certification_request_info(SPKI, SUBJECT), RSA_SHA256),
+            "algorithm_key_mismatch",
+        ),
+        (
+            "assigned",
+            pop_request(build_certification_request_info(SPKI, SUBJECT), "1.2.3.4"),
+            "unsupported_algorithm",
+        ),
+    ],
+)
+def test_proof_of_possession(state: str, request_: ProofOfPossessionRequest, expected: str) -> None:
+    assert refusal(lifecycle.plan_proof_of_possession, key_pair(state), request_) == expected
+
+
+def test_a_proof_of_possession_signs_the_hash_of_the_certification_request_info() -> None:
+    info = build_certification_request_info(SPKI, SUBJECT)
+    proof = lifecycle.plan_proof_of_possession(key_pair("assigned"), pop_request(info, EC_SHA384))
+    assert proof.digest == hashlib.sha384(info).digest()
+    assert proof.info_sha256 == hashlib.sha256(info).hexdigest()
+
+
+# --- update -----------------------------------------------------------------------------
+
+
+def update_request(
+    status: tuple[bool, bool, bool], certificate_der: bytes | None = None, signer: str = "alice"
+) -> KeyPairUpdateRequest:
+    assigned, certified, enabled = status
+    body: dict[str, Any] = {
+        "key_pair": SEALED,
+        "signer": {"id": signer},
+        "status": {"assigned": assigned, "certified": certified, "enabled": enabled},
+    }
+    if certificate_der is not None:
+        body["certificate"] = base64.b64encode(certificate_der).decode()
+    return KeyPairUpdateRequest.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    ("state", "request_", "expected"),
+    [
+        ("assigned", update_request((True, True, True), certificate()), "ok"),
+        ("assigned", update_request((True, True, False), certificate()), "ok"),
+        ("certified", update_request((True, True, True)), "ok"),
+        ("enabled", update_request((True, True, False)), "ok"),
+        ("created", update_request((True, True, True), certificate()), "key_pair_not_assigned"),
+        ("assigned", update_request((True, True, True), certificate(), signer="bob"), "signer_mismatch"),
+        ("enabled", update_request((False, True, True)), "status_transition_invalid"),
+        ("enabled", update_request((True, False, False)), "status_transition_invalid"),
+        ("assigned", update_request((True, False, False), certificate()), "status_transition_invalid"),
+        ("assigned", update_request((True, True, True)), "certificate_required"),
+        ("assigned", update_request((True, True, True), b"not a certificate"), "certificate_invalid"),
+        (
+            "assigned",
+            update_request((True, True, True), certificate(OTHER_KEY.public_key())),
+            "certificate_key_mismatch",
+        ),
+        (
+            "assigned",
+            update_request((True, True, True), certificate(subject="mallory")),
+            "certificate_subject_mismatch",
+        ),
+    ],
+)
+def test_update(state: str, request_: KeyPairUpdateRequest, expected: str) -> None:
+    assert refusal(lifecycle.updated, key_pair(state), request_) == expected
+
+
+def test_an_update_is_the_next_revision_with_the_new_status_and_certificate() -> None:
+    der = certificate()
+    result = lifecycle.updated(key_pair("assigned"), update_request((True, True, True), der))
+    assert result.status == KeyPairStatus(assigned=True, certified=True, enabled=True)
+    assert base64.b64decode(result.certificate or "") == der and result.revision == 4
+    disabled = lifecycle.updated(result, update_request((True, True, False)))
+    assert disabled.certificate == result.certificate and not disabled.status.enabled
+
+
+# --- deletion ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "signer", "sad_given", "expected", "sad_expected"),
+    [
+        ("created", None, False, "ok", False),
+        ("enabled", "alice", False, "ok", False),
+        ("enabled", "alice", True, "ok", True),
+        ("enabled", None, False, "signer_mismatch", False),
+        ("enabled", "bob", True, "signer_mismatch", False),
+    ],
+)
+def test_deletion(state: str, signer: str | None, sad_given: bool, expected: str, sad_expected: bool) -> None:
+    body: dict[str, Any] = {"key_pair": SEALED} | ({"signer": {"id": signer}} if signer else {})
+    request = KeyPairDeleteRequest.model_validate(body)
+    assert refusal(lifecycle.plan_deletion, key_pair(state), request, "ssa-1", sad_given) == expected
+    if expected == "ok":
+        plan = lifecycle.plan_deletion(key_pair(state), request, "ssa-1", sad_given)
+        assert (plan.sad is not None) is sad_expected
+        assert plan.result.revision == 4
+        if plan.sad is not None:
+            assert plan.sad.detail_type == SAD_TYPE_DELETION and plan.sad.signer == "alice"
+
+
+# --- re-wrap ----------------------------------------------------------------------------
+
+
+def test_rewrap_only_under_another_kek_and_as_the_next_revision() -> None:
+    current = key_pair("enabled")
+    assert not lifecycle.rewrap_needed(current, "kek-1")
+    assert lifecycle.rewrap_needed(current, "kek-2")
+    result = lifecycle.rewrapped(current, b"new", "kek-2", "AES_KEY_WRAP_PAD")
+    assert (result.kek, result.wrapped_key_bytes, result.revision) == ("kek-2", b"new", 4)
+    assert result.status == current.status and result.signer == current.signer
+
+
+# --- signing ----------------------------------------------------------------------------
+
+DIGEST = base64.b64encode(hashlib.sha256(b"doc").digest()).decode()
+
+
+def sign_request(**changes: Any) -> SignaturesCreateRequest:
+    body = {
+        "signature_algorithm": EC_SHA256,
+        "requests": [{"dtbs": DIGEST}],
+        "key_pair": SEALED,
+        "signer": {"id": "alice"},
+        **changes,
+    }
+    return SignaturesCreateRequest.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    ("state", "request_", "expected"),
+    [
+        ("enabled", sign_request(), "ok"),
+        ("enabled", sign_request(requests=[{"dtbs": DIGEST, "signature_algorithm": EC_SHA256}] * 3), "ok"),
+        ("created", sign_request(), "key_pair_not_assigned"),
+        ("assigned", sign_request(), "key_pair_not_certified"),
+        ("certified", sign_request(), "key_pair_disabled"),
+        ("enabled", sign_request(signer={"id": "bob"}), "signer_mismatch"),
+        ("enabled", sign_request(signature_algorithm=RSA_SHA256), "algorithm_key_mismatch"),
+        ("enabled", sign_request(signature_algorithm="1.2.3.4"), "unsupported_algorithm"),
+        (
+            "enabled",
+            sign_request(requests=[{"dtbs": DIGEST, "signature_algorithm": EC_SHA384}]),
+            "unsupported_algorithm",
+        ),
+        ("enabled", sign_request(requests=[{"dtbs": "not base64!"}]), "invalid_dtbs"),
+        ("enabled", sign_request(requests=[{"dtbs": base64.b64encode(b"short").decode()}]), "invalid_dtbs"),
+        (
+            "enabled",
+            sign_request(signature_algorithm=EC_SHA384),
+            "invalid_dtbs",
+        ),  # a SHA-256 hash for SHA-384
+    ],
+)
+def test_signing(state: str, request_: SignaturesCreateRequest, expected: str) -> None:
+    assert refusal(lifecycle.plan_signing, key_pair(state), request_, "ssa-1") == expected
+
+
+def test_signing_asks_for_a_sad_for_exactly_these_digests() -> None:
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+    request = sign_request(requests=[{"dtbs": base64.b64encode(d).decode()} for d in digests])
+    plan = lifecycle.plan_signing(key_pair("enabled"), request, "ssa-1")
+    assert plan.digests == tuple(digests)
+    assert plan.sad.digests == tuple(digests) and plan.sad.hash_oid == "2.16.840.1.101.3.4.2.1"
+    assert (plan.sad.ssa, plan.sad.signer, plan.sad.key_pair_id) == ("ssa-1", "alice", "kp-1")
+    assert plan.sad.detail_type == SAD_TYPE_SIGNATURE
+    assert plan.dtbs_sha256 == [hashlib.sha256(d).hexdigest() for d in digests]
+
+
+@pytest.mark.parametrize(("count", "expected"), [(1, "ok"), (100, "ok"), (101, "too_many_digests")])
+def test_digests_per_request_are_capped(count: int, expected: str) -> None:
+    assert (
+        refusal(lifecycle.check_digest_count, sign_request(requests=[{"dtbs": DIGEST}] * count), 100)
+        == expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("enrolled", "factor", "expected"),
+    [
+        (False, None, "ok"),
+        (False, {"type": "pin", "value": "123456"}, "ok"),
+        (True, None, "sam_factor_missing"),
+        (True, {"type": "pin", "value": "123456"}, "ok"),
+    ],
+)
+def test_a_sam_managed_factor_is_asked_for_only_when_enrolled(
+    enrolled: bool, factor: dict[str, str] | None, expected: str
+) -> None:
+    changes = {"factor_type": "pin", "factor_verifier": base64.b64encode(b"mac").decode()} if enrolled else {}
+    given = SamFactor.model_validate(factor) if factor else None
+    assert refusal(lifecycle.check_factor, key_pair("enabled", **changes), given) == expected
+    if enrolled and given is not None:
+        assert lifecycle.check_factor(key_pair("enabled", **changes), given) == lifecycle.factor_input(
+            "kp-1", given
+        )
+
+
+def test_the_factor_mac_must_match_the_enrolled_verifier() -> None:
+    enrolled = key_pair("enabled", factor_type="pin", factor_verifier=base64.b64encode(b"mac").decode())
+    lifecycle.verify_factor_mac(enrolled, b"mac")
+    assert refusal(lifecycle.verify_factor_mac, enrolled, b"other mac") == ErrorCode.sam_factor_invalid.name
+    assert lifecycle.factor_input("kp-1", SamFactor(type="pin", value="1234")) != lifecycle.factor_input(
+        "kp-2", SamFactor(type="pin", value="1234")
+    )
