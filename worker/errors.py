@@ -29,6 +29,10 @@ class ErrorCode(Enum):
     schema_violation = _Code(400, "The body does not match the operation's schema.")
     message_too_large = _Code(400, "The body is larger than the configured limit.")
     unknown_operation = _Code(400, "The AMQP `type` names no operation.")
+    invalid_properties = _Code(
+        400,
+        "An AMQP property or header is of the wrong type, too long, outside its charset or not UTF-8.",
+    )
     missing_properties = _Code(
         400, "A required AMQP property (message_id, reply_to, correlation_id) is missing."
     )
@@ -46,6 +50,9 @@ class ErrorCode(Enum):
     request_signature_missing = _Code(401, "The request carries no sam-request-jws header.")
     request_signature_invalid = _Code(401, "The request JWS does not verify or does not bind this message.")
     # 403 — known, but not allowed
+    reply_to_not_permitted = _Code(
+        403, "reply_to is not the caller's own reply queue (<user_id>.replies.…): no reply is sent."
+    )
     operation_not_permitted = _Code(
         403, "This user may not call this operation (e.g. an admin operation from an SSA)."
     )

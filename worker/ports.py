@@ -36,27 +36,36 @@ __all__ = [
 
 @dataclass(frozen=True)
 class IncomingRequest:
-    """A request as delivered, converted at the transport edge; nothing in it is
-    trusted yet (the service authenticates it before it reads the body)."""
+    """A request as delivered, converted at the transport edge with every value as the
+    codec decoded it — of any type, any length, any charset. Nothing in it is trusted:
+    the service's envelope gate (``worker.domain.envelope``) checks each field before
+    anything else reads it. ``undecodable`` names the properties and headers, read by
+    the SAM or not, that were not valid UTF-8 on the wire."""
 
-    operation: str | None
-    message_id: str | None
-    correlation_id: str | None
-    reply_to: str | None
-    user_id: str | None
+    operation: object
+    message_id: object
+    correlation_id: object
+    reply_to: object
+    user_id: object
     body: bytes
-    request_jws: str | None
-    sad: str | None
+    request_jws: object
+    sad: object
+    content_type: object = None
+    undecodable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Reply:
     """The one answer to a request: an HTTP-like status, the JSON body, and the error
-    code when it is a refusal (for the audit record and the metrics)."""
+    code when it is a refusal (for the audit record and the metrics). It is published
+    to ``reply_to`` with ``correlation_id`` — both from the checked envelope — and to
+    nowhere when ``reply_to`` is ``None``."""
 
     status: int
     body: bytes
     error_code: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
 
 # --- shared logs ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 import uuid
@@ -62,6 +63,7 @@ from worker.domain.contract import (
     SignaturesCreateRequest,
     SignaturesReply,
 )
+from worker.domain.envelope import Envelope, check_envelope
 from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
 from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
 from worker.domain.wire import parse_body
@@ -106,20 +108,22 @@ class _Trace:
 
 @dataclass(frozen=True)
 class _Caller:
-    """A request whose sender is established: its request JWS verified."""
+    """A request whose envelope passed the gate and whose sender is established: its
+    request JWS verified."""
 
-    request: IncomingRequest
+    envelope: Envelope
+    body: bytes
     user: str
     operation: Operation
     trace: _Trace
 
     @property
-    def body(self) -> bytes:
-        return self.request.body
+    def sad(self) -> str | None:
+        return self.envelope.sad
 
     @property
     def sad_given(self) -> bool:
-        return self.request.sad is not None
+        return self.envelope.sad is not None
 
 
 def _ok(status: int, model: BaseModel | None) -> Reply:
@@ -131,6 +135,11 @@ def error_reply(error: SamError, request_id: str | None) -> Reply:
     """The reply of a refusal: its stable code, our message, the request id."""
     body = ErrorReply(error=ErrorBody(code=error.code.name, message=error.message, request_id=request_id))
     return Reply(error.status, body.model_dump_json().encode(), error.code.name)
+
+
+def _addressed(reply: Reply, envelope: Envelope) -> Reply:
+    """The reply, to the caller's own reply queue only (none if it named no such queue)."""
+    return dataclasses.replace(reply, reply_to=envelope.reply_to, correlation_id=envelope.correlation_id)
 
 
 def _wrapped(key_pair: SealedKeyPair) -> WrappedKey:
@@ -194,59 +203,72 @@ class SamService:
             reply = await self._audited(request)
         if self._metrics is not None:
             self._metrics.observe(
-                request.operation, reply.status, reply.error_code, time.perf_counter() - started
+                request.operation if isinstance(request.operation, str) else None,
+                reply.status,
+                reply.error_code,
+                time.perf_counter() - started,
             )
         return reply
 
     async def _audited(self, request: IncomingRequest) -> Reply:
+        # The envelope gate comes first: from here on only checked values are read, so
+        # nothing the sender chose reaches the audit record, a routing key or a log line.
+        envelope = check_envelope(
+            operation=request.operation,
+            message_id=request.message_id,
+            correlation_id=request.correlation_id,
+            reply_to=request.reply_to,
+            user_id=request.user_id,
+            content_type=request.content_type,
+            request_jws=request.request_jws,
+            sad=request.sad,
+            undecodable=request.undecodable,
+        )
         trace = _Trace(
-            operation=request.operation or "unknown", actor=request.user_id, request_id=request.message_id
+            operation=str(envelope.operation or "unknown"),
+            actor=envelope.user_id,
+            request_id=envelope.message_id,
         )
         detail: str | None = None
         try:
-            caller = self._authenticate(request, trace)
+            caller = self._authenticate(envelope, request.body, trace)
             reply = await self._handlers[caller.operation](caller)
         except SamError as exc:
-            reply, detail = error_reply(exc, request.message_id), exc.message
+            reply, detail = error_reply(exc, envelope.message_id), exc.message
         except Exception:
-            log.exception("unexpected fault on request %s", request.message_id)
-            reply = error_reply(SamError(ErrorCode.internal_error), request.message_id)
+            log.exception("unexpected fault on request %r", envelope.message_id)
+            reply = error_reply(SamError(ErrorCode.internal_error), envelope.message_id)
         try:
             await self._audit.record(trace.event(reply, detail))
         except SamError as exc:
-            log.error("audit failed for request %s: %s", request.message_id, exc.message)
-            return error_reply(exc, request.message_id)
-        return reply
+            log.error("audit failed for request %r: %s", envelope.message_id, exc.message)
+            return _addressed(error_reply(exc, envelope.message_id), envelope)
+        return _addressed(reply, envelope)
 
-    def _authenticate(self, request: IncomingRequest, trace: _Trace) -> _Caller:
+    def _authenticate(self, envelope: Envelope, body: bytes, trace: _Trace) -> _Caller:
         """Who is asking, proven by the request JWS over this very message, and whether
         they may call this operation at all."""
         limits = self._static.limits
-        user = request.user_id
-        if not user:
-            raise SamError(ErrorCode.missing_user_id)
-        admin_key = self._configuration.admin_key(user)
-        if admin_key is not None:
+        if envelope.user_id is not None and self._configuration.admin_key(envelope.user_id) is not None:
             trace.log = AuditLog.admin
-        if not request.message_id or not request.reply_to or not request.correlation_id:
-            raise SamError(ErrorCode.missing_properties)
-        if len(request.body) > limits.max_body_bytes:
+        if envelope.refusal is not None:
+            raise envelope.refusal
+        user, operation, message_id = envelope.user_id, envelope.operation, envelope.message_id
+        assert user is not None and operation is not None and message_id is not None  # the gate passed
+        admin_key = self._configuration.admin_key(user)
+        if len(body) > limits.max_body_bytes:
             raise SamError(ErrorCode.message_too_large, f"body over {limits.max_body_bytes} bytes")
         ssa = self._configuration.state.ssa(user)
         key = admin_key if admin_key is not None else (ssa.key if ssa is not None else None)
         if key is None:
             raise SamError(ErrorCode.unknown_user, f"{user!r} is not a registered SSA or administrator")
-        binding = RequestBinding(request.body, request.message_id, request.operation or "", user)
+        binding = RequestBinding(body, message_id, operation, user)
         verify_request_jws(
-            request.request_jws, key, binding, int(self._clock()), limits.request_max_age_seconds
+            envelope.request_jws, key, binding, int(self._clock()), limits.request_max_age_seconds
         )
-        try:
-            operation = Operation(request.operation or "")
-        except ValueError:
-            raise SamError(ErrorCode.unknown_operation, f"no operation {request.operation!r}") from None
         if (OPERATION_QUEUE[operation] is QueueClass.admin) != (admin_key is not None):
             raise SamError(ErrorCode.operation_not_permitted, f"{user!r} may not call {operation}")
-        return _Caller(request, user, operation, trace)
+        return _Caller(envelope, body, user, operation, trace)
 
     # --- acting on the ports ----------------------------------------------------------
 
@@ -262,7 +284,7 @@ class SamService:
     async def _authorize(self, caller: _Caller, expected: SadExpectation) -> SadClaims:
         """Verify a SAD (or SKAD) and spend its jti cluster-wide."""
         claims = verify_sad(
-            caller.request.sad,
+            caller.sad,
             self._configuration.state,
             self._static.sam_id,
             self._static.sad_policy,
@@ -316,9 +338,9 @@ class SamService:
                 ErrorCode.configuration_version_conflict,
                 f"version {config.version} is not above the current {current}",
             )
-        request = caller.request
-        assert request.message_id and request.request_jws  # checked by _authenticate
-        record = ConfigurationLog.record(caller.user, request.message_id, caller.body, request.request_jws)
+        envelope = caller.envelope
+        assert envelope.message_id and envelope.request_jws  # checked by _authenticate
+        record = ConfigurationLog.record(caller.user, envelope.message_id, caller.body, envelope.request_jws)
         verdict = await self._config_ledger.append(record)
         if verdict is not None:
             raise verdict

@@ -117,10 +117,11 @@ class World:
         sad: str | None = None,
         jws_token: str | None = None,
         message_id: str | None = "m",
-        reply_to: str | None = "r",
+        reply_to: str | None = "own",
         correlation_id: str | None = "c",
     ) -> IncomingRequest:
         message_id = message_id if message_id != "m" else str(uuid.uuid4())
+        reply_to = f"{user}.replies.test" if reply_to == "own" else reply_to
         if sign and jws_token is None and user and message_id:
             key = ADMIN_KEY if user == "admin-1" else SSA_KEY
             payload = request_jws_payload(
@@ -168,7 +169,7 @@ operations = st.sampled_from([str(o) for o in Operation]) | st.text(max_size=30)
     sad=st.none() | st.text(max_size=200),
     jws_token=st.none() | st.text(max_size=200),
     message_id=st.sampled_from(["m", None, ""]),
-    reply_to=st.sampled_from(["r", None]),
+    reply_to=st.sampled_from(["own", "r", None, "ssa-2.replies.x", "sam.key-events", "sam.signatures"]),
 )
 def test_any_message_gets_one_documented_answer(
     operation: str | None,

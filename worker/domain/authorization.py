@@ -196,7 +196,8 @@ def _verified_claims(token: str, state: DynamicState, ssa_id: str) -> SadClaims:
         raise SamError(ErrorCode.sad_issuer_not_allowed, f"{ssa_id} may not use {issuer}")
     key = state.authorization_servers[issuer]
     if header.get("alg") not in key.algorithms:
-        raise SamError(ErrorCode.sad_invalid, f"SAD alg {header.get('alg')!r} is not allowed for {issuer}")
+        alg = str(header.get("alg"))[:16]  # the sender's text: bounded, and quoted by repr
+        raise SamError(ErrorCode.sad_invalid, f"SAD alg {alg!r} is not allowed for {issuer}")
     try:
         payload = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms).payload
     except JoseError as exc:

@@ -41,7 +41,10 @@ def parse_body(model: type[_M], body: bytes) -> _M:
     try:
         return model.model_validate(document)
     except ValidationError as exc:
-        where = ", ".join(".".join(map(str, e["loc"])) or "body" for e in exc.errors()[:5])
+        # locations may hold the sender's own names (an extra field): bounded and quoted
+        where = ", ".join(
+            repr(".".join(map(str, e["loc"]))[:64]) if e["loc"] else "body" for e in exc.errors()[:5]
+        )
         raise SamError(ErrorCode.schema_violation, f"schema violation at {where}") from exc
 
 

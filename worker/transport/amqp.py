@@ -21,6 +21,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from worker.settings import TlsFiles, split_urls
+from worker.transport import codec
 
 __all__ = ["connect", "connect_worker", "rotated", "tls_context"]
 
@@ -39,6 +40,7 @@ def tls_context(tls: TlsFiles) -> ssl.SSLContext:
 async def connect(urls: str, tls: TlsFiles) -> AbstractRobustConnection:
     """A robust connection (tools, SIEM consumers) to the first of the comma-separated
     node ``urls`` that answers; it reconnects to that node."""
+    codec.install()
     context = tls_context(tls)
     nodes = split_urls(urls)
     for url in nodes[:-1]:
@@ -59,7 +61,9 @@ async def connect_worker(
     urls: tuple[str, ...], tls: TlsFiles, patience: float, instance: str
 ) -> AbstractConnection:
     """A plain connection to the first node that answers, tried round after round for
-    ``patience`` seconds (the broker may be starting)."""
+    ``patience`` seconds (the broker may be starting). Frames are decoded by the
+    tolerant codec, so no property a client chose can cost the worker its connection."""
+    codec.install()
     deadline = time.monotonic() + patience
     delay = 0.5
     context = tls_context(tls)

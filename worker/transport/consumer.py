@@ -18,25 +18,35 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker.domain.contract import HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, QueueClass
 from worker.ports import IncomingRequest, Reply
+from worker.transport.codec import undecodable as undecodable_value
 
 __all__ = ["RequestConsumer", "to_request"]
 
 log = logging.getLogger(__name__)
 
 
-def _header(message: AbstractIncomingMessage, name: str) -> str | None:
-    value = (message.headers or {}).get(name)
-    if isinstance(value, bytes):
-        try:
-            return value.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    return value if isinstance(value, str) else None
+# every short-string property a publisher sets; the SAM reads some, but any of them that
+# was not UTF-8 on the wire refuses the message (see ``worker.transport.codec``)
+_STRING_PROPERTIES = (
+    "content_type",
+    "content_encoding",
+    "correlation_id",
+    "reply_to",
+    "message_id",
+    "type",
+    "user_id",
+    "app_id",
+    "cluster_id",
+)
 
 
 def to_request(message: AbstractIncomingMessage) -> IncomingRequest:
-    """The delivery as the service sees it: AMQP properties, body, request JWS and SAD headers
-    (a header that is not ASCII text counts as absent). Refuses nothing; the service checks."""
+    """The delivery as the service's input, every value as decoded (the envelope gate
+    checks them), and the names of the properties and headers that were not UTF-8."""
+    headers = message.headers or {}
+    undecodable = [name for name in _STRING_PROPERTIES if undecodable_value(getattr(message, name, None))]
+    if undecodable_value(headers):
+        undecodable.append("headers")
     return IncomingRequest(
         operation=message.type,
         message_id=message.message_id,
@@ -44,8 +54,10 @@ def to_request(message: AbstractIncomingMessage) -> IncomingRequest:
         reply_to=message.reply_to,
         user_id=message.user_id,
         body=message.body,
-        request_jws=_header(message, HEADER_REQUEST_JWS),
-        sad=_header(message, HEADER_SAD),
+        request_jws=headers.get(HEADER_REQUEST_JWS),
+        sad=headers.get(HEADER_SAD),
+        content_type=message.content_type,
+        undecodable=tuple(undecodable),
     )
 
 
@@ -89,26 +101,26 @@ class RequestConsumer:
         self.in_flight += 1
         self._idle.clear()
         try:
-            request = to_request(message)
             try:
-                reply = await self._process(request)
+                reply = await self._process(to_request(message))
             except Exception:
-                log.exception("request %s could not be processed; dead-lettered", message.message_id)
+                # the delivery tag is ours; the message id is the sender's, so never logged raw
+                log.exception("delivery %d could not be processed; dead-lettered", message.delivery_tag or 0)
                 await message.reject(requeue=False)
                 return
-            if request.reply_to:
-                await self._send_reply(request, reply)
+            if reply.reply_to is not None:
+                await self._send_reply(reply)
             await message.ack()
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
 
-    async def _send_reply(self, request: IncomingRequest, reply: Reply) -> None:
+    async def _send_reply(self, reply: Reply) -> None:
         message = aio_pika.Message(
             reply.body,
             content_type="application/json",
-            correlation_id=request.correlation_id,
+            correlation_id=reply.correlation_id,
             headers={HEADER_STATUS: reply.status},
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,  # survives a broker restart
         )
@@ -116,12 +128,7 @@ class RequestConsumer:
             async with asyncio.timeout(self._timeout):
                 # mandatory=False: a caller that left (or uses direct reply-to) is not a fault.
                 await self._reply_channel.default_exchange.publish(
-                    message, routing_key=request.reply_to or "", mandatory=False
+                    message, routing_key=reply.reply_to or "", mandatory=False
                 )
         except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            log.error(
-                "reply to %s for %s not confirmed: %s",
-                request.reply_to,
-                request.message_id,
-                type(exc).__name__,
-            )
+            log.error("reply to %s not confirmed: %s", reply.reply_to, type(exc).__name__)

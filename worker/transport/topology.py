@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from worker.domain.contract import QueueClass
+from worker.domain.envelope import reply_queue_prefix
 
 __all__ = [
     "AUDIT_ARCHIVE_QUEUE",
@@ -36,11 +37,6 @@ KEY_EVENTS_STREAM = "sam.key-events"
 SAD_USE_STREAM = "sam.sad-use"
 SAD_USE_RETENTION = "1h"
 DELIVERY_LIMIT = 3
-
-
-def reply_queue_prefix(user: str) -> str:
-    """Reply queues of a user must start with this; permissions rely on it."""
-    return f"{user}.replies."
 
 
 def _queue(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
