@@ -134,7 +134,6 @@ async def _stale_config(w: World) -> RawReply:
 
 CASES: list[tuple[str, str, Callable[[World], Awaitable[RawReply]]]] = [
     ("unregistered SSA", "unknown_user", lambda w: _raw(w, "unregistered", "key_pairs.create", b"{}")),
-    ("no user_id", "missing_user_id", lambda w: _raw(w, "ssa", "key_pairs.create", b"{}", user_id=None)),
     (
         "missing request JWS",
         "request_signature_missing",
@@ -267,3 +266,20 @@ async def test_each_refusal_answered_once_and_never_redelivered(world: World) ->
     digest = hashlib.sha256(b"after the storm").digest()
     sad = world.harness.dev_as.issue_sad(world.harness.sam_id, "alice", world.key_pair["id"], [digest])
     assert len(await world.ssa.sign(world.key_pair, "alice", EC_SHA256, [digest], sad)) == 1
+
+
+async def test_no_user_id_gets_no_reply_only_its_record(world: World) -> None:
+    """Without a user_id the SAM cannot tell whose reply queue reply_to names, so it sends
+    no reply at all (a forged reply_to must not carry answers into another SSA's queue)."""
+    message_id = str(uuid.uuid4())
+    await world.ssa.send("key_pairs.create", b"{}", user_id=None, message_id=message_id, wait=False)
+    record: dict[str, Any] = {}
+    for _ in range(100):
+        found = [r for r in world.harness.audit_records() if r["request_id"] == message_id]
+        if found:
+            record = found[0]
+            break
+        await asyncio.sleep(0.05)
+    assert (record["error_code"], record["status"], record["actor"]) == ("missing_user_id", 401, None)
+    await asyncio.sleep(0.3)
+    assert not world.ssa.unmatched_replies
