@@ -367,11 +367,16 @@ class SamClient:
         *,
         skad: str | None = None,
         pin: str | None = None,
+        authorization_server: str | None = None,
     ) -> dict[str, Any]:
-        """Assign to ``signer`` (RFC 4514 ``subject``); ``pin`` enrols a SAM-managed factor."""
+        """Assign to ``signer`` (RFC 4514 ``subject``), whom ``authorization_server`` speaks
+        for from now on (the SKAD's issuer if one is given; needed without a SKAD when
+        this SSA may use several); ``pin`` enrols a SAM-managed factor."""
         body: dict[str, Any] = {"key_pair": key_pair, "signer": {"id": signer}, "subject": subject}
         if pin is not None:
             body["sam_factor"] = {"type": "pin", "value": pin}
+        if authorization_server is not None:
+            body["authorization_server"] = authorization_server
         result = await self.call(Operation.signers_key_pairs_assign, body, sad=skad)
         return dict(result["key_pair"])
 
@@ -456,4 +461,15 @@ class SamClient:
 
     async def rewrap_key_pair(self, key_pair: dict[str, Any]) -> dict[str, Any]:
         result = await self.call(Operation.key_pairs_rewrap, {"key_pair": key_pair})
+        return dict(result["key_pair"])
+
+    async def bind_key_pair(
+        self, key_pair: dict[str, Any], owner: str, authorization_server: str | None = None
+    ) -> dict[str, Any]:
+        """(Administrators) bind a key pair to the SSA ``owner``: one sealed before key
+        pairs had owners, or one moved to another SSA."""
+        body: dict[str, Any] = {"key_pair": key_pair, "owner": owner}
+        if authorization_server is not None:
+            body["authorization_server"] = authorization_server
+        result = await self.call(Operation.key_pairs_bind, body)
         return dict(result["key_pair"])

@@ -95,6 +95,23 @@ class ErrorCode(Enum):
         422, "This SAM has no factor key, so it cannot enrol a SAM-managed factor."
     )
     signer_mismatch = _Code(403, "The signer does not own this key pair.")
+    key_pair_not_owned = _Code(403, "The key pair belongs to another SSA.")
+    key_pair_unbound = _Code(
+        409,
+        "The key pair was sealed before key pairs were bound to their SSA; an administrator binds it "
+        "(key_pairs.bind).",
+    )
+    sad_issuer_mismatch = _Code(
+        403, "The SAD (or SKAD) is not from the authorization server bound to this key pair's signer."
+    )
+    authorization_server_required = _Code(
+        422, "Assigning without a SKAD needs the authorization_server that speaks for the signer."
+    )
+    binding_invalid = _Code(
+        422,
+        "The key pair cannot be bound so: not a registered SSA, an authorization server that SSA may not "
+        "use, or another authorization server for an assigned signer.",
+    )
     configuration_version_conflict = _Code(
         409, "The dynamic configuration version is not above the current one."
     )

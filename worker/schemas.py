@@ -40,6 +40,7 @@ _REPLIES: dict[Operation, type[BaseModel] | None] = {
     Operation.key_pairs_update: KeyPairReply,
     Operation.key_pairs_delete: KeyPairDeleteReply,
     Operation.key_pairs_rewrap: KeyPairReply,
+    Operation.key_pairs_bind: KeyPairReply,
     Operation.signatures_create: SignaturesReply,
 }
 _STATUS = {

@@ -47,6 +47,7 @@ from worker.domain.contract import (
     DynamicConfiguration,
     ErrorBody,
     ErrorReply,
+    KeyPairBindRequest,
     KeyPairCreateRequest,
     KeyPairDeleteReply,
     KeyPairDeleteRequest,
@@ -187,6 +188,7 @@ class SamService:
             Operation.key_pairs_update: self._update_key_pair,
             Operation.key_pairs_delete: self._delete_key_pair,
             Operation.key_pairs_rewrap: self._rewrap_key_pair,
+            Operation.key_pairs_bind: self._bind_key_pair,
             Operation.signatures_create: self._create_signatures,
         }
 
@@ -272,10 +274,16 @@ class SamService:
 
     # --- acting on the ports ----------------------------------------------------------
 
-    def _open(self, sealed: str, trace: _Trace, *, assigning: bool = False) -> SealedKeyPair:
-        """The key pair inside the seal, refused if deleted or an outdated copy."""
+    def _open(
+        self, sealed: str, trace: _Trace, owner: str | None, *, assigning: bool = False
+    ) -> SealedKeyPair:
+        """The key pair inside the seal, refused if not ``owner``'s (checked first, so
+        another SSA learns nothing of its state), deleted or an outdated copy.
+        ``owner=None``: an administrator's operation."""
         key_pair = self._sealer.open(sealed)
         trace.key_pair = key_pair.id
+        if owner is not None:
+            lifecycle.owned_by(key_pair, owner)
         refusal = self._key_events.refusal(key_pair.id, key_pair.revision, assigning=assigning)
         if refusal is not None:
             raise refusal
@@ -370,6 +378,7 @@ class SamService:
             wrap_mechanism=generated.wrap_mechanism,
             status=KeyPairStatus(assigned=False, certified=False, enabled=False),
             created=int(self._clock()),
+            owner=caller.user,
         )
         caller.trace.key_pair = key_pair.id
         return self._sealed_reply(key_pair, 201)
@@ -377,21 +386,24 @@ class SamService:
     async def _assign_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(AssignRequest, caller.body)
         caller.trace.signer = body.signer.id
-        key_pair = self._open(body.key_pair.sealed, caller.trace, assigning=True)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user, assigning=True)
+        ssa = self._configuration.state.ssa(caller.user)
+        allowed = ssa.allowed_authorization_servers if ssa is not None else frozenset()
         assignment = lifecycle.plan_assignment(
-            key_pair, body, caller.user, self._static.sad_policy, caller.sad_given
+            key_pair, body, caller.user, allowed, self._static.sad_policy, caller.sad_given
         )
+        skad_issuer = None
         if assignment.skad is not None:
-            await self._authorize(caller, assignment.skad)
-        assigned = assignment.result(self._factor_verifier(key_pair, assignment.factor))
+            skad_issuer = (await self._authorize(caller, assignment.skad)).iss
+        assigned = assignment.result(self._factor_verifier(key_pair, assignment.factor), skad_issuer)
         await self._record(KeyEvent.assigned, assigned)
         return self._sealed_reply(assigned)
 
     async def _prove_possession(self, caller: _Caller) -> Reply:
         body = parse_body(ProofOfPossessionRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
         caller.trace.signer = key_pair.signer
-        proof = lifecycle.plan_proof_of_possession(key_pair, body)
+        proof = lifecycle.plan_proof_of_possession(key_pair, body, caller.user)
         caller.trace.dtbs_sha256 = [proof.info_sha256]
         [signature] = self._sign(key_pair, proof.scheme, (proof.digest,))
         reply = ProofOfPossessionReply(
@@ -402,14 +414,14 @@ class SamService:
     async def _update_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairUpdateRequest, caller.body)
         caller.trace.signer = body.signer.id
-        key_pair = self._open(body.key_pair.sealed, caller.trace)
-        updated = lifecycle.updated(key_pair, body)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
+        updated = lifecycle.updated(key_pair, body, caller.user)
         await self._record(KeyEvent.updated, updated)
         return self._sealed_reply(updated)
 
     async def _delete_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairDeleteRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
         caller.trace.signer = key_pair.signer
         deletion = lifecycle.plan_deletion(key_pair, body, caller.user, caller.sad_given)
         if deletion.sad is not None:
@@ -419,9 +431,9 @@ class SamService:
 
     async def _rewrap_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairRewrapRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
         caller.trace.signer = key_pair.signer
-        if not lifecycle.rewrap_needed(key_pair, self._hsm.current_kek_label):
+        if not lifecycle.rewrap_needed(key_pair, self._hsm.current_kek_label, caller.user):
             return _ok(200, KeyPairReply(key_pair=key_pair.readable(body.key_pair.sealed)))
         rewrapped = self._hsm.rewrap(_wrapped(key_pair))
         updated = lifecycle.rewrapped(
@@ -430,13 +442,23 @@ class SamService:
         await self._record(KeyEvent.rewrapped, updated)
         return self._sealed_reply(updated)
 
+    async def _bind_key_pair(self, caller: _Caller) -> Reply:
+        body = parse_body(KeyPairBindRequest, caller.body)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, None)
+        caller.trace.signer = key_pair.signer
+        bound = lifecycle.plan_binding(
+            key_pair, body, self._configuration.state.allowed_authorization_servers()
+        )
+        await self._record(KeyEvent.bound, bound)
+        return self._sealed_reply(bound)
+
     # --- signatures -------------------------------------------------------------------
 
     async def _create_signatures(self, caller: _Caller) -> Reply:
         body = parse_body(SignaturesCreateRequest, caller.body)
         caller.trace.signer = body.signer.id
         lifecycle.check_digest_count(body, self._static.limits.max_digests_per_request)
-        key_pair = self._open(body.key_pair.sealed, caller.trace)
+        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
         signing = lifecycle.plan_signing(key_pair, body, caller.user)
         caller.trace.dtbs_sha256 = signing.dtbs_sha256
         await self._authorize(caller, signing.sad)

@@ -100,6 +100,8 @@ class World:
             status=KeyPairStatus(assigned=True, certified=True, enabled=True),
             signer="alice",
             subject="CN=alice",
+            owner="ssa-1",
+            authorization_server="as-1",
             revision=2,
             created=0,
         )

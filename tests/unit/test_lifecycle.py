@@ -21,6 +21,7 @@ from worker.domain.certification import build_certification_request_info
 from worker.domain.configuration import SadPolicy
 from worker.domain.contract import (
     AssignRequest,
+    KeyPairBindRequest,
     KeyPairDeleteRequest,
     KeyPairStatus,
     KeyPairUpdateRequest,
@@ -57,6 +58,8 @@ def key_pair(state: str, **changes: Any) -> SealedKeyPair:
         "status": KeyPairStatus(assigned=assigned, certified=certified, enabled=state == "enabled"),
         "signer": "alice" if assigned else None,
         "subject": SUBJECT if assigned else None,
+        "owner": "ssa-1",
+        "authorization_server": "as-1" if assigned else None,
         "certificate": base64.b64encode(certificate()).decode() if certified else None,
         "revision": 3,
         "created": 0,
@@ -98,6 +101,7 @@ def assign_request(**changes: Any) -> AssignRequest:
 
 
 OPTIONAL, REQUIRED = SadPolicy(assignment_skad="optional"), SadPolicy(assignment_skad="required")
+ONE_AS = frozenset({"as-1"})
 
 
 @pytest.mark.parametrize(
@@ -120,6 +124,7 @@ def test_assignment(
             key_pair(state),
             assign_request(**request_changes),
             "ssa-1",
+            ONE_AS,
             policy,
             skad_given,
         )
@@ -134,7 +139,9 @@ def test_assignment(
 def test_assignment_asks_for_the_signers_skad_when_given_or_required(
     policy: SadPolicy, skad_given: bool, skad_expected: bool
 ) -> None:
-    plan = lifecycle.plan_assignment(key_pair("created"), assign_request(), "ssa-1", policy, skad_given)
+    plan = lifecycle.plan_assignment(
+        key_pair("created"), assign_request(), "ssa-1", ONE_AS, policy, skad_given
+    )
     assert (plan.skad is not None) is skad_expected
     if plan.skad is not None:
         assert (plan.skad.ssa, plan.skad.signer, plan.skad.key_pair_id) == ("ssa-1", "alice", "kp-1")
@@ -143,7 +150,12 @@ def test_assignment_asks_for_the_signers_skad_when_given_or_required(
 
 def test_an_assigned_key_pair_is_the_next_revision_bound_to_its_signer() -> None:
     plan = lifecycle.plan_assignment(
-        key_pair("created"), assign_request(subject="2.5.4.3=alice,O=Example"), "ssa-1", OPTIONAL, False
+        key_pair("created"),
+        assign_request(subject="2.5.4.3=alice,O=Example"),
+        "ssa-1",
+        ONE_AS,
+        OPTIONAL,
+        False,
     )
     result = plan.result(None)
     assert (result.signer, result.subject, result.revision) == ("alice", "CN=alice,O=Example", 4)
@@ -153,7 +165,7 @@ def test_an_assigned_key_pair_is_the_next_revision_bound_to_its_signer() -> None
 
 def test_an_enrolled_factor_keeps_only_its_verifier() -> None:
     request = assign_request(sam_factor={"type": "pin", "value": "123456"})
-    plan = lifecycle.plan_assignment(key_pair("created"), request, "ssa-1", OPTIONAL, False)
+    plan = lifecycle.plan_assignment(key_pair("created"), request, "ssa-1", ONE_AS, OPTIONAL, False)
     with pytest.raises(SamError):
         plan.result(None)  # a factor without its HSM verifier is a fault, never silently dropped
     result = plan.result(b"mac")
@@ -208,12 +220,12 @@ OTHER_SPKI = OTHER_KEY.public_key().public_bytes(
     ],
 )
 def test_proof_of_possession(state: str, request_: ProofOfPossessionRequest, expected: str) -> None:
-    assert refusal(lifecycle.plan_proof_of_possession, key_pair(state), request_) == expected
+    assert refusal(lifecycle.plan_proof_of_possession, key_pair(state), request_, "ssa-1") == expected
 
 
 def test_a_proof_of_possession_signs_the_hash_of_the_certification_request_info() -> None:
     info = build_certification_request_info(SPKI, SUBJECT)
-    proof = lifecycle.plan_proof_of_possession(key_pair("assigned"), pop_request(info, EC_SHA384))
+    proof = lifecycle.plan_proof_of_possession(key_pair("assigned"), pop_request(info, EC_SHA384), "ssa-1")
     assert proof.digest == hashlib.sha384(info).digest()
     assert proof.info_sha256 == hashlib.sha256(info).hexdigest()
 
@@ -262,15 +274,15 @@ def update_request(
     ],
 )
 def test_update(state: str, request_: KeyPairUpdateRequest, expected: str) -> None:
-    assert refusal(lifecycle.updated, key_pair(state), request_) == expected
+    assert refusal(lifecycle.updated, key_pair(state), request_, "ssa-1") == expected
 
 
 def test_an_update_is_the_next_revision_with_the_new_status_and_certificate() -> None:
     der = certificate()
-    result = lifecycle.updated(key_pair("assigned"), update_request((True, True, True), der))
+    result = lifecycle.updated(key_pair("assigned"), update_request((True, True, True), der), "ssa-1")
     assert result.status == KeyPairStatus(assigned=True, certified=True, enabled=True)
     assert base64.b64decode(result.certificate or "") == der and result.revision == 4
-    disabled = lifecycle.updated(result, update_request((True, True, False)))
+    disabled = lifecycle.updated(result, update_request((True, True, False)), "ssa-1")
     assert disabled.certificate == result.certificate and not disabled.status.enabled
 
 
@@ -304,8 +316,8 @@ def test_deletion(state: str, signer: str | None, sad_given: bool, expected: str
 
 def test_rewrap_only_under_another_kek_and_as_the_next_revision() -> None:
     current = key_pair("enabled")
-    assert not lifecycle.rewrap_needed(current, "kek-1")
-    assert lifecycle.rewrap_needed(current, "kek-2")
+    assert not lifecycle.rewrap_needed(current, "kek-1", "ssa-1")
+    assert lifecycle.rewrap_needed(current, "kek-2", "ssa-1")
     result = lifecycle.rewrapped(current, b"new", "kek-2", "AES_KEY_WRAP_PAD")
     assert (result.kek, result.wrapped_key_bytes, result.revision) == ("kek-2", b"new", 4)
     assert result.status == current.status and result.signer == current.signer
@@ -403,3 +415,116 @@ def test_the_factor_mac_must_match_the_enrolled_verifier() -> None:
     assert lifecycle.factor_input("kp-1", SamFactor(type="pin", value="1234")) != lifecycle.factor_input(
         "kp-2", SamFactor(type="pin", value="1234")
     )
+
+
+# --- tenants: the owner, and the authorization server that speaks for the signer ------
+
+TWO_AS = frozenset({"as-1", "as-2"})
+INFO = build_certification_request_info(SPKI, SUBJECT)
+
+
+def _every_operation(state: str, ssa: str, **changes: Any) -> dict[str, str]:
+    """The refusal each SSA operation gets on one key pair from ``ssa``."""
+    pair = key_pair(state, **changes)
+    return {
+        "assign": refusal(lifecycle.plan_assignment, pair, assign_request(), ssa, ONE_AS, OPTIONAL, False),
+        "pop": refusal(lifecycle.plan_proof_of_possession, pair, pop_request(INFO), ssa),
+        "update": refusal(lifecycle.updated, pair, update_request((True, True, False)), ssa),
+        "delete": refusal(
+            lifecycle.plan_deletion,
+            pair,
+            KeyPairDeleteRequest.model_validate({"key_pair": SEALED}),
+            ssa,
+            False,
+        ),
+        "rewrap": refusal(lifecycle.rewrap_needed, pair, "kek-2", ssa),
+        "sign": refusal(lifecycle.plan_signing, pair, sign_request(), ssa),
+    }
+
+
+@pytest.mark.parametrize("state", ["created", "assigned", "enabled"])
+def test_another_ssa_holding_a_copy_can_do_nothing_with_it(state: str) -> None:
+    assert set(_every_operation(state, "ssa-2").values()) == {"key_pair_not_owned"}
+
+
+@pytest.mark.parametrize("state", ["created", "assigned", "enabled"])
+def test_a_key_pair_sealed_before_owners_is_refused_until_bound(state: str) -> None:
+    legacy = {"v": 1, "owner": None, "authorization_server": None}
+    assert set(_every_operation(state, "ssa-1", **legacy).values()) == {"key_pair_unbound"}
+
+
+@pytest.mark.parametrize(
+    ("allowed", "named", "skad_given", "expected", "bound"),
+    [
+        (ONE_AS, None, False, "ok", "as-1"),  # the owner's only AS
+        (TWO_AS, None, False, "authorization_server_required", None),
+        (TWO_AS, "as-2", False, "ok", "as-2"),
+        (ONE_AS, "as-2", False, "sad_issuer_not_allowed", None),
+        (TWO_AS, None, True, "ok", "skad"),  # the SKAD's issuer, whichever allowed AS it is
+        (TWO_AS, "as-2", True, "ok", "as-2"),  # and the SKAD must then come from as-2
+    ],
+)
+def test_assignment_binds_the_signer_to_one_authorization_server(
+    allowed: frozenset[str], named: str | None, skad_given: bool, expected: str, bound: str | None
+) -> None:
+    request = assign_request(**({"authorization_server": named} if named else {}))
+    args = (key_pair("created"), request, "ssa-1", allowed, OPTIONAL, skad_given)
+    assert refusal(lifecycle.plan_assignment, *args) == expected
+    if expected != "ok":
+        return
+    plan = lifecycle.plan_assignment(*args)
+    if bound == "skad":
+        assert plan.skad is not None and plan.skad.issuer is None
+        assert plan.result(None, skad_issuer="as-2").authorization_server == "as-2"
+    else:
+        assert plan.result(None).authorization_server == bound
+        assert plan.skad is None or plan.skad.issuer == bound
+
+
+def test_signing_and_deletion_sads_must_come_from_the_signers_authorization_server() -> None:
+    pair = key_pair("enabled", authorization_server="as-2")
+    assert lifecycle.plan_signing(pair, sign_request(), "ssa-1").sad.issuer == "as-2"
+    deletion = lifecycle.plan_deletion(
+        pair,
+        KeyPairDeleteRequest.model_validate({"key_pair": SEALED, "signer": {"id": "alice"}}),
+        "ssa-1",
+        True,
+    )
+    assert deletion.sad is not None and deletion.sad.issuer == "as-2"
+
+
+def bind_request(owner: str, authorization_server: str | None = None) -> KeyPairBindRequest:
+    body: dict[str, Any] = {"key_pair": SEALED, "owner": owner}
+    if authorization_server:
+        body["authorization_server"] = authorization_server
+    return KeyPairBindRequest.model_validate(body)
+
+
+SSAS = {"ssa-1": frozenset({"as-1"}), "ssa-2": frozenset({"as-1", "as-2"}), "ssa-3": frozenset({"as-2"})}
+LEGACY = {"v": 1, "owner": None, "authorization_server": None}
+
+
+@pytest.mark.parametrize(
+    ("state", "changes", "request_", "expected"),
+    [
+        ("created", LEGACY, bind_request("ssa-1"), "ok"),
+        ("enabled", LEGACY, bind_request("ssa-1", "as-1"), "ok"),
+        ("enabled", LEGACY, bind_request("ssa-1"), "binding_invalid"),  # whose signer is it?
+        ("enabled", LEGACY, bind_request("ssa-1", "as-2"), "binding_invalid"),  # ssa-1 may not use as-2
+        ("created", LEGACY, bind_request("ssa-9"), "binding_invalid"),  # no such SSA
+        ("created", {}, bind_request("ssa-2", "as-1"), "binding_invalid"),  # no AS before assignment
+        ("enabled", {}, bind_request("ssa-2"), "ok"),  # moved, keeping as-1
+        ("enabled", {}, bind_request("ssa-2", "as-2"), "binding_invalid"),  # never another AS for alice
+        ("enabled", {}, bind_request("ssa-3"), "binding_invalid"),  # ssa-3 may not use as-1
+    ],
+)
+def test_an_administrator_binds_or_moves_a_key_pair(
+    state: str, changes: dict[str, Any], request_: KeyPairBindRequest, expected: str
+) -> None:
+    pair = key_pair(state, **changes)
+    assert refusal(lifecycle.plan_binding, pair, request_, SSAS) == expected
+    if expected == "ok":
+        bound = lifecycle.plan_binding(pair, request_, SSAS)
+        assert (bound.v, bound.owner, bound.revision) == (2, request_.owner, pair.revision + 1)
+        assert bound.authorization_server == (None if state == "created" else "as-1")
+        assert (bound.signer, bound.status) == (pair.signer, pair.status)

@@ -75,7 +75,14 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
         elif args.command == "key-create":
             _emit(await client.create_key_pair(args.algorithm, size=args.size, named_curve=args.curve))
         elif args.command == "key-assign":
-            _emit(await client.assign_key_pair(_load_json(args.key_pair), args.signer, args.subject))
+            _emit(
+                await client.assign_key_pair(
+                    _load_json(args.key_pair),
+                    args.signer,
+                    args.subject,
+                    authorization_server=args.authorization_server,
+                )
+            )
         elif args.command == "csr":
             request = await client.certification_request(_load_json(args.key_pair), args.algorithm)
             sys.stdout.write(_pem("CERTIFICATE REQUEST", request))
@@ -93,6 +100,10 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
             print("deleted", file=sys.stderr)
         elif args.command == "key-rewrap":
             _emit(await client.rewrap_key_pair(_load_json(args.key_pair)))
+        elif args.command == "key-bind":
+            _emit(
+                await client.bind_key_pair(_load_json(args.key_pair), args.owner, args.authorization_server)
+            )
         elif args.command in ("sign-pdf", "sign-file"):
             signer = _document_signer(client, args)
             if args.command == "sign-pdf":
@@ -207,6 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     assign.add_argument("key_pair", type=Path)
     assign.add_argument("--signer", required=True)
     assign.add_argument("--subject", required=True)
+    assign.add_argument(
+        "--authorization-server", help="the AS that speaks for the signer (needed if the SSA may use several)"
+    )
+    bind = sub.add_parser(
+        "key-bind", help="(administrator) bind a key pair to an SSA: one sealed before owners, or moved"
+    )
+    bind.add_argument("key_pair", type=Path)
+    bind.add_argument("--owner", required=True, help="the registered SSA it belongs to from now on")
+    bind.add_argument("--authorization-server", help="for an assigned key pair sealed without one")
     sign = sub.add_parser("sign", help="sign DTBS/R with a SAD")
     sign.add_argument("key_pair", type=Path)
     sign.add_argument("--signer", required=True)

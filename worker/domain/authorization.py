@@ -151,6 +151,9 @@ class SadExpectation:
     hash_oid: str | None = None  # None: the SAD authorizes no digests (SKAD, deletion)
     digests: tuple[bytes, ...] = ()
     detail_type: str = SAD_TYPE_SIGNATURE
+    # the AS bound to the key pair's signer: a signer is (AS, subject), so only its own
+    # AS speaks for it (None: any AS the SSA may use — a SKAD before the binding)
+    issuer: str | None = None
 
 
 def verify_sad(
@@ -163,13 +166,14 @@ def verify_sad(
 ) -> SadClaims:
     """Check a SAD end to end except ``jti`` single use; return its claims.
 
-    In order: signed by a registered authorization server that this SSA may use, for
+    In order: signed by a registered authorization server that this SSA may use (and
+    the one bound to the key pair's signer, if any), for
     this SAM, alive now within the policy's lifetime, for this signer, with exactly one
     authorization detail of the expected type for this key pair and these DTBS/R, and
     with enough authentication factors. Each refusal has its own ``sad_*`` code."""
     if not token:
         raise SamError(ErrorCode.sad_missing)
-    claims = _verified_claims(token, state, expected.ssa)
+    claims = _verified_claims(token, state, expected.ssa, expected.issuer)
     audiences = [claims.aud] if isinstance(claims.aud, str) else claims.aud
     if audience not in audiences:
         raise SamError(ErrorCode.sad_audience_mismatch)
@@ -182,8 +186,9 @@ def verify_sad(
     return claims
 
 
-def _verified_claims(token: str, state: DynamicState, ssa_id: str) -> SadClaims:
-    """The claims of a SAD signed by a registered AS that ``ssa_id`` may use."""
+def _verified_claims(token: str, state: DynamicState, ssa_id: str, bound: str | None) -> SadClaims:
+    """The claims of a SAD signed by a registered AS that ``ssa_id`` may use and, when
+    the key pair's signer is ``bound`` to one, by that one."""
     try:
         header = jws.extract_compact(token.encode()).headers()
     except (JoseError, ValueError) as exc:
@@ -194,6 +199,8 @@ def _verified_claims(token: str, state: DynamicState, ssa_id: str) -> SadClaims:
     ssa = state.ssa(ssa_id)
     if ssa is None or issuer not in ssa.allowed_authorization_servers:
         raise SamError(ErrorCode.sad_issuer_not_allowed, f"{ssa_id} may not use {issuer}")
+    if bound is not None and issuer != bound:
+        raise SamError(ErrorCode.sad_issuer_mismatch, f"this key pair's signer is spoken for by {bound}")
     key = state.authorization_servers[issuer]
     if header.get("alg") not in key.algorithms:
         alg = str(header.get("alg"))[:16]  # the sender's text: bounded, and quoted by repr

@@ -92,6 +92,10 @@ class DynamicState:
     def ssa(self, user_id: str) -> _Ssa | None:
         return self.ssas.get(user_id)
 
+    def allowed_authorization_servers(self) -> dict[str, frozenset[str]]:
+        """Each registered SSA and the authorization servers it may use."""
+        return {user: ssa.allowed_authorization_servers for user, ssa in self.ssas.items()}
+
 
 def parse_dynamic(config: DynamicConfiguration) -> DynamicState:
     """Check a dynamic configuration for consistency and parse its keys."""

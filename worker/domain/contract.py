@@ -25,6 +25,7 @@ __all__ = [
     "ErrorBody",
     "ErrorReply",
     "Identifier",
+    "KeyPairBindRequest",
     "KeyPairCreateRequest",
     "KeyPairDeleteReply",
     "KeyPairDeleteRequest",
@@ -69,6 +70,7 @@ class Operation(StrEnum):
     key_pairs_update = "key_pairs.update"
     key_pairs_delete = "key_pairs.delete"
     key_pairs_rewrap = "key_pairs.rewrap"
+    key_pairs_bind = "key_pairs.bind"
     signatures_create = "signatures.create"
 
 
@@ -94,6 +96,7 @@ OPERATION_QUEUE: dict[Operation, QueueClass] = {
     Operation.key_pairs_update: QueueClass.keys,
     Operation.key_pairs_delete: QueueClass.keys,
     Operation.key_pairs_rewrap: QueueClass.keys,
+    Operation.key_pairs_bind: QueueClass.admin,
     Operation.signatures_create: QueueClass.signatures,
 }
 
@@ -193,6 +196,10 @@ class KeyPairObject(_Strict):
     subject: str | None = None
     certificate: str | None = Field(default=None, description="base64 DER X.509 certificate")
     revision: int | None = None
+    owner: str | None = Field(default=None, description="the SSA the key pair belongs to")
+    authorization_server: str | None = Field(
+        default=None, description="the authorization server that speaks for its signer (from assignment on)"
+    )
     kek: str | None = None
     sam_factor: Literal["pin"] | None = None
 
@@ -215,6 +222,13 @@ class AssignRequest(_Strict):
         description="the signer's distinguished name, RFC 4514 (e.g. CN=Alice,O=Example,C=ES)"
     )
     sam_factor: SamFactor | None = Field(default=None, description="enrol a SAM-managed factor")
+    authorization_server: Identifier | None = Field(
+        default=None,
+        description=(
+            "the authorization server that speaks for the signer from now on; with a SKAD, its issuer; "
+            "without one, required unless the SSA may use only one"
+        ),
+    )
 
 
 class KeyPairUpdateRequest(_Strict):
@@ -250,6 +264,18 @@ class KeyPairRewrapRequest(_Strict):
     already under it comes back unchanged."""
 
     key_pair: KeyPairObject
+
+
+class KeyPairBindRequest(_Strict):
+    """An administrator binds a key pair to an SSA: one sealed before key pairs had an
+    owner, or one moved to another SSA. An assigned key pair keeps the authorization
+    server that speaks for its signer (one sealed before binding names it here)."""
+
+    key_pair: KeyPairObject
+    owner: Identifier = Field(description="the registered SSA the key pair belongs to from now on")
+    authorization_server: Identifier | None = Field(
+        default=None, description="for an assigned key pair sealed without one: the AS of its signer"
+    )
 
 
 # --- signatures ------------------------------------------------------------------------
@@ -358,5 +384,6 @@ REQUEST_MODELS: dict[Operation, type[BaseModel]] = {
     Operation.key_pairs_update: KeyPairUpdateRequest,
     Operation.key_pairs_delete: KeyPairDeleteRequest,
     Operation.key_pairs_rewrap: KeyPairRewrapRequest,
+    Operation.key_pairs_bind: KeyPairBindRequest,
     Operation.signatures_create: SignaturesCreateRequest,
 }

@@ -33,9 +33,12 @@ class SealedKeyPair(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    v: int = 1
+    # 1: before tenant binding (no owner; refused until an administrator binds it)
+    v: int = 2
     sam: str
     id: str
+    owner: str | None = None  # the SSA that created it (or an administrator bound it to)
+    authorization_server: str | None = None  # from assignment on: the AS that speaks for its signer
     algorithm: KeyType
     size: int | None = None
     named_curve: str | None = None
@@ -81,6 +84,8 @@ class SealedKeyPair(BaseModel):
             public_key=self.public_key,
             status=self.status,
             signer=Signer(id=self.signer) if self.signer else None,
+            owner=self.owner,
+            authorization_server=self.authorization_server,
             subject=self.subject,
             certificate=self.certificate,
             revision=self.revision,

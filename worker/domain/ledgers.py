@@ -88,6 +88,7 @@ class KeyEvent(StrEnum):
     assigned = "assigned"
     updated = "updated"
     rewrapped = "rewrapped"
+    bound = "bound"
     deleted = "deleted"
 
 

@@ -7,11 +7,18 @@ log by the service), the parsed request and the policy, and either refuses with 
 the HSM is to sign, the next revision of the key pair. Nothing here calls the HSM, a
 ledger or the audit trail; the service does that with what these return.
 
-The lifecycle, in order: created (unassigned) → assigned to one signer, once (SKAD if
-the policy asks) → proof of possession, only of a CertificationRequestInfo for its own
-key and subject, only before certification → certified with a certificate for that key
-and subject → enabled / disabled → signing, only certified and enabled, only what the
-signer's SAD authorizes → deleted. A re-wrap under a new KEK may happen at any stage.
+Tenants: a key pair belongs to the SSA that created it (``owner``) and, from its
+assignment on, its signer is (authorization server, subject): only the owner may use,
+change or delete it, and only SADs from that authorization server activate it. Holding
+a copy of the seal gives nothing — it travels through the broker and sits in the SSA's
+database. Only an administrator moves a key pair to another SSA (``plan_binding``).
+
+The lifecycle, in order: created (unassigned) → assigned to one signer, once, bound to
+the authorization server that speaks for it (SKAD if the policy asks) → proof of
+possession, only of a CertificationRequestInfo for its own key and subject, only before
+certification → certified with a certificate for that key and subject → enabled /
+disabled → signing, only certified and enabled, only what the signer's SAD authorizes
+→ deleted. A re-wrap under a new KEK may happen at any stage.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from worker.domain.algorithms import SignatureScheme, signature_scheme
@@ -31,6 +39,7 @@ from worker.domain.certification import canonical_subject, check_certificate, ch
 from worker.domain.configuration import SadPolicy
 from worker.domain.contract import (
     AssignRequest,
+    KeyPairBindRequest,
     KeyPairDeleteRequest,
     KeyPairUpdateRequest,
     ProofOfPossessionRequest,
@@ -49,7 +58,9 @@ __all__ = [
     "check_digest_count",
     "check_factor",
     "factor_input",
+    "owned_by",
     "plan_assignment",
+    "plan_binding",
     "plan_deletion",
     "plan_proof_of_possession",
     "plan_signing",
@@ -59,6 +70,15 @@ __all__ = [
     "updated",
     "verify_factor_mac",
 ]
+
+
+def owned_by(key_pair: SealedKeyPair, ssa: str) -> None:
+    """Refused unless ``ssa`` owns the key pair: ``key_pair_unbound`` for one sealed
+    before key pairs had owners, ``key_pair_not_owned`` for another SSA's."""
+    if key_pair.owner is None:
+        raise SamError(ErrorCode.key_pair_unbound)
+    if key_pair.owner != ssa:
+        raise SamError(ErrorCode.key_pair_not_owned)
 
 
 def signer_of(key_pair: SealedKeyPair, signer: str | None) -> str:
@@ -88,10 +108,15 @@ class Assignment:
     subject: str  # canonical RFC 4514
     skad: SadExpectation | None  # the signer's consent to verify and spend, if any
     factor: SamFactor | None  # a SAM-managed factor to enrol, if any
+    authorization_server: str | None  # None: the SKAD's issuer
 
-    def result(self, factor_verifier: bytes | None) -> SealedKeyPair:
+    def result(self, factor_verifier: bytes | None, skad_issuer: str | None = None) -> SealedKeyPair:
         """The assigned key pair; ``factor_verifier`` is the HSM MAC of
-        ``factor_input`` when a factor is enrolled."""
+        ``factor_input`` when a factor is enrolled, ``skad_issuer`` the verified SKAD's
+        issuer when one was needed."""
+        authorization_server = self.authorization_server or skad_issuer
+        if authorization_server is None:
+            raise SamError(ErrorCode.internal_error, "an assignment without its authorization server")
         factor: dict[str, object] = {}
         if self.factor is not None:
             if factor_verifier is None:
@@ -103,23 +128,42 @@ class Assignment:
         return self.key_pair.next_revision(
             signer=self.signer,
             subject=self.subject,
+            authorization_server=authorization_server,
             status=self.key_pair.status.model_copy(update={"assigned": True}),
             **factor,
         )
 
 
 def plan_assignment(
-    key_pair: SealedKeyPair, request: AssignRequest, ssa: str, policy: SadPolicy, skad_given: bool
+    key_pair: SealedKeyPair,
+    request: AssignRequest,
+    ssa: str,
+    allowed: frozenset[str],
+    policy: SadPolicy,
+    skad_given: bool,
 ) -> Assignment:
-    """A key pair is assigned once. A SKAD, when given or when the policy requires one,
-    must be the signer's consent to exactly this key pair."""
+    """A key pair is assigned once, by its owner, and bound to the authorization server
+    that speaks for its signer: the SKAD's issuer, else the one the request names, else
+    the owner's only one (``allowed``: the ASes the owner may use). A SKAD, when given
+    or when the policy requires one, must be the signer's consent to exactly this key
+    pair, from the named AS if one is named."""
+    owned_by(key_pair, ssa)
     if key_pair.status.assigned:
         raise SamError(ErrorCode.key_pair_already_assigned)
     subject = canonical_subject(request.subject)
+    named = request.authorization_server
+    if named is not None and named not in allowed:
+        raise SamError(ErrorCode.sad_issuer_not_allowed, f"{ssa} may not use {named}")
     skad = None
     if skad_given or policy.assignment_skad == "required":
-        skad = SadExpectation(ssa, request.signer.id, key_pair.id, detail_type=SKAD_TYPE_ASSIGNMENT)
-    return Assignment(key_pair, request.signer.id, subject, skad, request.sam_factor)
+        skad = SadExpectation(
+            ssa, request.signer.id, key_pair.id, detail_type=SKAD_TYPE_ASSIGNMENT, issuer=named
+        )
+    elif named is None:
+        if len(allowed) != 1:
+            raise SamError(ErrorCode.authorization_server_required)
+        [named] = allowed
+    return Assignment(key_pair, request.signer.id, subject, skad, request.sam_factor, named)
 
 
 # --- proof of possession ----------------------------------------------------------------
@@ -142,9 +186,12 @@ class ProofOfPossession:
         return hashlib.sha256(self.certification_request_info).hexdigest()
 
 
-def plan_proof_of_possession(key_pair: SealedKeyPair, request: ProofOfPossessionRequest) -> ProofOfPossession:
-    """Only an assigned, not yet certified key pair, and only over a DER
+def plan_proof_of_possession(
+    key_pair: SealedKeyPair, request: ProofOfPossessionRequest, ssa: str
+) -> ProofOfPossession:
+    """Only the owner's assigned, not yet certified key pair, and only over a DER
     CertificationRequestInfo for its own public key and its signer's subject."""
+    owned_by(key_pair, ssa)
     if not key_pair.status.assigned or key_pair.subject is None:
         raise SamError(ErrorCode.key_pair_not_assigned)
     if key_pair.status.certified:
@@ -162,10 +209,11 @@ def plan_proof_of_possession(key_pair: SealedKeyPair, request: ProofOfPossession
 # --- update -----------------------------------------------------------------------------
 
 
-def updated(key_pair: SealedKeyPair, request: KeyPairUpdateRequest) -> SealedKeyPair:
-    """The next revision with the requested status (and certificate). Only the signer's
-    own key pair; never unassigned or un-certified; a certificate comes with
+def updated(key_pair: SealedKeyPair, request: KeyPairUpdateRequest, ssa: str) -> SealedKeyPair:
+    """The next revision with the requested status (and certificate). Only the owner's
+    key pair of this signer; never unassigned or un-certified; a certificate comes with
     ``certified: true`` and must be for the key pair's own key and subject."""
+    owned_by(key_pair, ssa)
     signer_of(key_pair, request.signer.id)
     wanted = request.status
     if not wanted.assigned or (key_pair.status.certified and not wanted.certified):
@@ -201,22 +249,30 @@ class Deletion:
 def plan_deletion(
     key_pair: SealedKeyPair, request: KeyPairDeleteRequest, ssa: str, sad_given: bool
 ) -> Deletion:
-    """An assigned key pair is deleted only when the request names its signer; an
-    unassigned one needs no signer."""
+    """Only by its owner; an assigned key pair only when the request names its signer
+    (an unassigned one needs no signer); a SAD, if given, from the signer's AS."""
+    owned_by(key_pair, ssa)
     if key_pair.signer is not None:
         signer_of(key_pair, request.signer.id if request.signer else None)
     sad = None
     if sad_given:
-        sad = SadExpectation(ssa, key_pair.signer or "", key_pair.id, detail_type=SAD_TYPE_DELETION)
+        sad = SadExpectation(
+            ssa,
+            key_pair.signer or "",
+            key_pair.id,
+            detail_type=SAD_TYPE_DELETION,
+            issuer=key_pair.authorization_server,
+        )
     return Deletion(key_pair, sad)
 
 
 # --- re-wrap ----------------------------------------------------------------------------
 
 
-def rewrap_needed(key_pair: SealedKeyPair, current_kek: str) -> bool:
-    """Whether the key pair is wrapped under another KEK than the current one (a
-    re-wrap of a current key pair answers with it unchanged)."""
+def rewrap_needed(key_pair: SealedKeyPair, current_kek: str, ssa: str) -> bool:
+    """Whether the owner's key pair is wrapped under another KEK than the current one
+    (a re-wrap of a current key pair answers with it unchanged)."""
+    owned_by(key_pair, ssa)
     return key_pair.kek != current_kek
 
 
@@ -227,6 +283,38 @@ def rewrapped(key_pair: SealedKeyPair, wrapped: bytes, kek_label: str, wrap_mech
         kek=kek_label,
         wrap_mechanism=wrap_mechanism,
     )
+
+
+# --- binding (administrators only) -----------------------------------------------------
+
+
+def plan_binding(
+    key_pair: SealedKeyPair, request: KeyPairBindRequest, allowed_by_ssa: Mapping[str, frozenset[str]]
+) -> SealedKeyPair:
+    """The next revision owned by ``request.owner`` (a registered SSA: a key of
+    ``allowed_by_ssa``, which maps each SSA to the ASes it may use). An assigned key pair
+    keeps the AS of its signer — a signer is (AS, subject), so moving it under another
+    AS would hand it to another person — and the new owner must be allowed that AS."""
+    allowed = allowed_by_ssa.get(request.owner)
+    if allowed is None:
+        raise SamError(ErrorCode.binding_invalid, f"{request.owner!r} is not a registered SSA")
+    named = request.authorization_server
+    if not key_pair.status.assigned:
+        if named is not None:
+            raise SamError(
+                ErrorCode.binding_invalid, "an unassigned key pair has no authorization server yet"
+            )
+        return key_pair.next_revision(v=2, owner=request.owner)
+    bound = key_pair.authorization_server or named
+    if bound is None:
+        raise SamError(
+            ErrorCode.binding_invalid, "an assigned key pair needs the authorization server of its signer"
+        )
+    if named is not None and named != bound:
+        raise SamError(ErrorCode.binding_invalid, f"its signer is spoken for by {bound}")
+    if bound not in allowed:
+        raise SamError(ErrorCode.binding_invalid, f"{request.owner} may not use {bound}")
+    return key_pair.next_revision(v=2, owner=request.owner, authorization_server=bound)
 
 
 # --- signing ----------------------------------------------------------------------------
@@ -252,8 +340,10 @@ def check_digest_count(request: SignaturesCreateRequest, limit: int) -> None:
 
 
 def plan_signing(key_pair: SealedKeyPair, request: SignaturesCreateRequest, ssa: str) -> Signing:
-    """Only the signer's own key pair, certified and enabled; every DTBS/R of one
-    request under one signature algorithm, each as long as its hash."""
+    """Only the owner's key pair of this signer, certified and enabled, activated by a
+    SAD from the signer's AS; every DTBS/R of one request under one signature
+    algorithm, each as long as its hash."""
+    owned_by(key_pair, ssa)
     signer = signer_of(key_pair, request.signer.id)
     if not key_pair.status.certified:
         raise SamError(ErrorCode.key_pair_not_certified)
@@ -276,7 +366,9 @@ def plan_signing(key_pair: SealedKeyPair, request: SignaturesCreateRequest, ssa:
         dtbs = decode_base64(item.dtbs, ErrorCode.invalid_dtbs, "DTBS/R")
         scheme.check_dtbs(dtbs)
         digests.append(dtbs)
-    expected = SadExpectation(ssa, signer, key_pair.id, scheme.hash_oid, tuple(digests))
+    expected = SadExpectation(
+        ssa, signer, key_pair.id, scheme.hash_oid, tuple(digests), issuer=key_pair.authorization_server
+    )
     return Signing(scheme, tuple(digests), expected)
 
 

@@ -24,6 +24,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from worker.domain import algorithms
 from worker.domain.algorithms import HsmMechanism, KeySpec, SignatureScheme
 from worker.errors import ErrorCode, SamError
+from worker.hsm import softhsm
 from worker.hsm.pkcs11_errors import HANDLES_LOST, translated
 from worker.ports import GeneratedKeyPair, WrappedKey
 
@@ -58,7 +59,9 @@ def open_session(module: str, token_label: str, pin: str) -> Any:
     with translated("login"):
         lib = pkcs11.lib(module)
         token = lib.get_token(token_label=token_label)
-        return token.open(user_pin=pin, rw=True)
+        session = token.open(user_pin=pin, rw=True)
+    softhsm.clear_openssl_errors()  # left by SoftHSM's first initialization in this process
+    return session
 
 
 def spki_of(public_key: Any, key_type: KeyType) -> bytes:

@@ -14,21 +14,21 @@ import ctypes.util
 
 import pkcs11
 
-__all__ = ["renew_library"]
+__all__ = ["clear_openssl_errors", "renew_library"]
 
 
 def renew_library(module: str) -> None:
     """C_Finalize + C_Initialize of ``module``; only with no session open."""
     pkcs11.lib(module).reinitialize()
-    _clear_openssl_errors()
+    clear_openssl_errors()
     _return_freed_memory()
 
 
-def _clear_openssl_errors() -> None:
+def clear_openssl_errors() -> None:
     """SoftHSM2's OpenSSL backend leaves an error (``ENGINE: NO_SUCH_ENGINE``) on this
-    thread's OpenSSL error queue when it initializes again; the next TLS read of the
-    worker's broker connection, on the same thread, would report it as its own failure
-    and drop the connection."""
+    thread's OpenSSL error queue when it initializes; the next TLS operation on the same
+    thread (the worker's broker connection, a client's handshake) would report it as its
+    own failure."""
     name = ctypes.util.find_library("crypto")
     if name is not None:
         ctypes.CDLL(name).ERR_clear_error()
