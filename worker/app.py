@@ -125,13 +125,17 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         await consumer.start(settings.queues)
 
         def readiness() -> dict[str, bool]:
-            checks = {
+            # Not ready while a sink keeps failing past its bound, so an orchestrator stops
+            # sending this worker work it can only answer with 503.
+            return {
                 "broker": not connection.is_closed and not consume_channel.is_closed,
                 "hsm": pkcs11_hsm.healthy(),
                 "configuration": True,  # the streams were replayed before the consumers started
-                "audit": audit.writable(),
+                "audit": audit.writable() and audit.failing_for() <= settings.audit_timeout_seconds,
+                "ledgers": all(
+                    ledger.failing_for() <= settings.ledger_timeout_seconds for ledger in ledgers.values()
+                ),
             }
-            return checks
 
         metrics.ready.set_function(lambda: float(all(readiness().values())))
         metrics.in_flight.set_function(lambda: consumer.in_flight)

@@ -173,7 +173,13 @@ class AuditTrail:
         self._wakeup = asyncio.Event()
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None  # monotonic time of the first failure since a success
         self.batches = 0
+
+    def failing_for(self) -> float:
+        """Seconds since batches began to fail without one succeeding since (0: none
+        failing) — readiness turns false once this passes the audit bound."""
+        return 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
 
     def writable(self) -> bool:
         """Whether both audit files can be opened for appending now (for readiness)."""
@@ -300,6 +306,7 @@ class AuditTrail:
         if failure is not None:
             self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
             return
+        self._failing_since = None
         for pending, entry in zip(batch, entries, strict=False):
             if pending.done is not None and not pending.done.done():
                 pending.done.set_result(entry)
@@ -372,6 +379,8 @@ class AuditTrail:
 
     def _fail(self, batch: list[_Pending], message: str) -> None:
         log.error("audit batch of %d failed: %s", len(batch), message)
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
         if self._metrics is not None:
             self._metrics.audit_failures.inc()
         for pending in batch:

@@ -142,7 +142,36 @@ CASES = [
     ("wrong detail type", lambda: sad(claims(detail={"type": "key_assignment"})), "sad_invalid"),
     ("one factor", lambda: sad(claims(amr=["pwd"])), "sad_authentication_insufficient"),
     ("same factor twice", lambda: sad(claims(amr=["pwd", "pwd"])), "sad_authentication_insufficient"),
+    # strict claims: JSON numbers for dates, no name twice, nbf honoured, digests canonical
+    ("exp as a string", lambda: sad(claims(exp=str(NOW + 120))), "sad_invalid"),
+    ("iat as a boolean", lambda: sad(claims(iat=True)), "sad_invalid"),
+    ("exp with a fraction", lambda: sad(claims(exp=NOW + 120.5)), "sad_invalid"),
+    ("exp as a whole float", lambda: sad(claims(exp=float(NOW + 120))), None),
+    (
+        "sub twice",
+        lambda: _raw_sad(claims(), b'"sub":"alice",', b'"sub":"mallory","sub":"alice",'),
+        "sad_invalid",
+    ),
+    ("nbf in the future", lambda: sad(claims(nbf=NOW + 600)), "sad_expired"),
+    ("nbf passed", lambda: sad(claims(nbf=NOW - 10)), None),
+    ("nbf as a string", lambda: sad(claims(nbf=str(NOW))), "sad_invalid"),
+    (
+        "digest with characters outside base64url",
+        lambda: sad(
+            claims(detail={"documentDigests": [{"hash": b64url(DIGEST)[:5] + "!" + b64url(DIGEST)[5:]}]})
+        ),
+        "sad_digest_mismatch",
+    ),
+    ("numSignatures as a string", lambda: sad(claims(detail={"numSignatures": "1"})), "sad_invalid"),
 ]
+
+
+def _raw_sad(body: dict[str, Any], old: bytes, new: bytes) -> str:
+    """A SAD whose payload text is edited after serializing (to hold a name twice)."""
+    payload = orjson.dumps(body).replace(old, new)
+    assert payload != orjson.dumps(body)
+    protected = {"alg": "ES256", "kid": "as-1"}
+    return jws.serialize_compact(protected, payload, ECKey.import_key(private_key_pem(AS_KEY).decode()))
 
 
 @pytest.mark.parametrize(("name", "token", "code"), CASES, ids=[c[0] for c in CASES])

@@ -8,7 +8,6 @@ that to PKCS#11 mechanisms.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +15,7 @@ from enum import StrEnum
 from asn1crypto import algos
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from worker.domain.wire import decode_base64
 from worker.errors import ErrorCode, SamError
 
 __all__ = [
@@ -205,7 +205,7 @@ def _pss_scheme(parameters_b64: str | None) -> SignatureScheme:
         # the ASN.1 defaults would be SHA-1: refuse rather than assume
         raise SamError(ErrorCode.invalid_algorithm_parameters, "RSASSA-PSS needs explicit parameters")
     try:
-        der = base64.b64decode(parameters_b64, validate=True)
+        der = decode_base64(parameters_b64, ErrorCode.invalid_algorithm_parameters, "RSASSA-PSS-params")
         params = algos.RSASSAPSSParams.load(der, strict=True)
         hash_name = params["hash_algorithm"]["algorithm"].native
         mgf = params["mask_gen_algorithm"]

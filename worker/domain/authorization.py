@@ -19,7 +19,9 @@ from joserfc.errors import JoseError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.domain.configuration import DynamicState, SadPolicy
+from worker.domain.contract import JsonInteger
 from worker.domain.keys import RegisteredKey
+from worker.domain.wire import decode_base64_or_base64url, json_object
 from worker.errors import ErrorCode, SamError
 
 __all__ = [
@@ -85,14 +87,12 @@ def verify_request_jws(
         raise SamError(ErrorCode.request_signature_missing)
     try:
         verified = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms)
-        claims = orjson.loads(verified.payload)
-    except (JoseError, ValueError, orjson.JSONDecodeError) as exc:
+    except (JoseError, ValueError) as exc:
         raise SamError(
             ErrorCode.request_signature_invalid, f"request JWS rejected ({type(exc).__name__})"
         ) from exc
+    claims = json_object(verified.payload, ErrorCode.request_signature_invalid, "request JWS payload")
     expected = orjson.loads(request_jws_payload(binding, 0))
-    if not isinstance(claims, dict):
-        raise SamError(ErrorCode.request_signature_invalid, "request JWS payload is not an object")
     for name in ("body_sha256", "message_id", "type", "user_id"):
         if claims.get(name) != expected[name]:
             raise SamError(ErrorCode.request_signature_invalid, f"request JWS does not bind this {name}")
@@ -107,11 +107,13 @@ def verify_request_jws(
 
 
 class _Claims(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # other claims are the AS's business; those the SAM reads have exactly their JSON type
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class DocumentDigest(_Claims):
-    """One authorized DTBS/R (base64 or base64url of the hash)."""
+    """One authorized DTBS/R: canonical padded base64 or canonical unpadded base64url of
+    the hash; any other spelling authorizes nothing."""
 
     hash: str
     label: str | None = None
@@ -124,7 +126,7 @@ class AuthorizationDetail(_Claims):
     credentialID: str
     hashAlgorithmOID: str | None = None
     documentDigests: list[DocumentDigest] = Field(default_factory=list, max_length=10_000)
-    numSignatures: int | None = None
+    numSignatures: JsonInteger | None = None
 
 
 class SadClaims(_Claims):
@@ -133,8 +135,9 @@ class SadClaims(_Claims):
     iss: str
     aud: str | list[str]
     sub: str
-    iat: int
-    exp: int
+    iat: JsonInteger
+    exp: JsonInteger
+    nbf: JsonInteger | None = None
     jti: str = Field(min_length=8, max_length=256)
     amr: list[str] = Field(default_factory=list)
     acr: str | None = None
@@ -211,8 +214,9 @@ def _verified_claims(token: str, state: DynamicState, ssa_id: str, bound: str | 
         raise SamError(
             ErrorCode.sad_signature_invalid, f"SAD signature rejected ({type(exc).__name__})"
         ) from exc
+    document = json_object(payload, ErrorCode.sad_invalid, "SAD payload")  # a name twice: refused
     try:
-        claims = SadClaims.model_validate_json(payload)
+        claims = SadClaims.model_validate(document)
     except ValidationError as exc:
         raise SamError(ErrorCode.sad_invalid, "SAD claims do not match the SAD schema") from exc
     if claims.iss != issuer:
@@ -224,6 +228,8 @@ def _check_lifetime(claims: SadClaims, policy: SadPolicy, now: int) -> None:
     skew = policy.clock_skew_seconds
     if claims.iat > now + skew or claims.exp <= now - skew:
         raise SamError(ErrorCode.sad_expired)
+    if claims.nbf is not None and claims.nbf > now + skew:
+        raise SamError(ErrorCode.sad_expired, "SAD is not valid yet (nbf)")
     if claims.exp - claims.iat > policy.max_lifetime_seconds:
         raise SamError(ErrorCode.sad_expired, "SAD lifetime exceeds the policy maximum")
 
@@ -243,19 +249,8 @@ def _check_detail(claims: SadClaims, expected: SadExpectation) -> None:
         return
     if detail.hashAlgorithmOID != expected.hash_oid:
         raise SamError(ErrorCode.sad_digest_mismatch, "SAD authorizes another hash algorithm")
-    authorized = Counter(_b64_any(d.hash) for d in detail.documentDigests)
+    authorized = Counter(decode_base64_or_base64url(d.hash) for d in detail.documentDigests)
     if authorized != Counter(expected.digests):
         raise SamError(ErrorCode.sad_digest_mismatch)
     if detail.numSignatures is not None and detail.numSignatures != len(expected.digests):
         raise SamError(ErrorCode.sad_digest_mismatch, "SAD numSignatures differs from the request")
-
-
-def _b64_any(text: str) -> bytes | None:
-    """Decode base64 or base64url; ``None`` (never equal to a digest) if neither."""
-    padded = text + "=" * (-len(text) % 4)
-    try:
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except ValueError:
-        return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 __all__ = [
     "HEADER_REQUEST_JWS",
@@ -25,6 +25,7 @@ __all__ = [
     "ErrorBody",
     "ErrorReply",
     "Identifier",
+    "JsonInteger",
     "KeyPairBindRequest",
     "KeyPairCreateRequest",
     "KeyPairDeleteReply",
@@ -101,8 +102,26 @@ OPERATION_QUEUE: dict[Operation, QueueClass] = {
 }
 
 
+def _json_integer(value: object) -> object:
+    """A JSON number with no fraction (2048 or 2048.0, as JSON Schema's ``integer``);
+    never a string ("2048") or a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a JSON integer")
+        return int(value)
+    return value
+
+
+# Strict mode refuses what JSON Schema refuses ("2048" for an integer, "no" for a
+# boolean) and this type accepts what it accepts (2048.0 is an integer there), so the
+# published schemas and the parser agree on every document (tests/unit/test_wire_strict.py).
+JsonInteger = Annotated[int, BeforeValidator(_json_integer)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- dynamic configuration -----------------------------------------------------------
@@ -130,7 +149,7 @@ class DynamicConfiguration(_Strict):
     Refused as ``configuration_version_conflict`` unless ``version`` is above the current
     one, as ``configuration_invalid`` for a duplicate id, an unknown server or a bad key."""
 
-    version: int = Field(ge=1, le=2**53)
+    version: JsonInteger = Field(ge=1, le=2**53)
     authorization_servers: list[AuthorizationServer] = Field(max_length=256)
     signing_service_privileged_users: list[SigningServicePrivilegedUser] = Field(max_length=1024)
 
@@ -144,7 +163,7 @@ class KeyTemplate(_Strict):
     else is ``unsupported_algorithm``."""
 
     algorithm: Literal["RSA", "ECDSA"]
-    size: int | None = None
+    size: JsonInteger | None = None
     named_curve: str | None = Field(default=None, max_length=32)
 
 
@@ -188,14 +207,14 @@ class KeyPairObject(_Strict):
     sealed: Annotated[str, StringConstraints(min_length=1, max_length=32768)]
     id: str | None = None
     algorithm: Literal["RSA", "ECDSA"] | None = None
-    size: int | None = None
+    size: JsonInteger | None = None
     named_curve: str | None = None
     public_key: str | None = Field(default=None, description="base64 DER SubjectPublicKeyInfo")
     status: KeyPairStatus | None = None
     signer: Signer | None = None
     subject: str | None = None
     certificate: str | None = Field(default=None, description="base64 DER X.509 certificate")
-    revision: int | None = None
+    revision: JsonInteger | None = None
     owner: str | None = Field(default=None, description="the SSA the key pair belongs to")
     authorization_server: str | None = Field(
         default=None, description="the authorization server that speaks for its signer (from assignment on)"
@@ -239,7 +258,8 @@ class KeyPairUpdateRequest(_Strict):
     signer: Signer
     status: KeyPairStatus
     certificate: Annotated[str, StringConstraints(min_length=1, max_length=65536)] | None = Field(
-        default=None, description="base64 DER X.509 certificate; required to certify"
+        default=None,
+        description="canonical base64 (RFC 4648 §4, padded) DER X.509 certificate; required to certify",
     )
 
 
@@ -291,13 +311,14 @@ class SignatureRequest(_Strict):
     (``unsupported_algorithm``); its length must fit the hash (``invalid_dtbs``)."""
 
     dtbs: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
-        description="base64 of the DTBS/R (the hash to sign)"
+        description="canonical base64 (RFC 4648 §4, padded) of the DTBS/R (the hash to sign)"
     )
     signature_algorithm: Oid | None = Field(
         default=None, description="if given, must equal the request's: one SAD names one hash"
     )
     signature_algorithm_parameters: AlgorithmParameters | None = Field(
-        default=None, description="base64 DER parameters (RSASSA-PSS-params for 1.2.840.113549.1.1.10)"
+        default=None,
+        description="canonical base64 DER parameters (RSASSA-PSS-params for 1.2.840.113549.1.1.10)",
     )
 
 
@@ -318,7 +339,7 @@ class ProofOfPossessionInput(_Strict):
     public key and its signer's subject (``pop_*`` codes)."""
 
     dtbs: Annotated[str, StringConstraints(min_length=1, max_length=16384)] = Field(
-        description="base64 DER CertificationRequestInfo (PKCS#10) for the key pair's own public key"
+        description="canonical base64 DER CertificationRequestInfo (PKCS#10) for the key pair's public key"
     )
     signature_algorithm: Oid
     signature_algorithm_parameters: AlgorithmParameters | None = None

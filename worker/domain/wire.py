@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from worker.errors import ErrorCode, SamError
 
-__all__ = ["decode_base64", "parse_body"]
+__all__ = ["decode_base64", "decode_base64_or_base64url", "json_object", "parse_body"]
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -29,15 +30,22 @@ def _no_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def json_object(data: bytes, code: ErrorCode, what: str) -> dict[str, Any]:
+    """``data`` as a JSON object, refused with ``code`` if it is not one: bad UTF-8, bad
+    JSON, a name twice, too deep. Used for bodies and JWS/JWT payloads alike."""
+    try:
+        document = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_names)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SamError(code, f"{what} is not valid JSON ({type(exc).__name__})") from exc
+    if not isinstance(document, dict):
+        raise SamError(code, f"{what} is not a JSON object")
+    return document
+
+
 def parse_body(model: type[_M], body: bytes) -> _M:
     """The body as ``model``; refused as ``malformed_message`` (not a JSON object: bad
     UTF-8, bad JSON, duplicate names, too deep) or ``schema_violation``."""
-    try:
-        document = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicate_names)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SamError(ErrorCode.malformed_message, f"body is not valid JSON ({type(exc).__name__})") from exc
-    if not isinstance(document, dict):
-        raise SamError(ErrorCode.malformed_message, "body is not a JSON object")
+    document = json_object(body, ErrorCode.malformed_message, "body")
     try:
         return model.model_validate(document)
     except ValidationError as exc:
@@ -48,9 +56,31 @@ def parse_body(model: type[_M], body: bytes) -> _M:
         raise SamError(ErrorCode.schema_violation, f"schema violation at {where}") from exc
 
 
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def decode_base64(text: str, code: ErrorCode, what: str) -> bytes:
-    """Standard base64 with its alphabet checked; refused with ``code`` otherwise."""
+    """Standard base64 (RFC 4648 §4) in its one canonical spelling: its alphabet, its
+    padding, no whitespace, unused bits zero; refused with ``code`` otherwise."""
+    if not _BASE64.fullmatch(text):
+        raise SamError(code, f"{what} is not canonical base64")
     try:
-        return base64.b64decode(text, validate=True)
+        decoded = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SamError(code, f"{what} is not base64") from exc
+    if base64.b64encode(decoded).decode() != text:
+        raise SamError(code, f"{what} is not canonical base64")
+    return decoded
+
+
+def decode_base64_or_base64url(text: str) -> bytes | None:
+    """A SAD's digest: canonical base64 (padded) or canonical unpadded base64url (as JOSE
+    writes it); ``None`` — equal to no digest — for anything else."""
+    if _BASE64URL.fullmatch(text) and len(text) % 4 != 1:
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return decoded if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode() == text else None
+    try:
+        return decode_base64(text, ErrorCode.sad_invalid, "digest")
+    except SamError:
+        return None

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,30 @@ class StreamLedger:
         self._publisher: asyncio.Task[None] | None = None
         self._queue: AbstractQueue | None = None  # kept: aio-pika needs the reference
         self.position = -1
+        self._failing_since: float | None = None  # monotonic time of the first unanswered wait
+        self._probe: asyncio.Task[None] | None = None
+
+    def failing_for(self) -> float:
+        """Seconds since a wait on this stream first timed out or a publish failed without
+        a record read back since (0: answering) — readiness turns false past the bound.
+        While failing, each call makes sure a probe (an empty batch) is on its way, so an
+        idle worker that an orchestrator stopped feeding still finds out it recovered."""
+        if self._failing_since is None:
+            return 0.0
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._sync_probe())
+        return time.monotonic() - self._failing_since
+
+    async def _sync_probe(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next.syncs.append(future)
+        self._wakeup.set()
+        with contextlib.suppress(SamError):
+            await self._wait(future)
+
+    def _failed(self) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
 
     async def start(self) -> None:
         self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
@@ -116,6 +141,7 @@ class StreamLedger:
                     return await asyncio.shield(future)
             except TimeoutError:
                 if not while_progressing or self.position == seen:
+                    self._failed()
                     raise SamError(
                         ErrorCode.ledger_unavailable, f"{self.stream} did not answer in time"
                     ) from None
@@ -135,6 +161,7 @@ class StreamLedger:
                     aio_pika.Message(body, content_type="application/json"), routing_key=self.stream
                 )
             except Exception as exc:  # the publisher must outlive any one failure
+                self._failed()
                 self._sent.pop(batch.id, None)
                 error = SamError(
                     ErrorCode.ledger_unavailable, f"{self.stream} refused a record ({type(exc).__name__})"
@@ -159,6 +186,7 @@ class StreamLedger:
                 self._release_readers()
         batch = self._sent.pop(batch_id, None)
         if batch is not None:
+            self._failing_since = None  # our own record came back: the stream answers
             for waiter, verdict in zip(batch.waiters, verdicts, strict=False):
                 if not waiter.done():
                     waiter.set_result(verdict)
