@@ -440,7 +440,10 @@ class SamClient:
         certified: bool = True,
         enabled: bool = True,
         certificate: bytes | None = None,
+        chain: list[bytes] | None = None,
     ) -> dict[str, Any]:
+        """Certify (with the DER ``certificate`` and the intermediates in ``chain`` up to a
+        trust anchor), enable or disable the signer's key pair."""
         body: dict[str, Any] = {
             "key_pair": key_pair,
             "signer": {"id": signer},
@@ -448,6 +451,8 @@ class SamClient:
         }
         if certificate is not None:
             body["certificate"] = base64.b64encode(certificate).decode()
+        if chain:
+            body["certificate_chain"] = [base64.b64encode(der).decode() for der in chain]
         result = await self.call(Operation.key_pairs_update, body)
         return dict(result["key_pair"])
 

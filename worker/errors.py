@@ -84,6 +84,16 @@ class ErrorCode(Enum):
     certificate_invalid = _Code(422, "The certificate is not a DER X.509 certificate.")
     certificate_key_mismatch = _Code(422, "The certificate is for another public key.")
     certificate_subject_mismatch = _Code(422, "The certificate's subject is not the signer's subject.")
+    certificate_untrusted = _Code(
+        422,
+        "The certificate does not chain to a trust anchor configured for this SSA, or a signature on "
+        "the way does not verify.",
+    )
+    certificate_usage_invalid = _Code(
+        422, "The certificate's key usage does not allow signing (digitalSignature or nonRepudiation)."
+    )
+    certificate_expired = _Code(409, "The certificate (or one on its chain) is past its notAfter.")
+    certificate_not_yet_valid = _Code(409, "The certificate (or one on its chain) is before its notBefore.")
     pop_not_a_certification_request = _Code(
         422, "A proof of possession signs only a DER CertificationRequestInfo."
     )

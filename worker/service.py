@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import datetime
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from cryptography import x509
 from pydantic import BaseModel
 
 from worker.domain import lifecycle
@@ -333,6 +335,13 @@ class SamService:
             return None
         return self._hsm.factor_mac(lifecycle.factor_input(key_pair.id, factor))
 
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+
+    def _trust_anchors(self, user: str) -> tuple[x509.Certificate, ...]:
+        ssa = self._configuration.state.ssa(user)
+        return ssa.trust_anchors if ssa is not None else ()
+
     def _sealed_reply(self, key_pair: SealedKeyPair, status: int = 200) -> Reply:
         return _ok(status, KeyPairReply(key_pair=key_pair.readable(self._sealer.seal(key_pair))))
 
@@ -415,7 +424,9 @@ class SamService:
         body = parse_body(KeyPairUpdateRequest, caller.body)
         caller.trace.signer = body.signer.id
         key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
-        updated = lifecycle.updated(key_pair, body, caller.user)
+        updated = lifecycle.updated(
+            key_pair, body, caller.user, self._trust_anchors(caller.user), self._now()
+        )
         await self._record(KeyEvent.updated, updated)
         return self._sealed_reply(updated)
 
@@ -459,7 +470,7 @@ class SamService:
         caller.trace.signer = body.signer.id
         lifecycle.check_digest_count(body, self._static.limits.max_digests_per_request)
         key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
-        signing = lifecycle.plan_signing(key_pair, body, caller.user)
+        signing = lifecycle.plan_signing(key_pair, body, caller.user, self._now())
         caller.trace.dtbs_sha256 = signing.dtbs_sha256
         await self._authorize(caller, signing.sad)
         # Read back, the jti record follows the mark of every key pair change confirmed

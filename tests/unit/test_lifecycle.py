@@ -12,7 +12,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from worker.domain import lifecycle
 from worker.domain.algorithms import KeyType
@@ -67,20 +66,61 @@ def key_pair(state: str, **changes: Any) -> SealedKeyPair:
     return SealedKeyPair(**{**fields, **changes})
 
 
-def certificate(public_key: ec.EllipticCurvePublicKey | None = None, subject: str = "alice") -> bytes:
-    name = x509.Name.from_rfc4514_string(f"CN={subject},O=Example")
-    now = datetime.datetime.now(datetime.UTC)
+NOW = datetime.datetime.now(datetime.UTC)
+DAY = datetime.timedelta(days=1)
+SIGNING_USAGE = x509.KeyUsage(True, True, False, False, False, False, False, False, False)
+
+
+def _name(text: str) -> x509.Name:
+    return x509.Name.from_rfc4514_string(text)
+
+
+def _ca(
+    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, Any] | None = None, **validity: Any
+) -> Any:
+    """A CA certificate for ``key`` (self-signed, or by ``issuer`` = (name, key))."""
+    issuer_name, issuer_key = issuer or (name, key)
     built = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev CA")]))
-        .public_key(public_key or KEY.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(OTHER_KEY, hashes.SHA256())
+        .subject_name(_name(name))
+        .issuer_name(_name(issuer_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity.get("not_before", NOW - DAY))
+        .not_valid_after(validity.get("not_after", NOW + 30 * DAY))
+        .add_extension(x509.BasicConstraints(ca=validity.get("ca", True), path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())
     )
-    return built.public_bytes(serialization.Encoding.DER)
+    return built
+
+
+ANCHOR = _ca("CN=dev CA", OTHER_KEY)
+ANCHORS = (ANCHOR,)
+INTERMEDIATE_KEY = ec.generate_private_key(ec.SECP256R1())
+INTERMEDIATE = _ca("CN=issuing CA", INTERMEDIATE_KEY, ("CN=dev CA", OTHER_KEY))
+
+
+def certificate(
+    public_key: ec.EllipticCurvePublicKey | None = None,
+    subject: str = "alice",
+    *,
+    issuer: tuple[str, Any] = ("CN=dev CA", OTHER_KEY),
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+    usage: x509.KeyUsage | None = SIGNING_USAGE,
+) -> bytes:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"CN={subject},O=Example"))
+        .issuer_name(_name(issuer[0]))
+        .public_key(public_key or KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - DAY)
+        .not_valid_after(not_after or NOW + DAY)
+    )
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    return builder.sign(issuer[1], hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 def refusal(decide: Any, *args: Any) -> str:
@@ -234,7 +274,10 @@ def test_a_proof_of_possession_signs_the_hash_of_the_certification_request_info(
 
 
 def update_request(
-    status: tuple[bool, bool, bool], certificate_der: bytes | None = None, signer: str = "alice"
+    status: tuple[bool, bool, bool],
+    certificate_der: bytes | None = None,
+    signer: str = "alice",
+    chain: tuple[Any, ...] = (),
 ) -> KeyPairUpdateRequest:
     assigned, certified, enabled = status
     body: dict[str, Any] = {
@@ -244,6 +287,10 @@ def update_request(
     }
     if certificate_der is not None:
         body["certificate"] = base64.b64encode(certificate_der).decode()
+    if chain:
+        body["certificate_chain"] = [
+            base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain
+        ]
     return KeyPairUpdateRequest.model_validate(body)
 
 
@@ -274,15 +321,17 @@ def update_request(
     ],
 )
 def test_update(state: str, request_: KeyPairUpdateRequest, expected: str) -> None:
-    assert refusal(lifecycle.updated, key_pair(state), request_, "ssa-1") == expected
+    assert refusal(lifecycle.updated, key_pair(state), request_, "ssa-1", ANCHORS, NOW) == expected
 
 
 def test_an_update_is_the_next_revision_with_the_new_status_and_certificate() -> None:
     der = certificate()
-    result = lifecycle.updated(key_pair("assigned"), update_request((True, True, True), der), "ssa-1")
+    result = lifecycle.updated(
+        key_pair("assigned"), update_request((True, True, True), der), "ssa-1", ANCHORS, NOW
+    )
     assert result.status == KeyPairStatus(assigned=True, certified=True, enabled=True)
     assert base64.b64decode(result.certificate or "") == der and result.revision == 4
-    disabled = lifecycle.updated(result, update_request((True, True, False)), "ssa-1")
+    disabled = lifecycle.updated(result, update_request((True, True, False)), "ssa-1", ANCHORS, NOW)
     assert disabled.certificate == result.certificate and not disabled.status.enabled
 
 
@@ -365,13 +414,13 @@ def sign_request(**changes: Any) -> SignaturesCreateRequest:
     ],
 )
 def test_signing(state: str, request_: SignaturesCreateRequest, expected: str) -> None:
-    assert refusal(lifecycle.plan_signing, key_pair(state), request_, "ssa-1") == expected
+    assert refusal(lifecycle.plan_signing, key_pair(state), request_, "ssa-1", NOW) == expected
 
 
 def test_signing_asks_for_a_sad_for_exactly_these_digests() -> None:
     digests = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
     request = sign_request(requests=[{"dtbs": base64.b64encode(d).decode()} for d in digests])
-    plan = lifecycle.plan_signing(key_pair("enabled"), request, "ssa-1")
+    plan = lifecycle.plan_signing(key_pair("enabled"), request, "ssa-1", NOW)
     assert plan.digests == tuple(digests)
     assert plan.sad.digests == tuple(digests) and plan.sad.hash_oid == "2.16.840.1.101.3.4.2.1"
     assert (plan.sad.ssa, plan.sad.signer, plan.sad.key_pair_id) == ("ssa-1", "alice", "kp-1")
@@ -429,7 +478,7 @@ def _every_operation(state: str, ssa: str, **changes: Any) -> dict[str, str]:
     return {
         "assign": refusal(lifecycle.plan_assignment, pair, assign_request(), ssa, ONE_AS, OPTIONAL, False),
         "pop": refusal(lifecycle.plan_proof_of_possession, pair, pop_request(INFO), ssa),
-        "update": refusal(lifecycle.updated, pair, update_request((True, True, False)), ssa),
+        "update": refusal(lifecycle.updated, pair, update_request((True, True, False)), ssa, ANCHORS, NOW),
         "delete": refusal(
             lifecycle.plan_deletion,
             pair,
@@ -438,7 +487,7 @@ def _every_operation(state: str, ssa: str, **changes: Any) -> dict[str, str]:
             False,
         ),
         "rewrap": refusal(lifecycle.rewrap_needed, pair, "kek-2", ssa),
-        "sign": refusal(lifecycle.plan_signing, pair, sign_request(), ssa),
+        "sign": refusal(lifecycle.plan_signing, pair, sign_request(), ssa, NOW),
     }
 
 
@@ -483,7 +532,7 @@ def test_assignment_binds_the_signer_to_one_authorization_server(
 
 def test_signing_and_deletion_sads_must_come_from_the_signers_authorization_server() -> None:
     pair = key_pair("enabled", authorization_server="as-2")
-    assert lifecycle.plan_signing(pair, sign_request(), "ssa-1").sad.issuer == "as-2"
+    assert lifecycle.plan_signing(pair, sign_request(), "ssa-1", NOW).sad.issuer == "as-2"
     deletion = lifecycle.plan_deletion(
         pair,
         KeyPairDeleteRequest.model_validate({"key_pair": SEALED, "signer": {"id": "alice"}}),
@@ -528,3 +577,85 @@ def test_an_administrator_binds_or_moves_a_key_pair(
         assert (bound.v, bound.owner, bound.revision) == (2, request_.owner, pair.revision + 1)
         assert bound.authorization_server == (None if state == "created" else "as-1")
         assert (bound.signer, bound.status) == (pair.signer, pair.status)
+
+
+# --- the certificate policy -------------------------------------------------------------
+
+ROGUE_KEY = ec.generate_private_key(ec.SECP256R1())
+CERTIFY = (True, True, True)
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (update_request(CERTIFY, certificate()), "ok"),
+        (
+            update_request(
+                CERTIFY, certificate(issuer=("CN=issuing CA", INTERMEDIATE_KEY)), chain=(INTERMEDIATE,)
+            ),
+            "ok",
+        ),
+        (
+            update_request(CERTIFY, certificate(issuer=("CN=issuing CA", INTERMEDIATE_KEY))),
+            "certificate_untrusted",
+        ),
+        (update_request(CERTIFY, certificate(issuer=("CN=dev CA", ROGUE_KEY))), "certificate_untrusted"),
+        (
+            update_request(
+                CERTIFY,
+                certificate(issuer=("CN=issuing CA", INTERMEDIATE_KEY)),
+                chain=(_ca("CN=issuing CA", INTERMEDIATE_KEY, ("CN=dev CA", OTHER_KEY), ca=False),),
+            ),
+            "certificate_untrusted",  # a chain certificate that is no CA
+        ),
+        (
+            update_request(
+                CERTIFY,
+                certificate(issuer=("CN=issuing CA", INTERMEDIATE_KEY)),
+                chain=(
+                    _ca("CN=issuing CA", INTERMEDIATE_KEY, ("CN=dev CA", OTHER_KEY), not_after=NOW - DAY),
+                ),
+            ),
+            "certificate_expired",  # an expired intermediate
+        ),
+        (
+            update_request(CERTIFY, certificate(not_after=NOW - DAY, not_before=NOW - 2 * DAY)),
+            "certificate_expired",
+        ),
+        (
+            update_request(CERTIFY, certificate(not_before=NOW + DAY, not_after=NOW + 2 * DAY)),
+            "certificate_not_yet_valid",
+        ),
+        (update_request(CERTIFY, certificate(usage=None)), "certificate_usage_invalid"),
+        (
+            update_request(
+                CERTIFY,
+                certificate(
+                    usage=x509.KeyUsage(False, False, True, False, False, False, False, False, False)
+                ),
+            ),
+            "certificate_usage_invalid",  # keyEncipherment only
+        ),
+        (update_request(CERTIFY, certificate(), chain=()), "ok"),
+    ],
+)
+def test_a_certificate_must_chain_to_a_trust_anchor_be_valid_and_allow_signing(
+    request_: KeyPairUpdateRequest, expected: str
+) -> None:
+    assert refusal(lifecycle.updated, key_pair("assigned"), request_, "ssa-1", ANCHORS, NOW) == expected
+
+
+def test_no_trust_anchor_no_certification() -> None:
+    assert refusal(
+        lifecycle.updated, key_pair("assigned"), update_request(CERTIFY, certificate()), "ssa-1", (), NOW
+    ) == ("certificate_untrusted")
+
+
+@pytest.mark.parametrize(
+    ("moment", "expected"),
+    [(NOW, "ok"), (NOW + 2 * DAY, "certificate_expired"), (NOW - 2 * DAY, "certificate_not_yet_valid")],
+)
+def test_a_key_pair_signs_only_while_its_certificate_is_valid(
+    moment: datetime.datetime, expected: str
+) -> None:
+    assert refusal(lifecycle.plan_signing, key_pair("enabled"), sign_request(), "ssa-1", moment) == expected

@@ -106,8 +106,11 @@ class DevPki:
         _write(folder / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
         return folder
 
-    def issue_from_request(self, request_der: bytes, days: int = 365) -> bytes:
-        """Act as the dev CA: check a PKCS#10 request's signature and certify it (DER)."""
+    def issue_from_request(
+        self, request_der: bytes, days: int = 365, *, valid_for: datetime.timedelta | None = None
+    ) -> bytes:
+        """Act as the dev CA: check a PKCS#10 request's signature and certify it (DER), for
+        ``days`` or exactly ``valid_for`` from now."""
         request = x509.load_der_x509_csr(request_der)
         if not request.is_signature_valid:
             raise ValueError("the certification request's signature does not verify")
@@ -122,7 +125,7 @@ class DevPki:
             .public_key(request.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_after(now + (valid_for if valid_for is not None else datetime.timedelta(days=days)))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(True, True, False, False, False, False, False, False, False), critical=True

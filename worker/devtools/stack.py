@@ -448,6 +448,8 @@ class Stack:
                 {"id": "ssa-1", "public_key": pub("ssa-1"), "allowed_authorization_servers": ["dev-as"]},
                 {"id": "ssa-2", "public_key": pub("ssa-2"), "allowed_authorization_servers": ["other-as"]},
             ],
+            # the dev CA certifies key pairs here; a TSP names its qualified CAs
+            "trust_anchors": [pki.ca_file.read_text()],
         }
         self.path("config", "dynamic_config.json").write_text(json.dumps(dynamic, indent=2))
         worker = pki.root / WORKER_USER

@@ -9,9 +9,12 @@ prescribes (asn1crypto), not byte for byte. The builders at the end are for the 
 
 from __future__ import annotations
 
+import datetime
+
 from asn1crypto import algos, csr, keys
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from worker.errors import ErrorCode, SamError
 
@@ -20,7 +23,10 @@ __all__ = [
     "build_certification_request_info",
     "canonical_subject",
     "check_certificate",
+    "check_certificate_policy",
+    "check_certificate_validity",
     "check_certification_request_info",
+    "load_trust_anchors",
 ]
 
 
@@ -89,6 +95,94 @@ def check_certificate(der: bytes, public_key_der: bytes, subject: str) -> None:
         raise SamError(ErrorCode.certificate_key_mismatch)
     if certificate_subject != _name(subject):
         raise SamError(ErrorCode.certificate_subject_mismatch)
+
+
+# --- the certificate policy: trust anchors, validity, key usage ---------------------------
+
+
+def load_trust_anchors(pems: list[str]) -> tuple[x509.Certificate, ...]:
+    """PEM CA certificates as trust anchors; ``configuration_invalid`` if one does not
+    parse or is not a CA."""
+    anchors = []
+    for pem in pems:
+        try:
+            anchor = x509.load_pem_x509_certificate(pem.encode())
+            constraints = anchor.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except (ValueError, x509.ExtensionNotFound) as exc:
+            raise SamError(
+                ErrorCode.configuration_invalid,
+                f"a trust anchor is not a CA certificate ({type(exc).__name__})",
+            ) from exc
+        if not constraints.ca:
+            raise SamError(ErrorCode.configuration_invalid, "a trust anchor is not a CA certificate")
+        anchors.append(anchor)
+    return tuple(anchors)
+
+
+def check_certificate_validity(certificate: x509.Certificate, now: datetime.datetime) -> None:
+    """Refused as ``certificate_not_yet_valid`` / ``certificate_expired`` outside its
+    validity period."""
+    if now < certificate.not_valid_before_utc:
+        raise SamError(ErrorCode.certificate_not_yet_valid)
+    if now > certificate.not_valid_after_utc:
+        raise SamError(ErrorCode.certificate_expired)
+
+
+def _signs(issuer: x509.Certificate, certificate: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def check_certificate_policy(
+    der: bytes,
+    chain: list[bytes],
+    anchors: tuple[x509.Certificate, ...],
+    now: datetime.datetime,
+) -> None:
+    """Accept a certificate for a key pair only if it chains, through the CA certificates
+    of ``chain`` (any order), to one of ``anchors``; if it and every certificate on the
+    way is valid ``now``; and if it allows signing (key usage digitalSignature or
+    nonRepudiation). Refused as ``certificate_invalid``, ``certificate_untrusted``,
+    ``certificate_expired``, ``certificate_not_yet_valid`` or ``certificate_usage_invalid``.
+    Revocation is the CA's and the SSA's to act on (see SECURITY.md)."""
+    try:
+        leaf = x509.load_der_x509_certificate(der)
+        intermediates = [x509.load_der_x509_certificate(item) for item in chain]
+    except ValueError as exc:
+        raise SamError(
+            ErrorCode.certificate_invalid, f"not a DER X.509 certificate ({type(exc).__name__})"
+        ) from exc
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise SamError(ErrorCode.certificate_usage_invalid, "the certificate has no key usage") from None
+    if not (usage.digital_signature or usage.content_commitment):
+        raise SamError(ErrorCode.certificate_usage_invalid)
+    path, current = [leaf], leaf
+    for _ in range(len(intermediates) + 1):
+        anchor = next((a for a in anchors if _signs(a, current)), None)
+        if anchor is not None:
+            path.append(anchor)
+            break
+        issuer = next((c for c in intermediates if c not in path and _is_ca(c) and _signs(c, current)), None)
+        if issuer is None:
+            raise SamError(ErrorCode.certificate_untrusted)
+        path.append(issuer)
+        current = issuer
+    else:
+        raise SamError(ErrorCode.certificate_untrusted)
+    for certificate in path:
+        check_certificate_validity(certificate, now)
 
 
 # --- the SSA side ----------------------------------------------------------------------

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.domain.certification import load_trust_anchors
 from worker.domain.contract import DynamicConfiguration, Identifier, Pem
 from worker.domain.keys import RegisteredKey, load_public_key
 from worker.errors import ErrorCode, SamError
@@ -75,6 +77,7 @@ class StaticConfiguration(BaseModel):
 class _Ssa:
     key: RegisteredKey
     allowed_authorization_servers: frozenset[str]
+    trust_anchors: tuple[x509.Certificate, ...] = ()  # the global ones and its own
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ def parse_dynamic(config: DynamicConfiguration) -> DynamicState:
         if server.id in servers:
             raise SamError(ErrorCode.configuration_invalid, f"authorization server {server.id!r} twice")
         servers[server.id] = _key(server.public_key, f"authorization server {server.id!r}")
+    shared_anchors = load_trust_anchors(config.trust_anchors)
     ssas: dict[str, _Ssa] = {}
     for user in config.signing_service_privileged_users:
         if user.id in ssas:
@@ -115,7 +119,9 @@ def parse_dynamic(config: DynamicConfiguration) -> DynamicState:
                 f"SSA {user.id!r} allows unknown authorization servers {sorted(unknown)}",
             )
         ssas[user.id] = _Ssa(
-            _key(user.public_key, f"SSA {user.id!r}"), frozenset(user.allowed_authorization_servers)
+            _key(user.public_key, f"SSA {user.id!r}"),
+            frozenset(user.allowed_authorization_servers),
+            shared_anchors + load_trust_anchors(user.trust_anchors),
         )
     return DynamicState(config, servers, ssas)
 

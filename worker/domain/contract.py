@@ -142,6 +142,11 @@ class SigningServicePrivilegedUser(_Strict):
     id: Identifier = Field(description="The certificate CN the SSA connects with (= AMQP user_id)")
     public_key: Pem = Field(description="PEM SubjectPublicKeyInfo of the key that signs request JWS")
     allowed_authorization_servers: list[Identifier] = Field(max_length=64)
+    trust_anchors: list[Pem] = Field(
+        default_factory=list,
+        max_length=64,
+        description="PEM CA certificates this SSA's certificates may chain to, besides the global ones",
+    )
 
 
 class DynamicConfiguration(_Strict):
@@ -152,6 +157,11 @@ class DynamicConfiguration(_Strict):
     version: JsonInteger = Field(ge=1, le=2**53)
     authorization_servers: list[AuthorizationServer] = Field(max_length=256)
     signing_service_privileged_users: list[SigningServicePrivilegedUser] = Field(max_length=1024)
+    trust_anchors: list[Pem] = Field(
+        default_factory=list,
+        max_length=64,
+        description="PEM CA certificates every SSA's key pair certificates may chain to",
+    )
 
 
 # --- key pairs -------------------------------------------------------------------------
@@ -260,6 +270,11 @@ class KeyPairUpdateRequest(_Strict):
     certificate: Annotated[str, StringConstraints(min_length=1, max_length=65536)] | None = Field(
         default=None,
         description="canonical base64 (RFC 4648 §4, padded) DER X.509 certificate; required to certify",
+    )
+    certificate_chain: list[Annotated[str, StringConstraints(min_length=1, max_length=65536)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="canonical base64 DER CA certificates between the certificate and a trust anchor",
     )
 
 

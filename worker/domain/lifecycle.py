@@ -24,10 +24,14 @@ disabled → signing, only certified and enabled, only what the signer's SAD aut
 from __future__ import annotations
 
 import base64
+import datetime
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from cryptography import x509
 
 from worker.domain.algorithms import SignatureScheme, signature_scheme
 from worker.domain.authorization import (
@@ -35,7 +39,13 @@ from worker.domain.authorization import (
     SKAD_TYPE_ASSIGNMENT,
     SadExpectation,
 )
-from worker.domain.certification import canonical_subject, check_certificate, check_certification_request_info
+from worker.domain.certification import (
+    canonical_subject,
+    check_certificate,
+    check_certificate_policy,
+    check_certificate_validity,
+    check_certification_request_info,
+)
 from worker.domain.configuration import SadPolicy
 from worker.domain.contract import (
     AssignRequest,
@@ -209,10 +219,17 @@ def plan_proof_of_possession(
 # --- update -----------------------------------------------------------------------------
 
 
-def updated(key_pair: SealedKeyPair, request: KeyPairUpdateRequest, ssa: str) -> SealedKeyPair:
+def updated(
+    key_pair: SealedKeyPair,
+    request: KeyPairUpdateRequest,
+    ssa: str,
+    anchors: tuple[x509.Certificate, ...],
+    now: datetime.datetime,
+) -> SealedKeyPair:
     """The next revision with the requested status (and certificate). Only the owner's
     key pair of this signer; never unassigned or un-certified; a certificate comes with
-    ``certified: true`` and must be for the key pair's own key and subject."""
+    ``certified: true``, must be for the key pair's own key and subject, chain to one of
+    the owner's trust ``anchors``, be valid ``now`` and allow signing."""
     owned_by(key_pair, ssa)
     signer_of(key_pair, request.signer.id)
     wanted = request.status
@@ -225,6 +242,11 @@ def updated(key_pair: SealedKeyPair, request: KeyPairUpdateRequest, ssa: str) ->
         der = decode_base64(request.certificate, ErrorCode.certificate_invalid, "certificate")
         assert key_pair.subject is not None  # assigned, so it has one
         check_certificate(der, key_pair.public_key_der, key_pair.subject)
+        chain = [
+            decode_base64(c, ErrorCode.certificate_invalid, "certificate_chain")
+            for c in request.certificate_chain
+        ]
+        check_certificate_policy(der, chain, anchors, now)
         certificate = base64.b64encode(der).decode()
     elif wanted.certified and certificate is None:
         raise SamError(ErrorCode.certificate_required)
@@ -333,22 +355,32 @@ class Signing:
         return [hashlib.sha256(d).hexdigest() for d in self.digests]
 
 
+@functools.lru_cache(maxsize=1024)
+def _certificate(base64_der: str) -> x509.Certificate:
+    """A key pair's certificate (from inside its seal), parsed once per process."""
+    return x509.load_der_x509_certificate(base64.b64decode(base64_der))
+
+
 def check_digest_count(request: SignaturesCreateRequest, limit: int) -> None:
     """At most ``limit`` DTBS/R per request: one request holds the HSM lane only so long."""
     if len(request.requests) > limit:
         raise SamError(ErrorCode.too_many_digests, f"at most {limit} DTBS/R per request")
 
 
-def plan_signing(key_pair: SealedKeyPair, request: SignaturesCreateRequest, ssa: str) -> Signing:
-    """Only the owner's key pair of this signer, certified and enabled, activated by a
-    SAD from the signer's AS; every DTBS/R of one request under one signature
-    algorithm, each as long as its hash."""
+def plan_signing(
+    key_pair: SealedKeyPair, request: SignaturesCreateRequest, ssa: str, now: datetime.datetime
+) -> Signing:
+    """Only the owner's key pair of this signer, certified and enabled, with a
+    certificate valid ``now``, activated by a SAD from the signer's AS; every DTBS/R of
+    one request under one signature algorithm, each as long as its hash."""
     owned_by(key_pair, ssa)
     signer = signer_of(key_pair, request.signer.id)
     if not key_pair.status.certified:
         raise SamError(ErrorCode.key_pair_not_certified)
     if not key_pair.status.enabled:
         raise SamError(ErrorCode.key_pair_disabled)
+    if key_pair.certificate is not None:  # an expired credential signs nothing
+        check_certificate_validity(_certificate(key_pair.certificate), now)
     scheme = signature_scheme(
         request.signature_algorithm, key_pair.algorithm, request.signature_algorithm_parameters
     )
