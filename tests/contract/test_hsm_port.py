@@ -27,11 +27,9 @@ from worker.domain.algorithms import (
 )
 from worker.errors import SamError
 from worker.fakes import SoftwareHsm
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
 from worker.ports import Hsm, WrappedKey
-from worker.settings import load_infrastructure, read_secret
+from worker.settings import load_infrastructure
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "SHA-256": hashes.SHA256,
     "SHA-384": hashes.SHA384,
@@ -55,22 +53,11 @@ def _software() -> Subject:
 
 def _pkcs11(stack: Stack) -> Iterator[Subject]:
     infrastructure = load_infrastructure(stack.infrastructure_file)
-    pin = read_secret(stack.path("secrets", "token-pin"))
-    lost: list[bool] = []
-    hsm = Pkcs11Hsm(
-        lambda: open_session(MODULE, infrastructure.token_label, pin),
-        lambda: lost.append(True),
-        infrastructure.kek_label,
-        infrastructure.state_key.label,
-        infrastructure.audit_key.label,
-        infrastructure.factor_key_label,
-        infrastructure.wrap_mechanism,
-    )
+    hsm = stack.hsm()
     try:
         yield Subject(hsm, infrastructure.state_key.public_key, infrastructure.audit_key.public_key)
     finally:
         hsm.close()
-    assert lost == []
 
 
 @pytest.fixture(scope="module", params=["software", pytest.param("pkcs11", marks=pytest.mark.integration)])

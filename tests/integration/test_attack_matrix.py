@@ -217,6 +217,26 @@ def _million_digests() -> bytes:
     )
 
 
+def _sad_with_sub_twice(t: Target) -> str:
+    """A SAD whose payload names ``sub`` twice: a lenient parser takes the last one."""
+    payload = orjson.dumps(t.claims()).replace(b'"sub":"victim"', b'"sub":"mallory","sub":"victim"')
+    key = ECKey.import_key((t.harness.stack.pki.root / "dev-as" / "jws-key.pem").read_text())
+    return jws.serialize_compact({"alg": "ES256", "kid": "dev-as"}, payload, key)
+
+
+def _digest_with_foreign_characters(t: Target) -> str:
+    spelled = b64url(DIGEST)
+    claims = t.claims()
+    claims["authorization_details"][0]["documentDigests"] = [{"hash": spelled[:7] + "!" + spelled[7:]}]
+    return t.harness.dev_as.sign_claims(claims)
+
+
+async def _with_headers(t: Target, headers: dict[str, Any]) -> RawReply:
+    reply = await t.ssa.send("signatures.create", t.body(), headers=headers)
+    assert reply is not None
+    return reply
+
+
 ROWS: list[tuple[str, str, Callable[[Target], Awaitable[RawReply]]]] = [
     (
         "admin operation from an SSA",
@@ -260,6 +280,26 @@ ROWS: list[tuple[str, str, Callable[[Target], Awaitable[RawReply]]]] = [
         "malformed_message",
         lambda t: _raw(t, b'{"key_template": {"algorithm": "RSA", "size": 2048}, "key_template": {}}'),
     ),
+    # strict parsing
+    ("SAD naming sub twice", "sad_invalid", lambda t: t.sign(_sad_with_sub_twice(t))),
+    (
+        "SAD with exp as a string",
+        "sad_invalid",
+        lambda t: t.sign(t.harness.dev_as.sign_claims(t.claims(exp=str(int(time.time()) + 60)))),
+    ),
+    (
+        "SAD digest with characters outside base64url",
+        "sad_digest_mismatch",
+        lambda t: t.sign(_digest_with_foreign_characters(t)),
+    ),
+    (
+        "key size as a string",
+        "schema_violation",
+        lambda t: _raw(t, b'{"key_template": {"algorithm": "RSA", "size": "2048"}}'),
+    ),
+    # the envelope
+    ("a SAD header that is a number", "invalid_properties", lambda t: _with_headers(t, {"sam-sad": 12})),
+    ("a 250-byte operation name", "unknown_operation", lambda t: _raw(t, b"{}", "k" * 250)),
 ]
 
 

@@ -327,7 +327,7 @@ async def test_siem_tail_verifies_what_it_prints(harness: Harness, signing: Sign
         "--infrastructure",
         str(harness.stack.infrastructure_file),
         "--idle-timeout",
-        "3",
+        "8",  # the first entry comes after the tail's own start-up and the first signature
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -18,8 +18,7 @@ from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import SamClient, SamRequestError
 from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
-from worker.settings import load_infrastructure, read_secret
+from worker.settings import load_infrastructure
 
 pytestmark = pytest.mark.integration
 
@@ -138,17 +137,8 @@ async def test_only_an_administrator_moves_a_key_pair_and_it_keeps_its_signers_a
 
 def _legacy_copy(harness: Harness, key_pair: dict[str, Any]) -> dict[str, Any]:
     """The same key pair sealed as the previous version did: no owner, no AS."""
-    stack = harness.stack
-    infrastructure = load_infrastructure(stack.infrastructure_file)
-    pin = read_secret(stack.path("secrets", "token-pin"))
-    hsm = Pkcs11Hsm(
-        lambda: open_session("/usr/lib/softhsm/libsofthsm2.so", infrastructure.token_label, pin),
-        lambda: None,
-        infrastructure.kek_label,
-        infrastructure.state_key.label,
-        infrastructure.audit_key.label,
-        infrastructure.factor_key_label,
-    )
+    infrastructure = load_infrastructure(harness.stack.infrastructure_file)
+    hsm = harness.stack.hsm()
     try:
         sealer = KeyPairSealer(
             harness.sam_id,

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from worker.devtools.pki import DevPki
+from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
+from worker.settings import load_infrastructure, read_secret
 from worker.transport.topology import VHOST, definitions
 
 __all__ = [
@@ -488,6 +490,20 @@ class Stack:
             )
 
     # --- workers ----------------------------------------------------------------------
+
+    def hsm(self) -> Pkcs11Hsm:
+        """The SAM's HSM adapter on this stack's token, in this process (tests; close it)."""
+        infrastructure = load_infrastructure(self.infrastructure_file)
+        pin = read_secret(self.path("secrets", "token-pin"))
+        return Pkcs11Hsm(
+            lambda: open_session(SOFTHSM_MODULE, infrastructure.token_label, pin),
+            lambda: None,
+            infrastructure.kek_label,
+            infrastructure.state_key.label,
+            infrastructure.audit_key.label,
+            infrastructure.factor_key_label,
+            infrastructure.wrap_mechanism,
+        )
 
     def worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
