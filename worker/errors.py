@@ -50,6 +50,9 @@ class ErrorCode(Enum):
     request_signature_missing = _Code(401, "The request carries no sam-request-jws header.")
     request_signature_invalid = _Code(401, "The request JWS does not verify or does not bind this message.")
     # 403 — known, but not allowed
+    wrong_queue = _Code(
+        400, "The operation was published to another queue class than its own (see operations.json)."
+    )
     reply_to_not_permitted = _Code(
         403, "reply_to is not the caller's own reply queue (<user_id>.replies.…): no reply is sent."
     )

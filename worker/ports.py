@@ -40,7 +40,9 @@ class IncomingRequest:
     codec decoded it — of any type, any length, any charset. Nothing in it is trusted:
     the service's envelope gate (``worker.domain.envelope``) checks each field before
     anything else reads it. ``undecodable`` names the properties and headers, read by
-    the SAM or not, that were not valid UTF-8 on the wire."""
+    the SAM or not, that were not valid UTF-8 on the wire; ``returned`` says it is a reply
+    of the SAM or a dead-lettered message that came back into a request queue (through
+    a reply queue's dead-letter exchange, say), which is no request."""
 
     operation: object
     message_id: object
@@ -52,6 +54,8 @@ class IncomingRequest:
     sad: object
     content_type: object = None
     undecodable: tuple[str, ...] = ()
+    queue: str | None = None  # the queue class it was consumed from (None: not from a queue)
+    returned: bool = False  # it carries a SAM reply's status or a dead-letter history
 
 
 @dataclass(frozen=True)

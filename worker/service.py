@@ -227,6 +227,8 @@ class SamService:
             request_jws=request.request_jws,
             sad=request.sad,
             undecodable=request.undecodable,
+            queue=request.queue,
+            returned=request.returned,
         )
         trace = _Trace(
             operation=str(envelope.operation or "unknown"),

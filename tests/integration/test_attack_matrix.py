@@ -237,6 +237,14 @@ async def _with_headers(t: Target, headers: dict[str, Any]) -> RawReply:
     return reply
 
 
+async def _on_queue(t: Target, routing_key: str) -> RawReply:
+    """Key generation smuggled past the queue classes that keep it away from signing."""
+    body = b'{"key_template": {"algorithm": "RSA", "size": 4096}}'
+    reply = await t.ssa.send("key_pairs.create", body, routing_key=routing_key)
+    assert reply is not None
+    return reply
+
+
 ROWS: list[tuple[str, str, Callable[[Target], Awaitable[RawReply]]]] = [
     (
         "admin operation from an SSA",
@@ -300,6 +308,8 @@ ROWS: list[tuple[str, str, Callable[[Target], Awaitable[RawReply]]]] = [
     # the envelope
     ("a SAD header that is a number", "invalid_properties", lambda t: _with_headers(t, {"sam-sad": 12})),
     ("a 250-byte operation name", "unknown_operation", lambda t: _raw(t, b"{}", "k" * 250)),
+    ("key generation sent to the signature queue", "wrong_queue", lambda t: _on_queue(t, "signatures")),
+    ("key generation sent to the admin queue", "wrong_queue", lambda t: _on_queue(t, "admin")),
 ]
 
 

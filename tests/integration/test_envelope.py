@@ -201,7 +201,7 @@ async def test_replies_go_only_to_the_callers_own_queue(harness: Harness, stack:
     """reply_to naming another SSA's reply queue, a SAM stream or a request queue gets no
     reply there (nor anywhere), and one audit record of the refusal."""
     before = len(_records(harness, "reply_to_not_permitted"))
-    key_events_before = _stream_length(harness, "sam.key-events")
+    key_events_before = await _settled_stream_length(harness, "sam.key-events")
     async with harness.client("admin-1") as admin, Sender(harness) as sender:
         # a queue of another user that exists and that we can watch
         victim = f"admin-1.replies.watch-{uuid.uuid4()}"
@@ -222,13 +222,26 @@ async def test_replies_go_only_to_the_callers_own_queue(harness: Harness, stack:
         assert watched.declaration_result.message_count == 0
         assert await watched.get(no_ack=True, fail=False) is None
         assert not sender.replies and not sender.uncorrelated
-    assert _stream_length(harness, "sam.key-events") == key_events_before
+    assert await _settled_stream_length(harness, "sam.key-events") == key_events_before
     # and the SAM still answers its callers
     async with harness.client("ssa-1") as ssa:
         key_pair = await harness.certified_key_pair(ssa, "alice")
         digest = bytes(32)
         sad = harness.dev_as.issue_sad(harness.sam_id, "alice", key_pair["id"], [digest])
         assert len(await ssa.sign(key_pair, "alice", EC_SHA256, [digest], sad)) == 1
+
+
+async def _settled_stream_length(harness: Harness, name: str) -> int:
+    """The stream's message count once two reads a statistics interval apart agree
+    (RabbitMQ refreshes queue statistics every 5 s)."""
+    length = _stream_length(harness, name)
+    for _ in range(6):
+        await asyncio.sleep(5.5)
+        again = _stream_length(harness, name)
+        if again == length:
+            return length
+        length = again
+    return length
 
 
 def _stream_length(harness: Harness, name: str) -> int:
@@ -240,3 +253,27 @@ def _stream_length(harness: Harness, name: str) -> int:
         if queue == name:
             return int(messages)
     raise AssertionError(f"no queue {name}")
+
+
+async def test_a_reply_bounced_into_a_request_queue_is_no_request(harness: Harness) -> None:
+    """An SSA may declare its reply queue with a dead-letter exchange of its choosing: the
+    SAM's reply then expires there and comes back into sam.keys. It is refused as no
+    request, answered nowhere, and the original request's reply stays the only answer."""
+    before = len(_records(harness, "invalid_properties"))
+    async with Sender(harness) as sender:
+        bouncer = f"ssa-1.replies.bounce-{uuid.uuid4()}"
+        arguments: dict[str, Any] = {
+            "x-dead-letter-exchange": "sam.requests",
+            "x-dead-letter-routing-key": "keys",
+            "x-message-ttl": 0,
+        }
+        await sender.channel.declare_queue(bouncer, exclusive=True, arguments=arguments)
+        message_id, _ = await sender.send(reply_to=bouncer)
+        records = await _settled(harness, "invalid_properties", before + 1)
+        bounced = [r for r in records[before:] if "no request" in (r["detail"] or "")]
+        assert len(bounced) == 1, records[before:]
+        assert bounced[0]["actor"] is None
+        assert harness.audit_record(message_id)["status"] == 201  # the request itself: one record
+        assert not sender.replies and not sender.uncorrelated
+    depths = harness.queue_depths()
+    assert depths["sam.keys"] == (0, 0)

@@ -96,6 +96,21 @@ def test_each_hostile_field_gets_its_refusal(changes: dict[str, Any], expected: 
     assert _code(**changes) == expected
 
 
+@pytest.mark.parametrize(
+    ("queue", "expected"),
+    [(None, "ok"), ("signatures", "ok"), ("keys", "wrong_queue"), ("admin", "wrong_queue")],
+)
+def test_an_operation_is_served_only_from_its_own_queue(queue: str | None, expected: str) -> None:
+    refusal = check_envelope(**VALID, queue=queue).refusal
+    assert (refusal.code.name if refusal else "ok") == expected
+
+
+def test_a_reply_or_dead_letter_back_in_a_request_queue_is_refused_and_never_answered() -> None:
+    envelope = check_envelope(**VALID, returned=True)
+    assert envelope.refusal is not None and envelope.refusal.code is ErrorCode.invalid_properties
+    assert envelope.reply_to is None
+
+
 def test_a_reply_goes_only_to_the_callers_own_queue() -> None:
     assert check_envelope(**VALID).reply_to == VALID["reply_to"]
     for elsewhere in ("ssa-2.replies.x", "sam.key-events", "sam.requests", ""):

@@ -93,7 +93,8 @@ def fill_filesystem(filler: Path) -> None:
 
 def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path | None) -> str:
     """The security core of every node's rabbitmq.conf: TLS only (1.2+), peer certificates
-    required, EXTERNAL authentication by certificate CN, topology and users from definitions."""
+    required, EXTERNAL authentication by certificate CN, a bounded message size, topology
+    and users from definitions."""
     return "\n".join(
         [
             "listeners.tcp = none",
@@ -107,6 +108,10 @@ def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file
             "ssl_options.versions.2 = tlsv1.2",
             "auth_mechanisms.1 = EXTERNAL",
             "ssl_cert_login_from = common_name",
+            # RabbitMQ accepts 128 MiB by default: a worker holding its prefetch of such
+            # messages (refused unread as message_too_large) would need gigabytes. A request
+            # is at most 256 KiB of body; audit and ledger batches stay far below 16 MiB.
+            "max_message_size = 16777216",
             *([f"load_definitions = {definitions_file}"] if definitions_file else []),
             "",
         ]

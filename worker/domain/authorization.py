@@ -25,6 +25,7 @@ from worker.domain.wire import decode_base64_or_base64url, json_object
 from worker.errors import ErrorCode, SamError
 
 __all__ = [
+    "JOSE_FAILURES",
     "SAD_TYPE_DELETION",
     "SAD_TYPE_SIGNATURE",
     "SKAD_TYPE_ASSIGNMENT",
@@ -36,6 +37,10 @@ __all__ = [
     "verify_request_jws",
     "verify_sad",
 ]
+
+# What joserfc raises for tokens it cannot read: besides its own errors, a header whose
+# values have the wrong JSON type (``"crit": [1]``) surfaces as TypeError or KeyError.
+JOSE_FAILURES: tuple[type[Exception], ...] = (JoseError, ValueError, TypeError, KeyError, AttributeError)
 
 SAD_TYPE_SIGNATURE = "credential"
 SKAD_TYPE_ASSIGNMENT = "sam_key_assignment"
@@ -87,7 +92,7 @@ def verify_request_jws(
         raise SamError(ErrorCode.request_signature_missing)
     try:
         verified = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms)
-    except (JoseError, ValueError) as exc:
+    except JOSE_FAILURES as exc:
         raise SamError(
             ErrorCode.request_signature_invalid, f"request JWS rejected ({type(exc).__name__})"
         ) from exc
@@ -194,7 +199,7 @@ def _verified_claims(token: str, state: DynamicState, ssa_id: str, bound: str | 
     the key pair's signer is ``bound`` to one, by that one."""
     try:
         header = jws.extract_compact(token.encode()).headers()
-    except (JoseError, ValueError) as exc:
+    except JOSE_FAILURES as exc:
         raise SamError(ErrorCode.sad_invalid, f"SAD is not a compact JWS ({type(exc).__name__})") from exc
     issuer = header.get("kid")
     if not isinstance(issuer, str) or issuer not in state.authorization_servers:
@@ -210,7 +215,7 @@ def _verified_claims(token: str, state: DynamicState, ssa_id: str, bound: str | 
         raise SamError(ErrorCode.sad_invalid, f"SAD alg {alg!r} is not allowed for {issuer}")
     try:
         payload = jws.deserialize_compact(token, key.jwk, algorithms=key.algorithms).payload
-    except JoseError as exc:
+    except JOSE_FAILURES as exc:
         raise SamError(
             ErrorCode.sad_signature_invalid, f"SAD signature rejected ({type(exc).__name__})"
         ) from exc

@@ -14,7 +14,7 @@ import datetime
 from asn1crypto import algos, csr, keys
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from worker.errors import ErrorCode, SamError
 
@@ -30,19 +30,41 @@ __all__ = [
 ]
 
 
+# What asn1crypto and cryptography raise for names and certificates they cannot read or
+# compare (RFC 5280 string preparation refuses unassigned code points and bad bidi text).
+_PARSE_FAILURES: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, x509.InvalidVersion)
+_EXTENSION_FAILURES: tuple[type[Exception], ...] = (*_PARSE_FAILURES, x509.ExtensionNotFound)
+_SIGNATURE_FAILURES: tuple[type[Exception], ...] = (*_PARSE_FAILURES, InvalidSignature, UnsupportedAlgorithm)
+
+
 def _name(subject: str) -> asn1_x509.Name:
     return asn1_x509.Name.load(x509.Name.from_rfc4514_string(subject).public_bytes())
 
 
+def _same_name(name: asn1_x509.Name, subject: str) -> bool | None:
+    """Whether ``name`` is ``subject`` under RFC 5280 comparison; ``None`` if either
+    cannot be prepared for comparison."""
+    try:
+        return bool(name == _name(subject))
+    except _PARSE_FAILURES:
+        return None
+
+
 def canonical_subject(subject: str) -> str:
-    """The subject as RFC 4514 text in one canonical spelling; refused if it does not parse."""
+    """The subject as RFC 4514 text in one canonical spelling; refused if it does not parse
+    or could never be compared with a certificate's (RFC 5280 string preparation)."""
     try:
         name = x509.Name.from_rfc4514_string(subject)
     except ValueError as exc:
         raise SamError(ErrorCode.invalid_subject, "subject is not an RFC 4514 distinguished name") from exc
     if not len(name):
         raise SamError(ErrorCode.invalid_subject, "subject is empty")
-    return name.rfc4514_string()
+    canonical = name.rfc4514_string()
+    try:
+        _name(canonical).hashable  # noqa: B018 — prepares every value, as a comparison would
+    except _PARSE_FAILURES as exc:
+        raise SamError(ErrorCode.invalid_subject, "subject holds text RFC 5280 cannot compare") from exc
+    return canonical
 
 
 def check_certification_request_info(der: bytes, public_key_der: bytes, subject: str) -> None:
@@ -63,7 +85,7 @@ def check_certification_request_info(der: bytes, public_key_der: bytes, subject:
         version = info["version"].native
         request_key = info["subject_pk_info"].dump()
         request_subject = info["subject"]
-    except (ValueError, TypeError, KeyError) as exc:
+    except _PARSE_FAILURES as exc:
         raise SamError(
             ErrorCode.pop_not_a_certification_request,
             f"not a DER CertificationRequestInfo ({type(exc).__name__})",
@@ -74,7 +96,10 @@ def check_certification_request_info(der: bytes, public_key_der: bytes, subject:
         )
     if request_key != public_key_der:
         raise SamError(ErrorCode.pop_public_key_mismatch)
-    if request_subject != _name(subject):
+    same = _same_name(request_subject, subject)
+    if same is None:
+        raise SamError(ErrorCode.pop_not_a_certification_request, "its subject cannot be compared")
+    if not same:
         raise SamError(ErrorCode.pop_subject_mismatch)
 
 
@@ -87,13 +112,16 @@ def check_certificate(der: bytes, public_key_der: bytes, subject: str) -> None:
         certificate_key = certificate.public_key.dump()
         certificate_subject = certificate.subject
         x509.load_der_x509_certificate(der)  # the strict parser a relying party will use
-    except (ValueError, TypeError, KeyError) as exc:
+    except _PARSE_FAILURES as exc:
         raise SamError(
             ErrorCode.certificate_invalid, f"not a DER X.509 certificate ({type(exc).__name__})"
         ) from exc
     if certificate_key != public_key_der:
         raise SamError(ErrorCode.certificate_key_mismatch)
-    if certificate_subject != _name(subject):
+    same = _same_name(certificate_subject, subject)
+    if same is None:
+        raise SamError(ErrorCode.certificate_invalid, "its subject cannot be compared")
+    if not same:
         raise SamError(ErrorCode.certificate_subject_mismatch)
 
 
@@ -108,7 +136,7 @@ def load_trust_anchors(pems: list[str]) -> tuple[x509.Certificate, ...]:
         try:
             anchor = x509.load_pem_x509_certificate(pem.encode())
             constraints = anchor.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except (ValueError, x509.ExtensionNotFound) as exc:
+        except _EXTENSION_FAILURES as exc:
             raise SamError(
                 ErrorCode.configuration_invalid,
                 f"a trust anchor is not a CA certificate ({type(exc).__name__})",
@@ -131,7 +159,7 @@ def check_certificate_validity(certificate: x509.Certificate, now: datetime.date
 def _signs(issuer: x509.Certificate, certificate: x509.Certificate) -> bool:
     try:
         certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    except _SIGNATURE_FAILURES:
         return False
     return True
 
@@ -139,7 +167,7 @@ def _signs(issuer: x509.Certificate, certificate: x509.Certificate) -> bool:
 def _is_ca(certificate: x509.Certificate) -> bool:
     try:
         return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except _EXTENSION_FAILURES:
         return False
 
 
@@ -158,14 +186,13 @@ def check_certificate_policy(
     try:
         leaf = x509.load_der_x509_certificate(der)
         intermediates = [x509.load_der_x509_certificate(item) for item in chain]
-    except ValueError as exc:
-        raise SamError(
-            ErrorCode.certificate_invalid, f"not a DER X.509 certificate ({type(exc).__name__})"
-        ) from exc
-    try:
         usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         raise SamError(ErrorCode.certificate_usage_invalid, "the certificate has no key usage") from None
+    except _PARSE_FAILURES as exc:
+        raise SamError(
+            ErrorCode.certificate_invalid, f"not a DER X.509 certificate ({type(exc).__name__})"
+        ) from exc
     if not (usage.digital_signature or usage.content_commitment):
         raise SamError(ErrorCode.certificate_usage_invalid)
     path, current = [leaf], leaf

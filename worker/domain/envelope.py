@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from worker.domain.contract import Operation
+from worker.domain.contract import OPERATION_QUEUE, Operation
 from worker.errors import ErrorCode, SamError
 
 __all__ = ["MAX_PROPERTY_CHARS", "MAX_TOKEN_CHARS", "Envelope", "check_envelope", "reply_queue_prefix"]
@@ -85,16 +85,21 @@ def check_envelope(
     request_jws: object,
     sad: object,
     undecodable: tuple[str, ...] = (),
+    queue: str | None = None,
+    returned: bool = False,
 ) -> Envelope:
     """Check each field for presence, type, length and charset; the first refusal, in
     this order: a field that was not UTF-8 anywhere in the message (``invalid_properties``),
     no ``user_id`` (``missing_user_id``), no ``reply_to`` / ``message_id`` /
     ``correlation_id`` (``missing_properties``), a ``reply_to`` that is not the caller's
     own reply queue (``reply_to_not_permitted``), any field malformed
-    (``invalid_properties``), an operation the SAM does not know (``unknown_operation``)."""
+    (``invalid_properties``), an operation the SAM does not know (``unknown_operation``),
+    an operation consumed from another ``queue`` class than its own (``wrong_queue``).
+    A ``returned`` message (a reply or a dead letter back in a request queue) is refused
+    before all that, and never answered."""
     user = _text(user_id, _USER_ID)
     own_queue = None
-    if user is not None and isinstance(reply_to, str):
+    if user is not None and isinstance(reply_to, str) and not returned:
         prefix = reply_queue_prefix(user)
         if reply_to.startswith(prefix) and _REPLY_SUFFIX.fullmatch(reply_to[len(prefix) :]):
             own_queue = reply_to
@@ -118,6 +123,12 @@ def check_envelope(
         "sad": sad,
     }
     refusal = _first_refusal(checked, raw, undecodable)
+    if returned:  # before anything else: such a message never gets a reply
+        refusal = SamError(ErrorCode.invalid_properties, "a reply or a dead-lettered message is no request")
+    elif refusal is None and queue is not None and checked.operation is not None:
+        home = OPERATION_QUEUE[checked.operation].value
+        if home != queue:
+            refusal = SamError(ErrorCode.wrong_queue, f"{checked.operation} goes to the {home} queue")
     return checked if refusal is None else _with_refusal(checked, refusal)
 
 

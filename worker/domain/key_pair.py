@@ -14,11 +14,10 @@ from collections.abc import Callable
 
 import orjson
 from joserfc import jws
-from joserfc.errors import JoseError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.domain.algorithms import CURVES, KeySpec, KeyType
-from worker.domain.authorization import b64url
+from worker.domain.authorization import JOSE_FAILURES, b64url
 from worker.domain.contract import KeyPairObject, KeyPairStatus, Signer
 from worker.domain.keys import RegisteredKey
 from worker.errors import ErrorCode, SamError
@@ -137,7 +136,7 @@ class KeyPairSealer:
     def _verify(self, sealed: str) -> SealedKeyPair:
         try:
             verified = jws.deserialize_compact(sealed, self._public_key.jwk, algorithms=["ES256"])
-        except (JoseError, ValueError) as exc:
+        except JOSE_FAILURES as exc:
             raise SamError(
                 ErrorCode.key_pair_invalid, f"key pair seal does not verify ({type(exc).__name__})"
             ) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -40,9 +41,10 @@ _STRING_PROPERTIES = (
 )
 
 
-def to_request(message: AbstractIncomingMessage) -> IncomingRequest:
-    """The delivery as the service's input, every value as decoded (the envelope gate
-    checks them), and the names of the properties and headers that were not UTF-8."""
+def to_request(message: AbstractIncomingMessage, queue: str | None = None) -> IncomingRequest:
+    """The delivery (from the ``queue`` class) as the service's input, every value as
+    decoded (the envelope gate checks them), and the names of the properties and headers
+    that were not UTF-8."""
     headers = message.headers or {}
     undecodable = [name for name in _STRING_PROPERTIES if undecodable_value(getattr(message, name, None))]
     if undecodable_value(headers):
@@ -58,6 +60,9 @@ def to_request(message: AbstractIncomingMessage) -> IncomingRequest:
         sad=headers.get(HEADER_SAD),
         content_type=message.content_type,
         undecodable=tuple(undecodable),
+        queue=queue,
+        # a SAM reply (it carries sam-status) or a dead letter (x-death) that came back
+        returned=HEADER_STATUS in headers or "x-death" in headers,
     )
 
 
@@ -86,7 +91,8 @@ class RequestConsumer:
         for queue_class in queues:
             queue = await self._consume_channel.get_queue(queue_class.queue_name, ensure=False)
             self._queues.append(queue)
-            self._tags.append((queue, await queue.consume(self._on_message)))
+            on_message = functools.partial(self._on_message, queue_class)
+            self._tags.append((queue, await queue.consume(on_message)))
 
     async def stop(self) -> None:
         """Stop taking deliveries; those in hand finish."""
@@ -97,12 +103,12 @@ class RequestConsumer:
         self._tags.clear()
         await self._idle.wait()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, queue_class: QueueClass, message: AbstractIncomingMessage) -> None:
         self.in_flight += 1
         self._idle.clear()
         try:
             try:
-                reply = await self._process(to_request(message))
+                reply = await self._process(to_request(message, queue_class.value))
             except Exception:
                 # the delivery tag is ours; the message id is the sender's, so never logged raw
                 log.exception("delivery %d could not be processed; dead-lettered", message.delivery_tag or 0)
