@@ -22,7 +22,7 @@ from joserfc import jws
 from joserfc.jwk import ECKey
 
 from tests.integration.conftest import EC_SHA256, Harness
-from worker.client import RawReply, SamClient
+from worker.client import RawReply, SamClient, SamTimeout
 from worker.devtools.pki import private_key_pem
 
 pytestmark = pytest.mark.integration
@@ -209,10 +209,10 @@ def _deep(depth: int) -> bytes:
     return b'{"key_template": ' + b"[" * depth + b"]" * depth + b"}"
 
 
-def _million_digests() -> bytes:
+def _many_digests(count: int) -> bytes:
     return (
         b'{"signature_algorithm": "1.2.840.10045.4.3.2", "requests": ['
-        + b",".join([b'{"dtbs": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}'] * 1_000_000)
+        + b",".join([b'{"dtbs": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}'] * count)
         + b"]}"
     )
 
@@ -278,9 +278,9 @@ ROWS: list[tuple[str, str, Callable[[Target], Awaitable[RawReply]]]] = [
     ("deeply nested JSON", "malformed_message", lambda t: _raw(t, _deep(100_000)[:200_000])),
     ("nested JSON under the size limit", "malformed_message", lambda t: _raw(t, _deep(20_000))),
     (
-        "a million digests in one request",
+        "a hundred thousand digests in one request",
         "message_too_large",
-        lambda t: _raw(t, _million_digests(), "signatures.create"),
+        lambda t: _raw(t, _many_digests(100_000), "signatures.create"),
     ),
     ("non-UTF-8 body", "malformed_message", lambda t: _raw(t, b'{"key_template": "\xff\xfe"}')),
     (
@@ -342,6 +342,15 @@ async def test_another_ssas_user_id_is_refused_by_the_broker(harness: Harness) -
             (aio_pika.exceptions.ChannelPreconditionFailed, aio_pika.exceptions.ChannelClosed)
         ):
             await ssa.send("key_pairs.create", b"{}", user_id="ssa-2", reply_timeout=5)
+
+
+async def test_a_message_over_the_brokers_size_limit_never_reaches_a_worker(harness: Harness) -> None:
+    """A million digests (48 MB) are over rabbitmq.conf's max_message_size (16 MiB): the
+    broker refuses the publish and closes the channel; no worker holds such a message."""
+    async with harness.client("ssa-1") as ssa:
+        # refused (the channel closes) or unanswered: never a reply from a worker
+        with pytest.raises((aio_pika.exceptions.AMQPError, ConnectionError, SamTimeout)):
+            await ssa.send("signatures.create", _many_digests(1_000_000), reply_timeout=10)
 
 
 async def test_another_ssas_reply_queue_cannot_be_read(harness: Harness) -> None:
