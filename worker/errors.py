@@ -135,6 +135,12 @@ class ErrorCode(Enum):
     # 5xx — the SAM cannot serve now; the caller may retry
     hsm_unavailable = _Code(503, "The HSM failed or is unreachable.")
     audit_unavailable = _Code(503, "The audit record could not be made durable in time; nothing was done.")
+    request_expired = _Code(
+        503, "The request expired in its queue (its expiration) before a worker took it; nothing was done."
+    )
+    request_undeliverable = _Code(
+        500, "No worker could finish the request up to the delivery limit; no result was released."
+    )
     ledger_unavailable = _Code(
         503, "The shared event log (config, key events, SAD use) did not answer in time."
     )

@@ -42,7 +42,9 @@ class IncomingRequest:
     anything else reads it. ``undecodable`` names the properties and headers, read by
     the SAM or not, that were not valid UTF-8 on the wire; ``returned`` says it is a reply
     of the SAM or a dead-lettered message that came back into a request queue (through
-    a reply queue's dead-letter exchange, say), which is no request."""
+    a reply queue's dead-letter exchange, say), which is no request. ``dead_letter`` says
+    why a request never got processed (``expired``, ``delivery_limit``, …): it is read
+    from ``sam.dead`` only to be answered and audited as such."""
 
     operation: object
     message_id: object
@@ -56,6 +58,7 @@ class IncomingRequest:
     undecodable: tuple[str, ...] = ()
     queue: str | None = None  # the queue class it was consumed from (None: not from a queue)
     returned: bool = False  # it carries a SAM reply's status or a dead-letter history
+    dead_letter: str | None = None  # why it died in a request queue, when read from sam.dead
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,12 @@ def _addressed(reply: Reply, envelope: Envelope) -> Reply:
     return dataclasses.replace(reply, reply_to=envelope.reply_to, correlation_id=envelope.correlation_id)
 
 
+def _dead_letter_refusal(reason: str) -> SamError:
+    if reason == "expired":
+        return SamError(ErrorCode.request_expired)
+    return SamError(ErrorCode.request_undeliverable, f"dead-lettered ({reason})")
+
+
 def _wrapped(key_pair: SealedKeyPair) -> WrappedKey:
     return WrappedKey(key_pair.key_spec, key_pair.wrapped_key_bytes, key_pair.kek, key_pair.wrap_mechanism)
 
@@ -237,6 +243,8 @@ class SamService:
         )
         detail: str | None = None
         try:
+            if request.dead_letter is not None:  # never processed: answered as such, nothing runs
+                raise envelope.refusal or _dead_letter_refusal(request.dead_letter)
             caller = self._authenticate(envelope, request.body, trace)
             reply = await self._handlers[caller.operation](caller)
         except SamError as exc:

@@ -78,6 +78,12 @@ class Harness:
     def audit_records(self) -> list[dict[str, Any]]:
         return [entry for entry in self.audit_entries() if entry["type"] == "record"]
 
+    def dead_letter_records(self) -> set[tuple[str, str, int]]:
+        """The chain positions of records of requests that died unprocessed in a request
+        queue (answered from sam.dead): tests compare them before and after."""
+        codes = ("request_expired", "request_undeliverable")
+        return {(r["instance"], r["log"], r["seq"]) for r in self.audit_records() if r["error_code"] in codes}
+
     def audit_record(self, request_id: str) -> dict[str, Any]:
         found = [r for r in self.audit_records() if r["request_id"] == request_id]
         assert len(found) == 1, f"expected one audit record for {request_id}, found {len(found)}"

@@ -141,7 +141,7 @@ NOT_UTF8_CASES: list[tuple[str, dict[str, Any]]] = [
 async def test_properties_that_are_not_utf8_are_refused_and_the_workers_serve_on(harness: Harness) -> None:
     pids = _worker_pids(harness)
     before = _seen(harness, "invalid_properties")
-    dead_before = harness.queue_depths()["sam.dead"]
+    dead_before = harness.dead_letter_records()
     async with Sender(harness) as sender:
         sent = []
         for name, properties in NOT_UTF8_CASES:
@@ -158,7 +158,7 @@ async def test_properties_that_are_not_utf8_are_refused_and_the_workers_serve_on
         assert record["request_id"] is None or "\\udc" not in record["request_id"]
         assert record["actor"] == "ssa-1" and record["status"] == 400
     assert _worker_pids(harness) == pids
-    assert harness.queue_depths()["sam.dead"] == dead_before
+    assert harness.dead_letter_records() == dead_before  # nothing died in a request queue
 
 
 async def test_binary_header_values_the_sam_does_not_read_are_no_fault(harness: Harness) -> None:

@@ -138,38 +138,57 @@ async def _valid_signature(
     return key_pair, "fuzz-control", "1.2.840.10045.4.3.2", [digest], sad
 
 
-async def test_a_message_nobody_can_finish_is_dead_lettered(harness: Harness) -> None:
+async def test_a_message_nobody_can_finish_is_dead_lettered_and_then_answered(harness: Harness) -> None:
     """A consumer that fails on one message every time (as a worker crashing on it
-    would): after the delivery limit the broker moves it to sam.dead, once."""
+    would): after the delivery limit the broker moves it to sam.dead, once; a worker
+    then answers it (request_undeliverable, to the caller's own queue) and audits it."""
     worker_pki = harness.stack.pki.root / "sam-worker"
     tls = TlsFiles(
         ca_file=harness.stack.pki.ca_file, cert_file=worker_pki / "cert.pem", key_file=worker_pki / "key.pem"
     )
     marker = str(uuid.uuid4())
-    dead_before = harness.queue_depths()[DEAD_LETTER_QUEUE][0]
     deliveries = 0
-    async with harness.without_shared_workers():
-        async with harness.client("ssa-1") as ssa:
+    async with harness.client("ssa-1") as ssa:
+        async with harness.without_shared_workers():
             await ssa.send("signatures.create", b"{}", message_id=marker, wait=False)
-        connection = await connect(harness.stack.url, tls)
-        try:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=1)
-            queue = await channel.get_queue("sam.signatures", ensure=False)
-            async with queue.iterator() as messages:
-                while True:
-                    try:
-                        message = await asyncio.wait_for(anext(messages), 3)
-                    except TimeoutError:
-                        break  # nothing redelivered any more
-                    deliveries += message.message_id == marker
-                    await message.nack(requeue=True)
-        finally:
-            await connection.close()
+            connection = await connect(harness.stack.url, tls)
+            try:
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=1)
+                queue = await channel.get_queue("sam.signatures", ensure=False)
+                async with queue.iterator() as messages:
+                    while True:
+                        try:
+                            message = await asyncio.wait_for(anext(messages), 3)
+                        except TimeoutError:
+                            break  # nothing redelivered any more
+                        deliveries += message.message_id == marker
+                        await message.nack(requeue=True)
+            finally:
+                await connection.close()
+            for _ in range(40):
+                if harness.queue_depths()[DEAD_LETTER_QUEUE][0] >= 1:
+                    break
+                await asyncio.sleep(0.25)
+            assert harness.queue_depths()[DEAD_LETTER_QUEUE][0] >= 1  # in sam.dead while no worker runs
+        # the workers are back: the dead letter is answered and audited once
+        record: dict[str, object] = {}
+        for _ in range(100):
+            found = [r for r in harness.audit_records() if r["request_id"] == marker]
+            if found:
+                [record] = found
+                break
+            await asyncio.sleep(0.1)
+        for _ in range(100):
+            if ssa.unmatched_replies:
+                break
+            await asyncio.sleep(0.05)
+        answered = sum(ssa.unmatched_replies.values())  # it came after send() stopped waiting
+    assert answered == 1
     assert deliveries == DELIVERY_LIMIT + 1, deliveries  # the first delivery and the limit's redeliveries
-    for _ in range(40):
-        dead = harness.queue_depths()[DEAD_LETTER_QUEUE][0]
-        if dead > dead_before:
-            break
-        await asyncio.sleep(0.25)
-    assert dead == dead_before + 1
+    assert (record["error_code"], record["status"], record["actor"]) == (
+        "request_undeliverable",
+        500,
+        "ssa-1",
+    )
+    assert harness.queue_depths()[DEAD_LETTER_QUEUE] == (0, 0)

@@ -36,7 +36,7 @@ class World:
     unregistered: SamClient
     key_pair: dict[str, Any]  # EC P-256, assigned to alice
     other_key_pair_id: str
-    dead_letters_before: tuple[int, int] = (0, 0)
+    dead_letters_before: set[tuple[str, str, int]]
 
     def sad(self, digests: list[bytes] | None = None, **changes: Any) -> str:
         claims = self.harness.dev_as.sad_claims(
@@ -230,9 +230,7 @@ async def world(harness: Harness) -> AsyncIterator[World]:
     ):
         key_pair = await harness.certified_key_pair(ssa, "alice")
         other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-        yield World(
-            harness, ssa, admin, unregistered, key_pair, other["id"], harness.queue_depths()["sam.dead"]
-        )
+        yield World(harness, ssa, admin, unregistered, key_pair, other["id"], harness.dead_letter_records())
 
 
 @pytest.mark.parametrize(("name", "code", "send"), CASES, ids=[c[0] for c in CASES])
@@ -261,7 +259,7 @@ async def test_each_refusal_answered_once_and_never_redelivered(world: World) ->
             break
         await asyncio.sleep(0.25)
     assert {queue: depths[queue] for queue in queues} == dict.fromkeys(queues, (0, 0))
-    assert depths["sam.dead"] == world.dead_letters_before, "a refusal was dead-lettered"
+    assert world.harness.dead_letter_records() == world.dead_letters_before, "a refusal was dead-lettered"
     # and the workers still serve
     digest = hashlib.sha256(b"after the storm").digest()
     sad = world.harness.dev_as.issue_sad(world.harness.sam_id, "alice", world.key_pair["id"], [digest])

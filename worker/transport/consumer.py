@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from worker.domain.contract import HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, QueueClass
 from worker.ports import IncomingRequest, Reply
 from worker.transport.codec import undecodable as undecodable_value
+from worker.transport.topology import DEAD_LETTER_QUEUE
 
 __all__ = ["RequestConsumer", "to_request"]
 
@@ -41,7 +42,20 @@ _STRING_PROPERTIES = (
 )
 
 
-def to_request(message: AbstractIncomingMessage, queue: str | None = None) -> IncomingRequest:
+_DEATH_REASONS = {"expired", "rejected", "maxlen", "delivery_limit"}
+
+
+def _death_reason(headers: Mapping[str, object]) -> str:
+    """Why RabbitMQ dead-lettered a message (its latest ``x-death`` entry), from a closed set."""
+    deaths = headers.get("x-death")
+    latest = deaths[0] if isinstance(deaths, list) and deaths else None
+    reason = latest.get("reason") if isinstance(latest, dict) else None
+    return reason if isinstance(reason, str) and reason in _DEATH_REASONS else "unknown"
+
+
+def to_request(
+    message: AbstractIncomingMessage, queue: str | None = None, *, dead: bool = False
+) -> IncomingRequest:
     """The delivery (from the ``queue`` class) as the service's input, every value as
     decoded (the envelope gate checks them), and the names of the properties and headers
     that were not UTF-8."""
@@ -61,8 +75,10 @@ def to_request(message: AbstractIncomingMessage, queue: str | None = None) -> In
         content_type=message.content_type,
         undecodable=tuple(undecodable),
         queue=queue,
-        # a SAM reply (it carries sam-status) or a dead letter (x-death) that came back
-        returned=HEADER_STATUS in headers or "x-death" in headers,
+        # a SAM reply (it carries sam-status) or a dead letter (x-death) that came back;
+        # in sam.dead every message has its x-death
+        returned=HEADER_STATUS in headers or ("x-death" in headers and not dead),
+        dead_letter=_death_reason(headers) if dead else None,
     )
 
 
@@ -88,11 +104,21 @@ class RequestConsumer:
         self._idle.set()
 
     async def start(self, queues: tuple[QueueClass, ...]) -> None:
+        """Consume the request queues of ``queues`` and, on every worker, ``sam.dead``: a
+        request that died unprocessed (expired, or past the delivery limit) still gets its
+        answer and its audit record."""
         for queue_class in queues:
-            queue = await self._consume_channel.get_queue(queue_class.queue_name, ensure=False)
-            self._queues.append(queue)
-            on_message = functools.partial(self._on_message, queue_class)
-            self._tags.append((queue, await queue.consume(on_message)))
+            await self._consume(
+                queue_class.queue_name, functools.partial(self._on_message, queue_class.value)
+            )
+        await self._consume(DEAD_LETTER_QUEUE, functools.partial(self._on_message, None))
+
+    async def _consume(
+        self, name: str, on_message: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    ) -> None:
+        queue = await self._consume_channel.get_queue(name, ensure=False)
+        self._queues.append(queue)
+        self._tags.append((queue, await queue.consume(on_message)))
 
     async def stop(self) -> None:
         """Stop taking deliveries; those in hand finish."""
@@ -103,12 +129,15 @@ class RequestConsumer:
         self._tags.clear()
         await self._idle.wait()
 
-    async def _on_message(self, queue_class: QueueClass, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, queue: str | None, message: AbstractIncomingMessage) -> None:
+        """One delivery from a request queue (``queue``: its class) or from ``sam.dead``
+        (``None``). A dead letter that cannot be processed is dropped, not dead-lettered
+        again (at-most-once: it must not circle)."""
         self.in_flight += 1
         self._idle.clear()
         try:
             try:
-                reply = await self._process(to_request(message, queue_class.value))
+                reply = await self._process(to_request(message, queue, dead=queue is None))
             except Exception:
                 # the delivery tag is ours; the message id is the sender's, so never logged raw
                 log.exception("delivery %d could not be processed; dead-lettered", message.delivery_tag or 0)

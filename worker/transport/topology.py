@@ -118,7 +118,8 @@ def definitions(
             configure="^$",
             # the default exchange carries replies and ledger appends
             write=_exact("amq.default", AUDIT_EXCHANGE),
-            read=_exact(*(q.queue_name for q in QueueClass), *streams),
+            # sam.dead too: workers answer and audit what died in the request queues
+            read=_exact(*(q.queue_name for q in QueueClass), DEAD_LETTER_QUEUE, *streams),
         )
         for w in workers
     ]
