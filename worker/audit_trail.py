@@ -174,7 +174,6 @@ class AuditTrail:
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
         self._failing_since: float | None = None  # monotonic time of the first failure since a success
-        self.batches = 0
 
     def failing_for(self) -> float:
         """Seconds since batches began to fail without one succeeding since (0: none
@@ -299,7 +298,6 @@ class AuditTrail:
             self._fail(batch, f"audit file not made durable ({_describe(synced)})")
             return
         state.head = head
-        self.batches += 1
         if metrics is not None:
             metrics.audit_batch_records.observe(len(batch))
         failure = next((r for r in published if isinstance(r, BaseException)), None)

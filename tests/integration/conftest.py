@@ -78,6 +78,15 @@ class Harness:
     def audit_records(self) -> list[dict[str, Any]]:
         return [entry for entry in self.audit_entries() if entry["type"] == "record"]
 
+    async def queue_drained(self, name: str, seconds: float = 15) -> bool:
+        """Whether ``name`` shows no message within ``seconds`` (RabbitMQ refreshes the
+        statistics behind ``list_queues`` every few seconds)."""
+        for _ in range(int(seconds / 0.25)):
+            if self.queue_depths()[name] == (0, 0):
+                return True
+            await asyncio.sleep(0.25)
+        return False
+
     def dead_letter_records(self) -> set[tuple[str, str, int]]:
         """The chain positions of records of requests that died unprocessed in a request
         queue (answered from sam.dead): tests compare them before and after."""

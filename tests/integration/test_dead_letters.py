@@ -28,4 +28,4 @@ async def test_an_expired_request_is_answered_and_audited(harness: Harness) -> N
                 "ssa-1",
                 "key_pairs.create",
             )
-    assert harness.queue_depths()["sam.dead"] == (0, 0)
+    assert await harness.queue_drained("sam.dead")

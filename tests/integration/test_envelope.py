@@ -288,5 +288,4 @@ async def test_a_reply_bounced_into_a_request_queue_is_no_request(harness: Harne
         assert bounced[0]["actor"] is None
         assert harness.audit_record(message_id)["status"] == 201  # the request itself: one record
         assert not sender.replies and not sender.uncorrelated
-    depths = harness.queue_depths()
-    assert depths["sam.keys"] == (0, 0)
+    assert await harness.queue_drained("sam.keys")

@@ -191,4 +191,4 @@ async def test_a_message_nobody_can_finish_is_dead_lettered_and_then_answered(ha
         500,
         "ssa-1",
     )
-    assert harness.queue_depths()[DEAD_LETTER_QUEUE] == (0, 0)
+    assert await harness.queue_drained(DEAD_LETTER_QUEUE)
