@@ -236,8 +236,10 @@ class SamService:
             queue=request.queue,
             returned=request.returned,
         )
+        admin = envelope.user_id is not None and self._configuration.admin_key(envelope.user_id) is not None
         trace = _Trace(
             operation=str(envelope.operation or "unknown"),
+            log=AuditLog.admin if admin else AuditLog.service,
             actor=envelope.user_id,
             request_id=envelope.message_id,
         )
@@ -263,8 +265,6 @@ class SamService:
         """Who is asking, proven by the request JWS over this very message, and whether
         they may call this operation at all."""
         limits = self._static.limits
-        if envelope.user_id is not None and self._configuration.admin_key(envelope.user_id) is not None:
-            trace.log = AuditLog.admin
         if envelope.refusal is not None:
             raise envelope.refusal
         user, operation, message_id = envelope.user_id, envelope.operation, envelope.message_id
