@@ -29,7 +29,7 @@ from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
 from worker.errors import SamError
 
-CRIT = [[1], True, 0, None, [None], [[]], "b64"]
+CRIT = [[1], True, 0, None, [None], [[]], "b64", []]  # [] is allowed by joserfc, not by RFC 7515
 
 
 def _token(header: dict[str, Any], payload: dict[str, Any]) -> str:

@@ -89,6 +89,9 @@ def _ca(
         .not_valid_before(validity.get("not_before", NOW - DAY))
         .not_valid_after(validity.get("not_after", NOW + 30 * DAY))
         .add_extension(x509.BasicConstraints(ca=validity.get("ca", True), path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
         .sign(issuer_key, hashes.SHA256())
     )
     return built
@@ -585,6 +588,46 @@ ROGUE_KEY = ec.generate_private_key(ec.SECP256R1())
 CERTIFY = (True, True, True)
 
 
+def _with_duplicate_key_usage(der: bytes, issuer_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """``der`` with its first extension twice, signed again: a DER cryptography parses only
+    lazily (and then refuses), asn1crypto not at all."""
+    from asn1crypto import x509 as asn1_x509
+
+    certificate = asn1_x509.Certificate.load(der)
+    tbs = certificate["tbs_certificate"]
+    extensions = list(tbs["extensions"])
+    tbs["extensions"] = [*extensions, extensions[0]]
+    signature = issuer_key.sign(tbs.dump(force=True), ec.ECDSA(hashes.SHA256()))
+    result: bytes = asn1_x509.Certificate(
+        {
+            "tbs_certificate": tbs,
+            "signature_algorithm": certificate["signature_algorithm"],
+            "signature_value": signature,
+        }
+    ).dump(force=True)
+    return result
+
+
+def _end_entity(**changes: Any) -> bytes:
+    """A signer's certificate with extra extensions, under the dev CA."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name("CN=alice,O=Example"))
+        .issuer_name(_name("CN=dev CA"))
+        .public_key(KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + DAY)
+        .add_extension(SIGNING_USAGE, critical=True)
+    )
+    for extension, critical in changes.get("extensions", []):
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(OTHER_KEY, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+CONSTRAINED_ANCHOR_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
 @pytest.mark.parametrize(
     ("request_", "expected"),
     [
@@ -637,6 +680,43 @@ CERTIFY = (True, True, True)
             "certificate_usage_invalid",  # keyEncipherment only
         ),
         (update_request(CERTIFY, certificate(), chain=()), "ok"),
+        # found from outside: each must be refused, never a 500 or a pass
+        (update_request(CERTIFY, _with_duplicate_key_usage(certificate(), OTHER_KEY)), "certificate_invalid"),
+        (
+            update_request(
+                CERTIFY, _end_entity(extensions=[(x509.BasicConstraints(ca=True, path_length=None), True)])
+            ),
+            "certificate_usage_invalid",  # a CA certificate certifies no signer
+        ),
+        (
+            update_request(
+                CERTIFY,
+                _end_entity(
+                    extensions=[(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)]
+                ),
+            ),
+            "certificate_usage_invalid",  # a TLS server certificate
+        ),
+        (
+            update_request(
+                CERTIFY,
+                _end_entity(
+                    extensions=[
+                        (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4.5"), b"\x05\x00"), True)
+                    ]
+                ),
+            ),
+            "certificate_untrusted",  # an unknown critical extension
+        ),
+        (
+            update_request(
+                CERTIFY,
+                _end_entity(
+                    extensions=[(x509.ExtendedKeyUsage([x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36")]), False)]
+                ),
+            ),
+            "ok",  # documentSigning
+        ),
     ],
 )
 def test_a_certificate_must_chain_to_a_trust_anchor_be_valid_and_allow_signing(
@@ -659,3 +739,28 @@ def test_a_key_pair_signs_only_while_its_certificate_is_valid(
     moment: datetime.datetime, expected: str
 ) -> None:
     assert refusal(lifecycle.plan_signing, key_pair("enabled"), sign_request(), "ssa-1", moment) == expected
+
+
+def test_a_path_length_constraint_binds_the_sam() -> None:
+    """An anchor with pathlen 0 may certify signers directly, never through a sub-CA."""
+    anchor = (
+        x509.CertificateBuilder()
+        .subject_name(_name("CN=constrained CA"))
+        .issuer_name(_name("CN=constrained CA"))
+        .public_key(CONSTRAINED_ANCHOR_KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(CONSTRAINED_ANCHOR_KEY, hashes.SHA256())
+    )
+    direct = certificate(issuer=("CN=constrained CA", CONSTRAINED_ANCHOR_KEY))
+    sub_ca = _ca("CN=issuing CA", INTERMEDIATE_KEY, ("CN=constrained CA", CONSTRAINED_ANCHOR_KEY))
+    below = certificate(issuer=("CN=issuing CA", INTERMEDIATE_KEY))
+    pair = key_pair("assigned")
+    assert refusal(lifecycle.updated, pair, update_request(CERTIFY, direct), "ssa-1", (anchor,), NOW) == "ok"
+    request_ = update_request(CERTIFY, below, chain=(sub_ca,))
+    assert refusal(lifecycle.updated, pair, request_, "ssa-1", (anchor,), NOW) == "certificate_untrusted"

@@ -96,6 +96,8 @@ def verify_request_jws(
         raise SamError(
             ErrorCode.request_signature_invalid, f"request JWS rejected ({type(exc).__name__})"
         ) from exc
+    if "crit" in verified.headers():  # no critical header parameter is understood here
+        raise SamError(ErrorCode.request_signature_invalid, "request JWS header has crit")
     claims = json_object(verified.payload, ErrorCode.request_signature_invalid, "request JWS payload")
     expected = orjson.loads(request_jws_payload(binding, 0))
     for name in ("body_sha256", "message_id", "type", "user_id"):
@@ -201,6 +203,8 @@ def _verified_claims(token: str, state: DynamicState, ssa_id: str, bound: str | 
         header = jws.extract_compact(token.encode()).headers()
     except JOSE_FAILURES as exc:
         raise SamError(ErrorCode.sad_invalid, f"SAD is not a compact JWS ({type(exc).__name__})") from exc
+    if "crit" in header:  # this SAM understands no critical header parameter (RFC 7515 §4.1.11)
+        raise SamError(ErrorCode.sad_invalid, "SAD header has crit")
     issuer = header.get("kid")
     if not isinstance(issuer, str) or issuer not in state.authorization_servers:
         raise SamError(ErrorCode.sad_issuer_unknown, "SAD kid names no registered authorization server")

@@ -14,7 +14,8 @@ import datetime
 from asn1crypto import algos, csr, keys
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from worker.errors import ErrorCode, SamError
 
@@ -32,9 +33,16 @@ __all__ = [
 
 # What asn1crypto and cryptography raise for names and certificates they cannot read or
 # compare (RFC 5280 string preparation refuses unassigned code points and bad bidi text).
-_PARSE_FAILURES: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, x509.InvalidVersion)
+_PARSE_FAILURES: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
 _EXTENSION_FAILURES: tuple[type[Exception], ...] = (*_PARSE_FAILURES, x509.ExtensionNotFound)
-_SIGNATURE_FAILURES: tuple[type[Exception], ...] = (*_PARSE_FAILURES, InvalidSignature, UnsupportedAlgorithm)
 
 
 def _name(subject: str) -> asn1_x509.Name:
@@ -156,19 +164,41 @@ def check_certificate_validity(certificate: x509.Certificate, now: datetime.date
         raise SamError(ErrorCode.certificate_expired)
 
 
-def _signs(issuer: x509.Certificate, certificate: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except _SIGNATURE_FAILURES:
-        return False
-    return True
-
-
 def _is_ca(certificate: x509.Certificate) -> bool:
     try:
         return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except _EXTENSION_FAILURES:
         return False
+
+
+# Extended key usages that fit a signing certificate when an EKU is present at all.
+_SIGNING_EKUS = {
+    x509.ObjectIdentifier("2.5.29.37.0"),  # anyExtendedKeyUsage
+    x509.ObjectIdentifier("1.3.6.1.5.5.7.3.4"),  # emailProtection (S/MIME, CMS)
+    x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36"),  # documentSigning (RFC 9336)
+    x509.ObjectIdentifier("1.2.840.113583.1.1.5"),  # Adobe Authentic Documents Trust
+    x509.ObjectIdentifier("1.3.6.1.4.1.311.10.3.12"),  # Microsoft document signing
+}
+MAX_CHAIN_DEPTH = 8
+
+
+def _check_signing_usage(leaf: x509.Certificate) -> None:
+    """A signer's certificate: an end entity whose key usage allows signing and whose
+    extended key usage, if any, fits documents."""
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise SamError(ErrorCode.certificate_usage_invalid, "the certificate has no key usage") from None
+    if not (usage.digital_signature or usage.content_commitment):
+        raise SamError(ErrorCode.certificate_usage_invalid)
+    if _is_ca(leaf):
+        raise SamError(ErrorCode.certificate_usage_invalid, "a CA certificate does not certify a signer")
+    try:
+        purposes = set(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return
+    if not purposes & _SIGNING_EKUS:
+        raise SamError(ErrorCode.certificate_usage_invalid, "its extended key usage is not for signing")
 
 
 def check_certificate_policy(
@@ -177,39 +207,47 @@ def check_certificate_policy(
     anchors: tuple[x509.Certificate, ...],
     now: datetime.datetime,
 ) -> None:
-    """Accept a certificate for a key pair only if it chains, through the CA certificates
-    of ``chain`` (any order), to one of ``anchors``; if it and every certificate on the
-    way is valid ``now``; and if it allows signing (key usage digitalSignature or
-    nonRepudiation). Refused as ``certificate_invalid``, ``certificate_untrusted``,
-    ``certificate_expired``, ``certificate_not_yet_valid`` or ``certificate_usage_invalid``.
-    Revocation is the CA's and the SSA's to act on (see SECURITY.md)."""
+    """Accept a certificate for a key pair only if it allows signing (an end entity, key
+    usage digitalSignature or nonRepudiation, a document-signing EKU if any); if it and
+    the CA certificates of ``chain`` are valid ``now``; and if RFC 5280 path validation
+    (cryptography's verifier: signatures, validity, basic constraints and path length,
+    key usage of the CAs, name constraints, unknown critical extensions) leads to one of
+    ``anchors`` in at most ``MAX_CHAIN_DEPTH`` certificates. Refused as
+    ``certificate_invalid``, ``certificate_usage_invalid``, ``certificate_expired``,
+    ``certificate_not_yet_valid`` or ``certificate_untrusted``. Revocation is the CA's
+    and the SSA's to act on (see SECURITY.md)."""
     try:
         leaf = x509.load_der_x509_certificate(der)
         intermediates = [x509.load_der_x509_certificate(item) for item in chain]
-        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        raise SamError(ErrorCode.certificate_usage_invalid, "the certificate has no key usage") from None
+        _check_signing_usage(leaf)
     except _PARSE_FAILURES as exc:
         raise SamError(
-            ErrorCode.certificate_invalid, f"not a DER X.509 certificate ({type(exc).__name__})"
+            ErrorCode.certificate_invalid, f"not a readable X.509 certificate ({type(exc).__name__})"
         ) from exc
-    if not (usage.digital_signature or usage.content_commitment):
-        raise SamError(ErrorCode.certificate_usage_invalid)
-    path, current = [leaf], leaf
-    for _ in range(len(intermediates) + 1):
-        anchor = next((a for a in anchors if _signs(a, current)), None)
-        if anchor is not None:
-            path.append(anchor)
-            break
-        issuer = next((c for c in intermediates if c not in path and _is_ca(c) and _signs(c, current)), None)
-        if issuer is None:
-            raise SamError(ErrorCode.certificate_untrusted)
-        path.append(issuer)
-        current = issuer
-    else:
-        raise SamError(ErrorCode.certificate_untrusted)
-    for certificate in path:
+    for certificate in (leaf, *intermediates):
         check_certificate_validity(certificate, now)
+    if not anchors:
+        raise SamError(ErrorCode.certificate_untrusted, "no trust anchor is configured for this SSA")
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(anchors)))
+        .time(now)
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        # the CAs as RFC 5280 and the CA/B profile want them; the signer's own
+        # certificate is checked above (its EKU is not TLS client authentication)
+        .extension_policies(
+            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all()
+        )
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, intermediates)
+    except VerificationError:
+        raise SamError(ErrorCode.certificate_untrusted) from None
+    except _PARSE_FAILURES as exc:
+        raise SamError(
+            ErrorCode.certificate_invalid, f"the chain is not readable ({type(exc).__name__})"
+        ) from exc
 
 
 # --- the SSA side ----------------------------------------------------------------------
