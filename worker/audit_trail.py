@@ -16,8 +16,9 @@ under load one HSM signature and one fsync serve many requests.
 File handling: a batch that fails to write is cut off again (``ftruncate``) and the
 chain does not advance, so the file never holds a half batch. At start, anything after
 the last checkpoint (a batch the process died writing — never confirmed to a caller) is
-moved to a ``.cut-<time>`` file beside it, and the chain continues from the last
-checkpoint, in the file or, after a rotation, in the ``.head`` file beside it. SIGHUP
+moved to a ``<log>.cut-<time>`` file beside it (not matched by ``<log>.jsonl*``), and
+the chain continues from the last checkpoint, in the file or, after a rotation, in the
+``.head`` file beside it. SIGHUP
 (``reopen``) closes the files so the next batch opens them anew (logrotate ``create``,
 no ``copytruncate``).
 """
@@ -79,7 +80,8 @@ def _recover(path: Path, head_file: Path) -> ChainHead:
                 keep, in_file = offset, ChainHead(int(entry["seq"]), str(entry["hash"]))
     if path.stat().st_size != keep:
         # Kept beside the file for the auditor's eyes, never silently dropped.
-        cut = path.with_name(f"{path.name}.cut-{int(time.time())}")
+        # named so that the files' glob (``service.jsonl*``) never takes it for the trail
+        cut = path.with_name(f"{path.stem}.cut-{int(time.time())}")
         log.warning("audit: moving an unfinished batch from %s to %s", path, cut)
         with path.open("r+b") as handle:
             handle.seek(keep)
@@ -410,7 +412,7 @@ class AuditTrail:
             waiting = [p for p in [*state.withheld, *state.pending] if p.done is None]
             if not waiting:
                 continue
-            side = state.path.with_name(f"{state.path.name}.unwritten-{int(time.time())}")
+            side = state.path.with_name(f"{state.path.stem}.unwritten-{int(time.time())}")
             with contextlib.suppress(OSError):
                 side.write_bytes(
                     b"".join(

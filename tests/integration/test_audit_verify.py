@@ -61,7 +61,7 @@ def _damaged(source: Path, target: Path, how: str) -> tuple[Path, int]:
     return target, bad
 
 
-@pytest.mark.parametrize("how", ["altered", "removed", "swapped"])
+@pytest.mark.parametrize("how", ["altered", "removed"])
 def test_damaged_copy_names_first_bad_record(
     harness: Harness, service_file: Path, tmp_path: Path, how: str
 ) -> None:
@@ -69,6 +69,16 @@ def test_damaged_copy_names_first_bad_record(
     result = run_verify(harness, [damaged])
     assert result.returncode == 1, result.stdout
     first_problem = next(line for line in result.stdout.splitlines() if line.startswith("BAD "))
-    kind = {"altered": "altered", "removed": "gap", "swapped": "reordered"}[how]
+    kind = {"altered": "altered", "removed": "gap"}[how]
     assert first_problem.startswith(f"BAD {kind}: "), result.stdout
     assert f"{damaged}:{bad_line})" in first_problem, result.stdout
+
+
+def test_lines_out_of_order_verify_when_the_chain_is_intact(
+    harness: Harness, service_file: Path, tmp_path: Path
+) -> None:
+    """As rsyslog's disk queue delivers them after a restart: the chain decides, not the file."""
+    damaged, _ = _damaged(service_file, tmp_path / "swapped.jsonl", "swapped")
+    result = run_verify(harness, [damaged])
+    assert result.returncode == 0, result.stdout
+    assert "BAD " not in result.stdout

@@ -168,7 +168,7 @@ class ChainProblem:
     where it shows, and what is wrong; ``kind`` is a stable keyword (``gap``, ``fork``…)."""
 
     chain: str
-    kind: str  # altered|signature|gap|fork|broken-link|reordered|repeated|unsigned-tail|unreadable
+    kind: str  # altered|signature|gap|fork|broken-link|repeated|unsigned-tail|unreadable
     seqs: tuple[int, int] | None
     where: str
     what: str
@@ -229,7 +229,12 @@ def verify_entries(
 ) -> VerifyReport:
     """Verify (source, line number, raw line) triples from any number of files, in any
     order: entries are grouped by chain and put in sequence order, then every hash,
-    link and checkpoint signature is checked. Reports what is wrong and where."""
+    link and checkpoint signature is checked. Reports what is wrong and where.
+
+    Lines out of order (rsyslog's disk queue after a restart, files read in any order) are
+    no problem: each entry names its predecessor's hash, so the order that matters is
+    the chain's, and a missing, altered or inserted entry still shows as a gap, a broken
+    link or a fork. A line repeated within one file is reported (``repeated``)."""
     report = VerifyReport()
     chains: dict[str, dict[int, list[_Seen]]] = defaultdict(lambda: defaultdict(list))
     last_in_source: dict[tuple[str, str], tuple[int, str]] = {}
@@ -252,12 +257,6 @@ def verify_entries(
         if previous is not None and seq == previous[0]:
             report.problems.append(
                 ChainProblem(chain, "repeated", (seq, seq), where, f"same seq as {previous[1]}")
-            )
-        elif previous is not None and seq < previous[0]:
-            report.problems.append(
-                ChainProblem(
-                    chain, "reordered", (seq, seq), where, f"comes after seq {previous[0]} ({previous[1]})"
-                )
             )
         last_in_source[(source, chain)] = (seq, where)
         chains[chain][seq].append(_Seen(entry, where))
