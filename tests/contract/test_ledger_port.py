@@ -60,12 +60,13 @@ async def _stream_replicas(stack: Stack) -> AsyncIterator[tuple[Replica, Callabl
         await connection.close()
 
 
-@pytest.fixture(params=["memory", "replica", pytest.param("stream", marks=pytest.mark.integration)])
-async def log(
-    request: pytest.FixtureRequest,
-) -> AsyncIterator[tuple[str, Replica, Callable[[], Awaitable[int]]]]:
+Log = tuple[str, Replica, Callable[[], Awaitable[int]]]
+STREAM = pytest.param("stream", marks=pytest.mark.integration)
+
+
+async def _open_log(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Log]:
     """(kind, a factory of replicas on one fresh log, the log's message count)."""
-    if request.param == "stream":
+    if kind == "stream":
         async for replica, messages in _stream_replicas(request.getfixturevalue("stack")):
             yield "stream", replica, messages
         return
@@ -74,7 +75,7 @@ async def log(
     async def count() -> int:
         return len(stream.records)
 
-    if request.param == "memory":
+    if kind == "memory":
         made: list[MemoryLedger] = []
 
         async def alone(reducer: KeyEventLog) -> Ledger:
@@ -91,13 +92,22 @@ async def log(
         yield "replica", replica, count
 
 
+@pytest.fixture(params=["memory", "replica", STREAM])
+async def log(request: pytest.FixtureRequest) -> AsyncIterator[Log]:
+    """Every ledger, one replica at a time."""
+    async for opened in _open_log(request.param, request):
+        yield opened
+
+
+@pytest.fixture(params=["replica", STREAM])
+async def shared_log(request: pytest.FixtureRequest) -> AsyncIterator[Log]:
+    """The ledgers that several replicas share (a MemoryLedger is one replica alone)."""
+    async for opened in _open_log(request.param, request):
+        yield opened
+
+
 def _assigned(key_pair: str, signer: str) -> dict[str, Any]:
     return KeyEventLog.event(KeyEvent.assigned, key_pair, 1, signer)
-
-
-def _two_replicas(kind: str) -> None:
-    if kind == "memory":
-        pytest.skip("MemoryLedger is one replica alone")
 
 
 async def test_append_returns_the_reducers_verdict_and_advances(log: tuple[str, Replica, Any]) -> None:
@@ -114,9 +124,8 @@ async def test_append_returns_the_reducers_verdict_and_advances(log: tuple[str, 
     assert reducer.history["kp-1"].signer == "alice"
 
 
-async def test_replicas_racing_on_one_log_agree_on_one_winner(log: tuple[str, Replica, Any]) -> None:
-    kind, make, _ = log
-    _two_replicas(kind)
+async def test_replicas_racing_on_one_log_agree_on_one_winner(shared_log: Log) -> None:
+    _, make, _ = shared_log
     first, second = KeyEventLog(), KeyEventLog()
     a, b = await make(first), await make(second)
     verdicts = await asyncio.gather(a.append(_assigned("kp-2", "alice")), b.append(_assigned("kp-2", "bob")))
@@ -129,11 +138,8 @@ async def test_replicas_racing_on_one_log_agree_on_one_winner(log: tuple[str, Re
     assert first.history["kp-2"] == second.history["kp-2"]
 
 
-async def test_read_to_applies_another_replicas_records_without_writing(
-    log: tuple[str, Replica, Callable[[], Awaitable[int]]],
-) -> None:
-    kind, make, messages = log
-    _two_replicas(kind)
+async def test_read_to_applies_another_replicas_records_without_writing(shared_log: Log) -> None:
+    kind, make, messages = shared_log
     writer_state, reader_state = KeyEventLog(), KeyEventLog()
     writer, reader = await make(writer_state), await make(reader_state)
     assert await writer.append(_assigned("kp-3", "carol")) is None
