@@ -16,6 +16,7 @@ its audit record.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -122,32 +123,19 @@ def check_envelope(
         "request_jws": request_jws,
         "sad": sad,
     }
-    refusal = _first_refusal(checked, raw, undecodable)
-    if returned:  # before anything else: such a message never gets a reply
-        refusal = SamError(ErrorCode.invalid_properties, "a reply or a dead-lettered message is no request")
-    elif refusal is None and queue is not None and checked.operation is not None:
-        home = OPERATION_QUEUE[checked.operation].value
-        if home != queue:
-            refusal = SamError(ErrorCode.wrong_queue, f"{checked.operation} goes to the {home} queue")
-    return checked if refusal is None else _with_refusal(checked, refusal)
-
-
-def _with_refusal(envelope: Envelope, refusal: SamError) -> Envelope:
-    return Envelope(
-        envelope.operation,
-        envelope.message_id,
-        envelope.correlation_id,
-        envelope.reply_to,
-        envelope.user_id,
-        envelope.request_jws,
-        envelope.sad,
-        refusal,
-    )
+    refusal = _first_refusal(checked, raw, undecodable, queue, returned)
+    return checked if refusal is None else dataclasses.replace(checked, refusal=refusal)
 
 
 def _first_refusal(
-    checked: Envelope, raw: dict[str, object], undecodable: tuple[str, ...]
+    checked: Envelope,
+    raw: dict[str, object],
+    undecodable: tuple[str, ...],
+    queue: str | None,
+    returned: bool,
 ) -> SamError | None:
+    if returned:  # before anything else: such a message never gets a reply
+        return SamError(ErrorCode.invalid_properties, "a reply or a dead-lettered message is no request")
     if undecodable:
         names = ", ".join(sorted({n for n in undecodable if _USER_ID.fullmatch(n)}) or ["a field"])[:200]
         return SamError(ErrorCode.invalid_properties, f"not UTF-8: {names}")
@@ -174,4 +162,7 @@ def _first_refusal(
         return SamError(ErrorCode.invalid_properties, "sam-sad is not a compact JWS")
     if checked.operation is None:
         return SamError(ErrorCode.unknown_operation, "the AMQP type names no operation")
+    home = OPERATION_QUEUE[checked.operation].value
+    if queue is not None and home != queue:
+        return SamError(ErrorCode.wrong_queue, f"{checked.operation} goes to the {home} queue")
     return None

@@ -51,19 +51,24 @@ def _refuse_existing(session: Any, *labels: str) -> None:
             raise SamError(ErrorCode.hsm_unavailable, f"the token already holds {label!r}")
 
 
+def _secret_key(session: Any, key_type: KeyType, label: str, capabilities: MechanismFlag) -> None:
+    """A 256-bit token secret key for ``capabilities`` only, sensitive, never extractable."""
+    session.generate_key(
+        key_type,
+        256,
+        label=label,
+        store=True,
+        capabilities=capabilities,
+        template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+    )
+
+
 def create_kek(session: Any, label: str) -> None:
     """A token AES-256 key that only wraps and unwraps, never extractable; refused if
     the label is taken."""
     with translated("KEK creation"):
         _refuse_existing(session, label)
-        session.generate_key(
-            KeyType.AES,
-            256,
-            label=label,
-            store=True,
-            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
-            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
-        )
+        _secret_key(session, KeyType.AES, label, MechanismFlag.WRAP | MechanismFlag.UNWRAP)
 
 
 def token_has(session: Any, label: str) -> bool:
@@ -90,14 +95,7 @@ def provision_sam_keys(session: Any, suffix: str) -> ProvisionedKeys:
     _refuse_existing(session, kek_label, state_label, audit_label, factor_label)
     create_kek(session, kek_label)
     with translated("key provisioning"):
-        session.generate_key(
-            KeyType.GENERIC_SECRET,
-            256,
-            label=factor_label,
-            store=True,
-            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
-        )
+        _secret_key(session, KeyType.GENERIC_SECRET, factor_label, MechanismFlag.SIGN | MechanismFlag.VERIFY)
         pems = []
         for label in (state_label, audit_label):
             params = session.create_domain_parameters(

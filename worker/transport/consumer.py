@@ -53,13 +53,12 @@ def _death_reason(headers: Mapping[str, object]) -> str:
     return reason if isinstance(reason, str) and reason in _DEATH_REASONS else "unknown"
 
 
-def to_request(
-    message: AbstractIncomingMessage, queue: str | None = None, *, dead: bool = False
-) -> IncomingRequest:
-    """The delivery (from the ``queue`` class) as the service's input, every value as
-    decoded (the envelope gate checks them), and the names of the properties and headers
-    that were not UTF-8."""
+def to_request(message: AbstractIncomingMessage, queue: str | None) -> IncomingRequest:
+    """The delivery from the ``queue`` class (``None``: from ``sam.dead``) as the service's
+    input, every value as decoded (the envelope gate checks them), and the names of the
+    properties and headers that were not UTF-8."""
     headers = message.headers or {}
+    dead = queue is None
     undecodable = [name for name in _STRING_PROPERTIES if undecodable_value(getattr(message, name, None))]
     if undecodable_value(headers):
         undecodable.append("headers")
@@ -137,7 +136,7 @@ class RequestConsumer:
         self._idle.clear()
         try:
             try:
-                reply = await self._process(to_request(message, queue, dead=queue is None))
+                reply = await self._process(to_request(message, queue))
             except Exception:
                 # the delivery tag is ours; the message id is the sender's, so never logged raw
                 log.exception("delivery %d could not be processed; dead-lettered", message.delivery_tag or 0)

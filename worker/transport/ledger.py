@@ -84,11 +84,8 @@ class StreamLedger:
         return time.monotonic() - self._failing_since
 
     async def _sync_probe(self) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._next.syncs.append(future)
-        self._wakeup.set()
         with contextlib.suppress(SamError):
-            await self._wait(future)
+            await self._sync(while_progressing=False)
 
     def _failed(self) -> None:
         if self._failing_since is None:
@@ -102,10 +99,11 @@ class StreamLedger:
         await self._replay()
 
     async def stop(self) -> None:
-        if self._publisher is not None:
-            self._publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher
+        for task in (self._probe, self._publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def append(self, data: dict[str, Any]) -> SamError | None:
         future: asyncio.Future[SamError | None] = asyncio.get_running_loop().create_future()
@@ -120,10 +118,14 @@ class StreamLedger:
         everything appended before the start has been applied here. The stream grows with
         the deployment (every key pair change stays in sam.key-events), so this fails only
         when the timeout passes without a single message read, not after the timeout in all."""
+        await self._sync(while_progressing=True)
+
+    async def _sync(self, while_progressing: bool) -> None:
+        """Publish a message without a record and return once it is read back."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next.syncs.append(future)
         self._wakeup.set()
-        await self._wait(future, while_progressing=True)
+        await self._wait(future, while_progressing=while_progressing)
 
     async def read_to(self, position: int) -> None:
         """Return once this worker has applied the stream up to ``position``."""
