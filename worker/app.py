@@ -16,7 +16,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 from prometheus_client import CollectorRegistry
 
-from worker.audit_trail import AuditTrail
+from worker.audit_trail import ArchiveRefused, AuditTrail
 from worker.domain.configuration import StaticConfiguration
 from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
@@ -37,7 +37,13 @@ from worker.transport.amqp import connect_worker
 from worker.transport.consumer import RequestConsumer
 from worker.transport.http import HealthServer
 from worker.transport.ledger import StreamLedger
-from worker.transport.topology import AUDIT_EXCHANGE, CONFIG_STREAM, KEY_EVENTS_STREAM, SAD_USE_STREAM
+from worker.transport.topology import (
+    AUDIT_ARCHIVE_STREAM,
+    AUDIT_EXCHANGE,
+    CONFIG_STREAM,
+    KEY_EVENTS_STREAM,
+    SAD_USE_STREAM,
+)
 
 __all__ = ["run_worker"]
 
@@ -95,12 +101,26 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         await ledger_channel.set_qos(prefetch_count=1000)
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=settings.prefetch)
-        audit_exchange = await publish_channel.get_exchange(AUDIT_EXCHANGE, ensure=False)
+        # The live feed has a channel of its own: what a SIEM's queue does to it (a nack,
+        # flow control of its channel) never touches the archive's confirms.
+        feed_channel = await connection.channel(publisher_confirms=True)
+        feed_exchange = await feed_channel.get_exchange(AUDIT_EXCHANGE, ensure=False)
 
-        async def publish_audit(body: bytes, routing_key: str) -> None:
-            # one or more entries, one JSON document per line (see AuditTrail)
+        async def archive_audit(body: bytes) -> None:
+            # a whole batch, one entry per line (see AuditTrail), into the SAM's own stream
             message = aio_pika.Message(body, content_type="application/x-ndjson", delivery_mode=2)
-            await audit_exchange.publish(message, routing_key=routing_key, mandatory=True)
+            try:
+                async with asyncio.timeout(settings.publish_timeout_seconds):
+                    await publish_channel.default_exchange.publish(
+                        message, routing_key=AUDIT_ARCHIVE_STREAM, mandatory=True
+                    )
+            except aio_pika.exceptions.DeliveryError as exc:  # nacked, or returned unroutable
+                raise ArchiveRefused(type(exc).__name__) from exc
+
+        async def feed_audit(body: bytes, routing_key: str) -> None:
+            # not mandatory: with no SIEM bound, nobody is owed this copy
+            message = aio_pika.Message(body, content_type="application/x-ndjson", delivery_mode=2)
+            await feed_exchange.publish(message, routing_key=routing_key)
 
         state, ledgers = _ledgers(static, settings, ledger_channel, publish_channel)
         configuration, key_events, sad_use = state
@@ -111,9 +131,10 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             settings.instance,
             settings.audit_dir,
             hsm.sign_audit_digest,
-            publish_audit,
+            archive_audit,
             settings.audit_timeout_seconds,
             metrics,
+            feed=feed_audit,
         )
         audit.start()
         service = SamService(

@@ -1,54 +1,93 @@
 """The audit trail of one worker process: group commit of chained records into the
-service and admin files, a signed checkpoint per batch, and publication to the broker.
+service and admin files and the broker's archive, a signed checkpoint per batch, and a
+live feed for SIEMs.
 
-``record`` returns only once its record is durable in its file (written and fsynced
-together with the checkpoint that signs it) and every entry of its batch was confirmed
-by ``publish`` (the broker adapter: ``sam.audit``, mandatory, confirmed). One message
-carries a run of consecutive entries with the same routing key (``<log>.<operation>.
-<outcome>``), one JSON entry per line, in chain order; the checkpoint is a message of its
-own. Under load a batch is then two or three broker messages instead of one per request
-(the broker's work per signature was twice an echo's). The fsync and the broker confirms
-run side by side, once the batch is written. If that does
-not happen within the configured time it raises ``audit_unavailable``, and the caller
-must not release a result. While one batch is being written the next one gathers, so
-under load one HSM signature and one fsync serve many requests.
+**Commit.** A batch is chained and closed by one checkpoint signature, written to its
+file, and then fsynced while the same bytes (one message: the whole batch, JSON lines)
+are published to ``sam.audit.archive``, the SAM's own stream (mandatory, confirmed).
+The batch is committed only if both hold before the earliest bound of its callers
+(``timeout`` after each ``record`` call); ``record`` returns then, and only then. Only a
+committed batch goes on to the live feed (``sam.audit``, one message per run of entries
+with one routing key ``<log>.<operation>.<outcome>``), and that publication is never
+waited for: a SIEM's queue — full, rejecting, slow or absent — cannot hold up or refuse
+a signature, and a SIEM that missed entries reads them from the archive.
 
-File handling: a batch that fails to write is cut off again (``ftruncate``) and the
-chain does not advance, so the file never holds a half batch. At start, anything after
-the last checkpoint (a batch the process died writing — never confirmed to a caller) is
-moved to a ``<log>.cut-<time>`` file beside it (not matched by ``<log>.jsonl*``), and
-the chain continues from the last checkpoint, in the file or, after a rotation, in the
-``.head`` file beside it. SIGHUP
-(``reopen``) closes the files so the next batch opens them anew (logrotate ``create``,
-no ``copytruncate``).
+**One record per request, saying what the caller got.** A batch that is not committed
+(a failed or hung write, a failed fsync, a refusal or a missing confirm from the
+archive, the bound passed) is cut from its file again (``ftruncate``, in the I/O
+thread, after any write still in progress), the chain does not advance, and each of its
+callers gets ``audit_unavailable``; their records are queued once more, now saying so
+("reply withheld"), and join the next batch that is tried. A batch that may have
+reached the archive although it was not committed (its confirm came too late or never)
+is named in the ``retracts`` list of the next committed checkpoint, so the archive's
+copy shows it as retracted rather than as a fork.
+
+**Bounded failure.** After a failed batch, the next try waits: 0.25, 0.5, 1, 2, then
+every 4 s while callers wait (``BACKOFF``; never more than 80 % of ``timeout``, so a
+caller who arrives once the sink is back meets a try within its bound), and 5, 10, 20,
+40, then every 60 s while only records of withheld replies wait (``PROBE_BACKOFF``).
+A caller whose bound passes before a try gets ``audit_unavailable`` at its bound, and
+its record costs no signature then. No try starts while the I/O thread is still busy
+(a hung write). The log says an outage once when it begins (again only if its cause
+changes) and once when it ends, with counts.
+
+**Files.** At start, anything after the last checkpoint (a batch the process died
+writing — never confirmed to a caller) is moved to a ``<log>.cut-<time>`` file beside
+it (not matched by ``<log>.jsonl*``), and the chain continues from the last checkpoint,
+in the file or, after a rotation, in the ``.head`` file beside it. SIGHUP (``reopen``)
+closes the files so the next batch opens them anew (logrotate ``create``, no
+``copytruncate``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import Histogram
 
 from worker.domain.audit import AuditEvent, AuditLog, ChainHead, Outcome, chain_batch
 from worker.errors import ErrorCode, SamError
 from worker.metrics import Metrics
 
-__all__ = ["AuditTrail", "audit_file", "runs_by_routing_key"]
+__all__ = [
+    "BACKOFF",
+    "PROBE_BACKOFF",
+    "ArchiveRefused",
+    "AuditTrail",
+    "audit_file",
+    "runs_by_routing_key",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
+MAX_WITHHELD = 100_000
+MAX_FEED_BACKLOG = 1_000  # committed batches waiting for the live feed; beyond, the archive has them
+# Seconds before the next try after 1, 2, 3… failed batches in a row, while callers wait
+# (the last value repeats; below the default bound of 5 s, so a sink that is back serves
+# the next caller within one bound) …
+BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0)
+# … and while only records of withheld replies wait (no caller is held by them).
+PROBE_BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)
+MIN_TRY = 0.05  # a caller with less time left than this is not worth a checkpoint signature
+GRACE = 1.0  # how long a caller whose bound passed waits for a try in flight to settle it
+
+
+class ArchiveRefused(Exception):
+    """The broker definitely did not take a batch into the archive (nack, unroutable) —
+    unlike a timeout or a lost connection, after which it may hold it."""
 
 
 def audit_file(audit_dir: Path, instance: str, audit_log: AuditLog) -> Path:
@@ -56,15 +95,17 @@ def audit_file(audit_dir: Path, instance: str, audit_log: AuditLog) -> Path:
     return audit_dir / instance / f"{audit_log}.jsonl"
 
 
-def _recover(path: Path, head_file: Path) -> ChainHead:
-    """Cut an incomplete last batch off ``path``; return where the chain stands."""
-    head = ChainHead()
+def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str]]:
+    """Cut an incomplete last batch off ``path``; return where the chain stands and the
+    checkpoints still to retract (see the module docstring)."""
+    head, retracts = ChainHead(), []
     if head_file.exists():
-        with contextlib.suppress(OSError, ValueError, KeyError, orjson.JSONDecodeError):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             saved = orjson.loads(head_file.read_bytes())
             head = ChainHead(int(saved["seq"]), str(saved["hash"]))
+            retracts = [str(h) for h in saved.get("retracts", [])]
     if not path.exists():
-        return head
+        return head, retracts
     keep, in_file = 0, None
     with path.open("rb") as handle:
         offset = 0
@@ -79,8 +120,8 @@ def _recover(path: Path, head_file: Path) -> ChainHead:
             if entry.get("type") == "checkpoint":
                 keep, in_file = offset, ChainHead(int(entry["seq"]), str(entry["hash"]))
     if path.stat().st_size != keep:
-        # Kept beside the file for the auditor's eyes, never silently dropped.
-        # named so that the files' glob (``service.jsonl*``) never takes it for the trail
+        # Kept beside the file for the auditor's eyes, never silently dropped; named so
+        # that the files' glob (``service.jsonl*``) never takes it for the trail.
         cut = path.with_name(f"{path.stem}.cut-{int(time.time())}")
         log.warning("audit: moving an unfinished batch from %s to %s", path, cut)
         with path.open("r+b") as handle:
@@ -88,20 +129,18 @@ def _recover(path: Path, head_file: Path) -> ChainHead:
             cut.write_bytes(handle.read())
             handle.truncate(keep)
             os.fsync(handle.fileno())
-    if in_file is not None and in_file.seq >= head.seq:
-        return in_file
-    return head
+    if in_file is None or in_file == head:  # rotated away, or the file agrees: the head file speaks
+        return head, retracts
+    return (in_file, []) if in_file.seq >= head.seq else (head, retracts)
 
 
 @dataclass
 class _Pending:
     event: AuditEvent
     time_ms: int
-    done: asyncio.Future[dict[str, Any]] | None  # None: nobody waits (a withheld-reply record)
-    withheld_recorded: bool = False  # the caller got audit_unavailable and a record of that is queued
-
-
-MAX_WITHHELD = 100_000
+    done: asyncio.Future[dict[str, Any]] | None  # None: nobody waits (a withheld reply's record)
+    deadline: float = 0.0  # monotonic; the caller's bound
+    in_flight: bool = False
 
 
 def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[bytes, str]]:
@@ -118,11 +157,11 @@ def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[by
 
 def _describe(failure: BaseException | None) -> str:
     strerror = failure.strerror if isinstance(failure, OSError) else None
-    return f"{type(failure).__name__}: {strerror}"
+    return f"{type(failure).__name__}: {strerror}" if strerror else type(failure).__name__
 
 
 def _withheld(event: AuditEvent, why: str) -> AuditEvent:
-    """The record of what the caller actually got when its first record missed the bound."""
+    """The record of what the caller actually got when its batch was not committed."""
     return dataclasses.replace(
         event,
         outcome=Outcome.failure,
@@ -137,15 +176,107 @@ class _Log:
     path: Path
     head_file: Path
     head: ChainHead
-    pending: list[_Pending] = field(default_factory=list)
-    withheld: list[_Pending] = field(default_factory=list)  # written with the next batch that succeeds
+    retracts: list[str] = field(default_factory=list)  # for the next committed checkpoint
+    pending: list[_Pending] = field(default_factory=list)  # callers waiting, in arrival order
+    withheld: list[_Pending] = field(default_factory=list)  # records of withheld replies, to write
     handle: Any = None
+
+
+@dataclass
+class _Written:
+    """What the I/O thread knows of one batch's write: where the file ended before it,
+    and a descriptor of that file of its own (a SIGHUP may close the trail's handle
+    before the batch is decided)."""
+
+    size: int | None = None
+    fd: int | None = None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+class _Outage:
+    """One outage of a sink, logged once when it begins (again if its cause changes) and
+    once when it ends, with counts — never a line per failed try."""
+
+    def __init__(self, what: str, consequence: str) -> None:
+        self._what, self._consequence = what, consequence
+        self.since: float | None = None
+        self.tries = 0
+        self.withheld = 0
+        self.reason = ""
+
+    def failed(self, reason: str, next_try: float) -> None:
+        self.tries += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.error(
+                "%s failing: %s; %s (next try in %.2f s, backing off)",
+                self._what,
+                reason,
+                self._consequence,
+                next_try,
+            )
+        elif reason != self.reason:
+            log.warning("%s still failing, now: %s (%d tries so far)", self._what, reason, self.tries)
+        self.reason = reason
+
+    def ended(self) -> None:
+        if self.since is None:
+            return
+        log.warning(
+            "%s back after %.1f s: %d tries failed, %d replies withheld (their records now in the chain)",
+            self._what,
+            time.monotonic() - self.since,
+            self.tries,
+            self.withheld,
+        )
+        self.since, self.tries, self.withheld, self.reason = None, 0, 0, ""
+
+
+class _IoThread(concurrent.futures.Executor):
+    """One daemon thread that runs the trail's file jobs in order. A daemon, unlike a
+    ``ThreadPoolExecutor``'s thread, so a write hung for good (a dead NFS server, a FIFO)
+    cannot keep the process from exiting."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="audit-io", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((future, lambda: fn(*args, **kwargs)))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # handed to whoever awaits the job
+                future.set_exception(exc)
+
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
+        self._jobs.put(None)
+        if wait:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("audit: a file write is still hung at shutdown; leaving it behind")
 
 
 class AuditTrail:
     """The ``AuditSink`` of a worker process (see the module docstring): records are
-    answered only once durable in their file and confirmed by the broker, else
-    ``audit_unavailable`` within ``timeout``."""
+    answered only once their batch is committed — durable in its file and confirmed by
+    the archive — else ``audit_unavailable`` within ``timeout``."""
 
     def __init__(
         self,
@@ -153,29 +284,49 @@ class AuditTrail:
         instance: str,
         audit_dir: Path,
         sign_digest: Callable[[bytes], bytes],
-        publish: Callable[[bytes, str], Awaitable[None]],
+        archive: Callable[[bytes], Awaitable[None]],
         timeout: float,
         metrics: Metrics | None = None,
+        feed: Callable[[bytes, str], Awaitable[None]] | None = None,
+        backoff: tuple[tuple[float, ...], tuple[float, ...]] = (BACKOFF, PROBE_BACKOFF),
     ) -> None:
         self._metrics = metrics
         self._node = node
         self._instance = instance
         self._sign = sign_digest
-        self._publish = publish
+        self._archive = archive
+        self._feed = feed
         self._timeout = timeout
+        # never longer than most of the bound: a caller who arrives once the sink is back
+        # meets a try within its bound
+        self._backoff = tuple(min(step, 0.8 * timeout) for step in backoff[0])
+        self._probe_backoff = backoff[1]
         self._logs: dict[AuditLog, _Log] = {}
         for audit_log in AuditLog:
             path = audit_file(audit_dir, instance, audit_log)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             head_file = path.with_suffix(".head")
-            self._logs[audit_log] = _Log(path, head_file, _recover(path, head_file))
+            head, retracts = _recover(path, head_file)
+            self._logs[audit_log] = _Log(path, head_file, head, retracts)
         # One thread does all file I/O, so a slow disk never stalls the event loop and
         # writes stay in order.
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
+        self._io = _IoThread()
+        self._io_tail: asyncio.Future[Any] | None = None  # the last file job handed to it
         self._wakeup = asyncio.Event()
         self._closed = False
         self._flusher: asyncio.Task[None] | None = None
+        self._feeder: asyncio.Task[None] | None = None
+        self._feed_backlog: asyncio.Queue[list[tuple[bytes, str]]] = asyncio.Queue(MAX_FEED_BACKLOG)
         self._failing_since: float | None = None  # monotonic time of the first failure since a success
+        self._failures = 0  # failed tries in a row
+        self._retry_at = 0.0  # monotonic: no try for waiting callers before
+        self._probe_at = 0.0  # monotonic: no try for withheld records alone before
+        self._outage = _Outage("audit sink", "callers get audit_unavailable")
+        self._feed_outage = _Outage(
+            "audit live feed (sam.audit)", "SIEMs read what they miss from the archive"
+        )
+        self._final_try = False  # at shutdown, withheld records get one more try
+        self.tries = 0  # batches tried: each one checkpoint signature
 
     def failing_for(self) -> float:
         """Seconds since batches began to fail without one succeeding since (0: none
@@ -183,16 +334,20 @@ class AuditTrail:
         return 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
 
     def writable(self) -> bool:
-        """Whether both audit files can be opened for appending now (for readiness)."""
+        """Whether both audit files can be opened for appending now (for readiness);
+        never blocks (a FIFO without a reader is not writable)."""
         try:
             for state in self._logs.values():
-                os.close(os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+                os.close(os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o640))
         except OSError:
             return False
         return True
 
     def start(self) -> None:
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        loop = asyncio.get_running_loop()
+        self._flusher = loop.create_task(self._flush_forever())
+        if self._feed is not None:
+            self._feeder = loop.create_task(self._feed_forever())
 
     def reopen(self) -> None:
         """Close the files now, so the next batch opens them anew (logrotate moved them).
@@ -208,27 +363,39 @@ class AuditTrail:
                 state.handle.close()
                 state.handle = None
 
+    # --- callers ------------------------------------------------------------------------
+
     async def record(self, event: AuditEvent) -> dict[str, Any]:
         if self._closed or self._flusher is None:
             raise SamError(ErrorCode.audit_unavailable, "the audit trail is not running")
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending = _Pending(event, int(time.time() * 1000), done)
+        pending = _Pending(event, int(time.time() * 1000), done, time.monotonic() + self._timeout)
         self._logs[event.log].pending.append(pending)
         self._wakeup.set()
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(done)
+        if not pending.in_flight:  # no try holds it: the bound decides, without a signature
+            self._withhold(pending, f"audit record not durable within {self._timeout} s")
+        # A try in flight has this very bound as its deadline and settles it at once;
+        # the grace only covers the event loop's scheduling.
+        try:
+            async with asyncio.timeout(GRACE):
+                return await asyncio.shield(done)
         except TimeoutError:
-            message = f"audit record not durable within {self._timeout} s"
-            self._record_withheld(pending, message)
-            raise SamError(ErrorCode.audit_unavailable, message) from None
+            log.error("audit: a batch in flight did not settle within its bound; withholding its reply")
+            self._withhold(pending, f"audit record not durable within {self._timeout} s")
+            return await done  # raises what _withhold set
 
-    def _record_withheld(self, pending: _Pending, why: str) -> None:
-        """Queue the record of a reply that became audit_unavailable, so the trail
-        eventually says what every caller got."""
-        if pending.withheld_recorded:
+    def _withhold(self, pending: _Pending, why: str) -> None:
+        """Decide once that a caller gets audit_unavailable, and queue the record saying so."""
+        assert pending.done is not None
+        if pending.done.done():
             return
-        pending.withheld_recorded = True
+        pending.done.set_exception(SamError(ErrorCode.audit_unavailable, why))
+        self._outage.withheld += 1
+        if self._metrics is not None:
+            self._metrics.audit_withheld.inc()
         state = self._logs[pending.event.log]
         if len(state.withheld) >= MAX_WITHHELD:
             log.critical(
@@ -239,32 +406,81 @@ class AuditTrail:
             return
         state.withheld.append(_Pending(_withheld(pending.event, why), int(time.time() * 1000), None))
 
-    async def _flush_forever(self) -> None:
-        while True:
-            waiting = any(state.withheld for state in self._logs.values())
-            # withheld-reply records are tried again every few seconds even without traffic
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), 5 if waiting else None)
-            self._wakeup.clear()
-            if self._closed and not any(state.pending for state in self._logs.values()):
-                return
-            for audit_log, state in self._logs.items():
-                if state.withheld and not state.pending:
-                    state.pending, state.withheld = state.withheld, []
-                while state.pending:
-                    batch, state.pending = state.pending[:MAX_BATCH], state.pending[MAX_BATCH:]
-                    if state.withheld:  # with the next batch, in the order they happened
-                        batch, state.withheld = state.withheld + batch, []
-                    self._wakeup.set()  # look again once this batch is done
-                    try:
-                        await self._flush(audit_log, state, batch)
-                    except Exception as exc:  # the flusher must outlive any one batch
-                        log.exception("audit batch failed unexpectedly")
-                        self._fail(batch, f"audit failed ({type(exc).__name__})")
+    # --- the flusher ----------------------------------------------------------------------
 
-    async def _flush(self, audit_log: AuditLog, state: _Log, batch: list[_Pending]) -> None:
-        """Chain and sign ``batch``, write it, then make it durable in the file and on the
-        broker side by side; release its callers only when both hold."""
+    def _fresh(self, state: _Log, now: float) -> list[_Pending]:
+        """Callers still waiting with time enough for a try."""
+        return [
+            p
+            for p in state.pending
+            if p.done is not None and not p.done.done() and p.deadline - now >= MIN_TRY
+        ]
+
+    def _io_idle(self) -> bool:
+        return self._io_tail is None or self._io_tail.done()
+
+    async def _work_due(self) -> bool:
+        """Wait until a try is due (something waits, its backoff has passed, the I/O
+        thread is free); False once closed with nothing left to try."""
+        while True:
+            self._wakeup.clear()
+            now = time.monotonic()
+            for state in self._logs.values():  # settled callers leave the queue
+                state.pending = [p for p in state.pending if p.done is not None and not p.done.done()]
+            fresh = any(self._fresh(state, now) for state in self._logs.values())
+            withheld = any(state.withheld for state in self._logs.values())
+            due: float | None = None
+            if fresh:
+                due = self._retry_at
+            elif withheld and not self._closed:
+                due = self._probe_at
+            elif withheld and not self._final_try:
+                due = now  # at shutdown, one more try for them, then a side file
+            if due is None and self._closed:
+                return False
+            if due is not None and due <= now and self._io_idle():
+                self._final_try = self._closed and not fresh
+                return True
+            timeout = None if due is None or not self._io_idle() else max(due - now, 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _flush_forever(self) -> None:
+        while await self._work_due():
+            now = time.monotonic()
+            for audit_log, state in self._logs.items():
+                fresh = self._fresh(state, now)[:MAX_BATCH]
+                if not fresh and not state.withheld:
+                    continue
+                batch, state.withheld = state.withheld[:MAX_BATCH] + fresh, state.withheld[MAX_BATCH:]
+                await self._try(audit_log, state, batch)
+
+    async def _try(self, audit_log: AuditLog, state: _Log, batch: list[_Pending]) -> None:
+        """Chain, sign, write and archive one batch; commit it or fail it (see the module
+        docstring) — decided here, once, by the earliest bound of its callers."""
+        waiters = [p for p in batch if p.done is not None]
+        deadline = min((p.deadline for p in waiters), default=time.monotonic() + self._timeout)
+        for pending in batch:
+            pending.in_flight = True
+        self.tries += 1
+        where = _Written()
+        try:
+            reason = await self._commit(audit_log, state, batch, deadline, where)
+        except Exception as exc:  # the flusher must outlive any one batch
+            log.exception("audit batch failed unexpectedly")
+            reason = f"audit failed ({type(exc).__name__})"
+            self._io_job(self._cut, where)
+        finally:
+            for pending in batch:
+                pending.in_flight = False
+        if reason is not None:
+            self._failed(state, batch, reason)
+
+    async def _commit(
+        self, audit_log: AuditLog, state: _Log, batch: list[_Pending], deadline: float, where: _Written
+    ) -> str | None:
+        """The batch committed (``None``), or why not — with the file cut back already
+        queued and the batch queued for retraction where the archive may hold it."""
         try:
             entries, head = chain_batch(
                 self._node,
@@ -274,57 +490,14 @@ class AuditTrail:
                 [(p.event, p.time_ms) for p in batch],
                 int(time.time() * 1000),
                 self._sign,
+                state.retracts,
             )
         except SamError as exc:
-            self._fail(batch, f"audit signing failed: {exc.message}")
-            return
+            return f"audit signing failed: {exc.message}"
         lines = [orjson.dumps(entry) for entry in entries]
-        started = time.perf_counter()
-        durable = await self._written(state, lines, head)
-        if isinstance(durable, BaseException):  # nothing left the worker
-            self._fail(batch, f"audit file not writable ({_describe(durable)})")
-            return
-        routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
-        metrics = self._metrics
-        synced, *published = await asyncio.gather(
-            self._timed(durable, started, metrics.audit_flush_seconds if metrics else None),
-            *(
-                self._timed(
-                    self._publish(body, key), started, metrics.audit_confirm_seconds if metrics else None
-                )
-                for body, key in runs_by_routing_key(lines, routing)
-            ),
-            return_exceptions=True,
-        )
-        if isinstance(synced, BaseException):
-            self._fail(batch, f"audit file not made durable ({_describe(synced)})")
-            return
-        state.head = head
-        if metrics is not None:
-            metrics.audit_batch_records.observe(len(batch))
-        failure = next((r for r in published if isinstance(r, BaseException)), None)
-        if failure is not None:
-            self._fail(batch, f"audit exchange did not confirm ({type(failure).__name__})")
-            return
-        self._failing_since = None
-        for pending, entry in zip(batch, entries, strict=False):
-            if pending.done is not None and not pending.done.done():
-                pending.done.set_result(entry)
-
-    async def _written(
-        self, state: _Log, lines: list[bytes], head: ChainHead
-    ) -> asyncio.Future[None] | BaseException:
-        """Start the batch's I/O job and return, once its write went through, the future
-        of its fsync — or the write's failure.
-
-        One I/O job writes and then fsyncs (a SIGHUP's close cannot come in between);
-        it signals when the write went through, and the broker publishes start then.
-        The fsync and the broker's confirms run side by side: the reply waits for the
-        slower one, not for both in a row. Only a failed fsync (the write itself went
-        through) can now leave a batch on the broker that the file does not keep; its
-        callers get audit_unavailable, the chain goes on from the file's last
-        checkpoint, and the broker's copy shows a fork there (see the README)."""
+        data = b"".join(line + b"\n" for line in lines)
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         written: asyncio.Future[None] = loop.create_future()
 
         def settle() -> None:
@@ -334,94 +507,202 @@ class AuditTrail:
         def signal_written() -> None:
             loop.call_soon_threadsafe(settle)
 
-        data = b"".join(line + b"\n" for line in lines)
-        durable = loop.run_in_executor(self._io, self._write, state, data, head, signal_written)
-        await asyncio.wait([written, durable], return_when=asyncio.FIRST_COMPLETED)
-        if not written.done():  # the write failed (callbacks arrive in order)
-            return durable.exception() or RuntimeError("audit write failed")
-        return durable
+        durable = self._io_job(self._write, state, data, where, signal_written)
+        await asyncio.wait(
+            [written, durable], timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+        )
+        if not written.done():
+            if durable.done():  # the write failed and cut itself off: nothing left the worker
+                return f"audit file not writable ({_describe(durable.exception())})"
+            self._io_job(self._cut, where)  # runs once the hung write returns
+            return f"audit file write did not finish within {self._timeout} s"
+        archived: asyncio.Future[None] = asyncio.ensure_future(self._archive(data))
+        await asyncio.wait([durable, archived], timeout=deadline - time.monotonic())
+        metrics = self._metrics
+        if metrics is not None and archived.done() and not archived.exception():
+            metrics.audit_confirm_seconds.observe(time.perf_counter() - started)
+        reason = self._verdict(durable, archived, batch)
+        if reason is not None:
+            self._io_job(self._cut, where)
+            if not (archived.done() and isinstance(archived.exception(), ArchiveRefused)):
+                state.retracts.append(entries[-1]["hash"])  # the archive may hold it
+                self._io_job(self._save_head, state, state.head, list(state.retracts))
+            archived.add_done_callback(lambda task: task.cancelled() or task.exception())
+            return reason
+        # committed
+        if metrics is not None:
+            metrics.audit_flush_seconds.observe(time.perf_counter() - started)
+            metrics.audit_batch_records.observe(len(batch))
+        where.release()  # the write job is over: nothing to cut
+        state.head, state.retracts = head, []
+        self._io_job(self._save_head, state, head, [])
+        self._succeeded()
+        for pending, entry in zip(batch, entries, strict=False):
+            if pending.done is not None:
+                pending.done.set_result(entry)
+        if self._feed is not None:
+            routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
+            self._to_feed(runs_by_routing_key(lines, routing))
+        return None
 
-    @staticmethod
-    async def _timed(step: Awaitable[None], started: float, histogram: Histogram | None) -> None:
-        await step
-        if histogram is not None:
-            histogram.observe(time.perf_counter() - started)
+    def _verdict(
+        self, durable: asyncio.Future[None], archived: asyncio.Future[None], batch: list[_Pending]
+    ) -> str | None:
+        if not durable.done():
+            return f"audit file not made durable within {self._timeout} s"
+        if durable.exception() is not None:
+            return f"audit file not made durable ({_describe(durable.exception())})"
+        if not archived.done():
+            return f"audit archive did not confirm within {self._timeout} s"
+        if (failure := archived.exception()) is not None:
+            if isinstance(failure, ArchiveRefused):
+                return f"audit archive refused the batch ({failure})"
+            return f"audit archive did not confirm ({type(failure).__name__})"
+        if any(p.done is not None and p.done.done() for p in batch):
+            return "a caller's bound passed"
+        return None
 
-    def _write(self, state: _Log, data: bytes, head: ChainHead, written: Callable[[], None]) -> None:
+    def _io_job(self, job: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().run_in_executor(self._io, job, *args)
+        future.add_done_callback(self._job_done)
+        self._io_tail = future
+        return future
+
+    def _job_done(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            future.exception()  # seen: the try that waited for it reported it, or gave up on it
+        self._wakeup.set()
+
+    def _succeeded(self) -> None:
+        self._failing_since, self._failures = None, 0
+        self._retry_at = self._probe_at = 0.0
+        self._outage.ended()
+
+    def _failed(self, state: _Log, batch: list[_Pending], reason: str) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        self._failures += 1
+        step = self._failures - 1
+        self._retry_at = now + self._backoff[min(step, len(self._backoff) - 1)]
+        self._probe_at = now + self._probe_backoff[min(step, len(self._probe_backoff) - 1)]
+        self._outage.failed(reason, self._retry_at - now)
+        if self._metrics is not None:
+            self._metrics.audit_failures.inc()
+        records = [p for p in batch if p.done is None]
+        state.withheld[:0] = records  # tried again first, in the order they happened
+        for pending in batch:
+            if pending.done is not None:
+                self._withhold(pending, reason)
+
+    # --- the live feed --------------------------------------------------------------------
+
+    def _to_feed(self, runs: list[tuple[bytes, str]]) -> None:
+        try:
+            self._feed_backlog.put_nowait(runs)
+        except asyncio.QueueFull:
+            if self._metrics is not None:
+                self._metrics.audit_feed_failures.inc()
+            self._feed_outage.failed("backlog full, batch left to the archive", 0.0)
+
+    async def _feed_forever(self) -> None:
+        """Publish committed batches to ``sam.audit`` in commit order; a refusal is
+        counted and logged, never retried (the archive holds every committed batch)."""
+        assert self._feed is not None
+        while True:
+            runs = await self._feed_backlog.get()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await asyncio.gather(*(self._feed(body, key) for body, key in runs))
+            except Exception as exc:
+                if self._metrics is not None:
+                    self._metrics.audit_feed_failures.inc()
+                self._feed_outage.failed(f"{type(exc).__name__}, batch left to the archive", 0.0)
+            else:
+                self._feed_outage.ended()
+            finally:
+                self._feed_backlog.task_done()
+
+    # --- the I/O thread -------------------------------------------------------------------
+
+    def _write(self, state: _Log, data: bytes, where: _Written, written: Callable[[], None]) -> None:
         """In the I/O thread: append a whole batch and fsync it, or leave the file as it
         was. ``written`` is called between the two."""
         if state.handle is None:
             fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             state.handle = os.fdopen(fd, "ab", buffering=0)
         handle = state.handle
-        size = os.fstat(handle.fileno()).st_size
+        where.size, where.fd = os.fstat(handle.fileno()).st_size, os.dup(handle.fileno())
         try:
             if handle.write(data) != len(data):
                 raise OSError(28, "short write")
             written()
             os.fsync(handle.fileno())
         except OSError:
-            self._cut(state, size)
+            self._cut(where)
+            state.handle = None  # opened anew for the next batch
+            handle.close()
             raise
-        # Where the chain stands, for a restart after the file was rotated away. Only
-        # a hint (the file itself is the truth), so a failure here fails nothing.
-        with contextlib.suppress(OSError):
-            temporary = state.head_file.with_suffix(".head.tmp")
-            temporary.write_bytes(orjson.dumps({"seq": head.seq, "hash": head.hash}))
-            os.replace(temporary, state.head_file)
 
     @staticmethod
-    def _cut(state: _Log, size: int) -> None:
+    def _cut(where: _Written) -> None:
+        """In the I/O thread: take a batch that was not committed off its file again
+        (appends that follow go to the new end: the trail's files are ``O_APPEND``)."""
+        if where.fd is None or where.size is None:
+            return
         with contextlib.suppress(OSError):
-            os.ftruncate(state.handle.fileno(), size)
-        state.handle.close()
-        state.handle = None
+            os.ftruncate(where.fd, where.size)
+            os.fsync(where.fd)
+        where.release()
 
-    def _fail(self, batch: list[_Pending], message: str) -> None:
-        log.error("audit batch of %d failed: %s", len(batch), message)
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-        if self._metrics is not None:
-            self._metrics.audit_failures.inc()
-        for pending in batch:
-            if pending.done is None:  # a withheld-reply record: keep it for the next batch
-                self._logs[pending.event.log].withheld.append(pending)
-                continue
-            if not pending.done.done():
-                pending.done.set_exception(SamError(ErrorCode.audit_unavailable, message))
-            self._record_withheld(pending, message)
+    @staticmethod
+    def _save_head(state: _Log, head: ChainHead, retracts: list[str]) -> None:
+        """Where the chain stands, for a restart after the file was rotated away. Only
+        a hint (the file itself is the truth), so a failure here fails nothing."""
+        with contextlib.suppress(OSError):
+            temporary = state.head_file.with_suffix(".head.tmp")
+            temporary.write_bytes(orjson.dumps({"seq": head.seq, "hash": head.hash, "retracts": retracts}))
+            os.replace(temporary, state.head_file)
+
+    # --- shutdown -------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Flush what is pending (within the audit time bound), then stop."""
+        """Commit what is pending (within the audit time bound), hand the live feed what
+        is committed, then stop."""
         self._closed = True
         self._wakeup.set()
         if self._flusher is not None:
             try:
-                await asyncio.wait_for(self._flusher, self._timeout)
+                await asyncio.wait_for(self._flusher, self._timeout + GRACE)
             except TimeoutError:
-                log.error("audit: pending records not flushed within %s s at shutdown", self._timeout)
+                log.error("audit: pending records not committed within %s s at shutdown", self._timeout)
+        if self._feeder is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._feed_backlog.join(), self._timeout)
+            self._feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feeder
         self._keep_unwritten_withheld()
         self._io.submit(self._close_files)
-        self._io.shutdown(wait=True)
+        self._io.shutdown(wait=True, timeout=self._timeout)
 
     def _keep_unwritten_withheld(self) -> None:
         """At shutdown (say, with the HSM lost, so no checkpoint can be signed), records of
         withheld replies still waiting go to a side file beside the log — unchained and
         unsigned, but kept for the auditor rather than lost."""
         for state in self._logs.values():
-            waiting = [p for p in [*state.withheld, *state.pending] if p.done is None]
-            if not waiting:
+            if not state.withheld:
                 continue
             side = state.path.with_name(f"{state.path.stem}.unwritten-{int(time.time())}")
             with contextlib.suppress(OSError):
                 side.write_bytes(
                     b"".join(
                         orjson.dumps({**dataclasses.asdict(p.event), "time_ms": p.time_ms}) + b"\n"
-                        for p in waiting
+                        for p in state.withheld
                     )
                 )
                 log.error(
                     "audit: %d records of withheld replies could not be chained; kept in %s",
-                    len(waiting),
+                    len(state.withheld),
                     side,
                 )

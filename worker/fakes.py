@@ -12,6 +12,7 @@ and ``AuditTrail``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from worker.domain.algorithms import HsmMechanism, KeySpec, KeyType, SignatureScheme
-from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch
+from worker.domain.audit import AuditEvent, AuditLog, ChainHead, Outcome, chain_batch
 from worker.domain.ledgers import Reducer
 from worker.errors import ErrorCode, SamError
 from worker.ports import GeneratedKeyPair, WrappedKey
@@ -216,10 +217,22 @@ class ReplicaLedger:
         self._read(position)
 
 
+def _withheld_reply(event: AuditEvent) -> AuditEvent:
+    return dataclasses.replace(
+        event,
+        outcome=Outcome.failure,
+        status=ErrorCode.audit_unavailable.status,
+        error_code=ErrorCode.audit_unavailable.name,
+        detail="reply withheld: the audit sink is failing "
+        f"(decided: {event.status} {event.error_code or 'ok'})",
+    )
+
+
 class MemoryAudit:
-    """An ``AuditSink`` that chains and signs every record at once (one record and its
-    checkpoint per call, as a batch of one in the audit trail) and keeps the entries.
-    ``failing`` makes every record fail as an unavailable sink does."""
+    """An ``AuditSink`` that chains and signs every record at once (one batch per call,
+    as in the audit trail) and keeps the entries. ``failing`` makes every record fail
+    as an unavailable sink does; as in the trail, a refused request's record is written
+    once the sink is back, saying what its caller got (``audit_unavailable``)."""
 
     def __init__(
         self,
@@ -230,30 +243,35 @@ class MemoryAudit:
         self._sign = sign_digest if sign_digest is not None else SoftwareHsm().sign_audit_digest
         self._node, self._instance = node, instance
         self._heads: dict[AuditLog, ChainHead] = {log: ChainHead() for log in AuditLog}
+        self._withheld: list[tuple[AuditEvent, int]] = []
         self.entries: list[dict[str, Any]] = []
         self.lines: list[bytes] = []
         self.events: list[AuditEvent] = []
         self.failing = False
 
     async def record(self, event: AuditEvent) -> dict[str, Any]:
-        if self.failing:
-            raise SamError(ErrorCode.audit_unavailable, "the audit sink is failing")
         time_ms = int(time.time() * 1000)
+        if self.failing:
+            self._withheld.append((_withheld_reply(event), time_ms))
+            raise SamError(ErrorCode.audit_unavailable, "the audit sink is failing")
+        withheld = [item for item in self._withheld if item[0].log == event.log]
+        batch = [*withheld, (event, time_ms)]
         try:
             entries, head = chain_batch(
                 self._node,
                 self._instance,
                 event.log,
                 self._heads[event.log],
-                [(event, time_ms)],
+                batch,
                 time_ms,
                 self._sign,
             )
             lines = [orjson.dumps(entry) for entry in entries]  # as the trail writes them
         except (SamError, TypeError) as exc:
             raise SamError(ErrorCode.audit_unavailable, f"audit failed ({type(exc).__name__})") from exc
+        self._withheld = [item for item in self._withheld if item[0].log != event.log]
         self._heads[event.log] = head
-        self.events.append(event)
+        self.events += [item[0] for item in batch]
         self.entries += entries
         self.lines += lines
-        return entries[0]
+        return entries[len(withheld)]

@@ -58,13 +58,13 @@ class Metrics:
         self.hsm_errors = Counter("sam_hsm_errors", "HSM calls that failed", ["operation"], registry=registry)
         self.audit_flush_seconds = Histogram(
             "sam_audit_flush_seconds",
-            "Write and fsync of one audit batch",
+            "From the start of an audit batch's write to its commit (fsynced and confirmed by the archive)",
             buckets=_LATENCY,
             registry=registry,
         )
         self.audit_confirm_seconds = Histogram(
             "sam_audit_confirm_seconds",
-            "From the start of an audit batch's write to the broker's confirm of each of its messages",
+            "From the start of an audit batch's write to the archive's confirm",
             buckets=_LATENCY,
             registry=registry,
         )
@@ -75,7 +75,19 @@ class Metrics:
             registry=registry,
         )
         self.audit_failures = Counter(
-            "sam_audit_failures", "Audit batches that could not be made durable", registry=registry
+            "sam_audit_failures",
+            "Audit batches tried and not committed (each one checkpoint signature; tries back off)",
+            registry=registry,
+        )
+        self.audit_withheld = Counter(
+            "sam_audit_withheld_replies",
+            "Replies turned into audit_unavailable because their audit record was not committed in time",
+            registry=registry,
+        )
+        self.audit_feed_failures = Counter(
+            "sam_audit_feed_failures",
+            "Committed audit batches the live feed (sam.audit) did not take; the archive holds them",
+            registry=registry,
         )
         self.in_flight = Gauge("sam_in_flight_requests", "Requests being processed", registry=registry)
         self.config_version = Gauge(

@@ -7,6 +7,7 @@ chains of their own, and a sink that cannot make a record durable refuses with
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from worker.audit_trail import AuditTrail, audit_file
+from worker.audit_trail import ArchiveRefused, AuditTrail, audit_file
 from worker.cli.sam import ClientProfile
 from worker.devtools.stack import Stack
 from worker.domain.audit import AuditEvent, AuditLog, Outcome, verify_entries
@@ -35,6 +36,7 @@ class Subject:
     sink: AuditSink
     trails: Callable[[], Awaitable[list[list[bytes]]]]  # every copy of the trail, as raw lines
     fail: Callable[[], None]  # from now on the sink cannot make records durable
+    repair: Callable[[], None]  # and from now on it can again
     public_key: ec.EllipticCurvePublicKey
 
 
@@ -49,32 +51,54 @@ async def _trail_on_broker(stack: Stack, audit_dir: Path) -> AsyncIterator[Subje
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     connection = await aio_pika.connect(profile.url, ssl_context=tls_context(tls))
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    queue = await channel.declare_queue(f"bench.audit-contract-{uuid.uuid4()}", exclusive=True)
-    target = {"queue": queue.name}
+    archive = await channel.declare_queue(f"bench.audit-archive-{uuid.uuid4()}", exclusive=True)
+    feed = await channel.declare_queue(f"bench.audit-feed-{uuid.uuid4()}", exclusive=True)
+    target = {"queue": archive.name}
 
-    async def publish(body: bytes, routing_key: str) -> None:
+    async def to_archive(body: bytes) -> None:  # as the worker's adapter does
         message = aio_pika.Message(body, content_type="application/x-ndjson", delivery_mode=2)
-        await channel.default_exchange.publish(message, routing_key=target["queue"], mandatory=True)
+        try:
+            await channel.default_exchange.publish(message, routing_key=target["queue"], mandatory=True)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise ArchiveRefused(type(exc).__name__) from exc
+
+    async def to_feed(body: bytes, routing_key: str) -> None:
+        message = aio_pika.Message(body, content_type="application/x-ndjson", delivery_mode=2)
+        await channel.default_exchange.publish(message, routing_key=feed.name)
 
     hsm = SoftwareHsm()
-    trail = AuditTrail("node-1", "contract", audit_dir, hsm.sign_audit_digest, publish, timeout=2.0)
+    trail = AuditTrail(
+        "node-1", "contract", audit_dir, hsm.sign_audit_digest, to_archive, timeout=2.0, feed=to_feed
+    )
     trail.start()
-    published: list[bytes] = []
+    archived: list[bytes] = []
+    fed: list[bytes] = []
+
+    async def drain(queue: aio_pika.abc.AbstractQueue, into: list[bytes]) -> None:
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            into.extend(message.body.splitlines())
 
     async def trails() -> list[list[bytes]]:
         files = []
         for audit_log in AuditLog:
             path = audit_file(audit_dir, "contract", audit_log)
             files += path.read_bytes().splitlines() if path.exists() else []
-        while (message := await queue.get(no_ack=True, fail=False)) is not None:
-            published.extend(message.body.splitlines())
-        return [files, list(published)]
+        await drain(archive, archived)
+        for _ in range(50):  # the live feed follows the commit, unawaited
+            await drain(feed, fed)
+            if len(fed) >= len(files):
+                break
+            await asyncio.sleep(0.05)
+        return [files, list(archived), list(fed)]
 
     def fail() -> None:
         target["queue"] = f"bench.no-such-queue-{uuid.uuid4()}"  # unroutable: returned, not confirmed
 
+    def repair() -> None:
+        target["queue"] = archive.name
+
     try:
-        yield Subject(trail, trails, fail, _public_key(hsm))
+        yield Subject(trail, trails, fail, repair, _public_key(hsm))
     finally:
         await trail.close()
         await connection.close()
@@ -95,7 +119,10 @@ async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     def fail() -> None:
         sink.failing = True
 
-    yield Subject(sink, trails, fail, _public_key(hsm))
+    def repair() -> None:
+        sink.failing = False
+
+    yield Subject(sink, trails, fail, repair, _public_key(hsm))
 
 
 def _event(log: AuditLog = AuditLog.service, **fields: Any) -> AuditEvent:
@@ -144,3 +171,23 @@ async def test_a_sink_that_cannot_make_a_record_durable_refuses(subject: Subject
     with pytest.raises(SamError) as refused:
         await subject.sink.record(_event(request_id="refused"))
     assert refused.value.code is ErrorCode.audit_unavailable
+
+
+async def test_a_refused_request_is_recorded_once_saying_what_its_caller_got(subject: Subject) -> None:
+    """Once the sink is back, the trail holds the refused request exactly once — as the
+    audit_unavailable its caller got, never as the success that was decided."""
+    subject.fail()
+    with pytest.raises(SamError):
+        await subject.sink.record(_event(request_id="withheld"))
+    subject.repair()
+    for _ in range(40):  # the next try waits for the backoff's first step
+        try:
+            await subject.sink.record(_event(request_id="after"))
+            break
+        except SamError:
+            await asyncio.sleep(0.1)
+    for lines in await subject.trails():
+        records = [e for e in map(orjson.loads, lines) if e["type"] == "record"]
+        (withheld,) = [r for r in records if r["request_id"] == "withheld"]
+        assert (withheld["status"], withheld["error_code"]) == (503, "audit_unavailable")
+        assert withheld["detail"].startswith("reply withheld")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import inspect
 import json
@@ -153,19 +154,24 @@ async def test_rotation_twenty_times_under_load(harness: Harness, signing: Signi
     assert set(per_request) == {request_id for request_id, _ in replies}
 
 
-async def assert_refused_then_recovers(signing: Signing, breakage: Any, repair: Any, slack: int = 0) -> None:
+async def assert_refused_then_recovers(
+    signing: Signing, breakage: Any, repair: Any, slack: int = 0
+) -> dict[str, int]:
     """Once the sink is broken, a request gets audit_unavailable within the bound and no
     signature; once repaired, the same worker serves again. ``slack``: requests that may
     still succeed after the breakage (a full disk still takes what fits in a file's last
-    page)."""
-    _, before = await signing.send()
+    page). Returns the status each request got, by request id."""
+    got: dict[str, int] = {}
+    request_id, before = await signing.send()
+    got[request_id] = before.status
     assert before.status == 200
     if inspect.isawaitable(broken := breakage()):
         await broken
     try:
         for attempt in range(slack + 1):
             started = time.monotonic()
-            _, reply = await signing.send(reply_timeout=AUDIT_TIMEOUT + 10)
+            request_id, reply = await signing.send(reply_timeout=AUDIT_TIMEOUT + 10)
+            got[request_id] = reply.status
             assert time.monotonic() - started < AUDIT_TIMEOUT + 5
             document = reply.json()
             if reply.status == 200 and attempt < slack:
@@ -177,8 +183,18 @@ async def assert_refused_then_recovers(signing: Signing, breakage: Any, repair: 
         if inspect.isawaitable(repaired := repair()):
             await repaired
     for _ in range(3):  # and it serves again at once, without a restart
-        _, after = await signing.send()
+        request_id, after = await signing.send()
+        got[request_id] = after.status
         assert after.status == 200, after.json()
+    return got
+
+
+def assert_one_truthful_record(files: list[Path], got: dict[str, int]) -> None:
+    """Each request exactly once in the files, with the status its caller got."""
+    records = records_in(files)
+    for request_id, status in got.items():
+        mine = [r["status"] for r in records if r["request_id"] == request_id]
+        assert mine == [status], (request_id, mine, status)
 
 
 @pytest.fixture
@@ -217,10 +233,11 @@ async def test_disk_full(harness: Harness, signing: Signing, tmp_path: Path, how
                 else:
                     subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:"], check=True)
 
-            await assert_refused_then_recovers(signing, fill, free, slack=8)
+            got = await assert_refused_then_recovers(signing, fill, free, slack=8)
         files = sorted((audit_dir / instance).glob("*.jsonl"))
         result = verify(harness, files)
         assert result.returncode == 0, result.stdout
+        assert_one_truthful_record(files, got)
     finally:
         if mounted.returncode == 0:
             subprocess.run(["umount", str(audit_dir)], check=False)  # noqa: ASYNC221
@@ -238,49 +255,84 @@ async def test_unwritable_audit_file(harness: Harness, signing: Signing, audit_d
             os.kill(process.pid, signal.SIGHUP)
             time.sleep(0.2)
 
-        await assert_refused_then_recovers(signing, make_unwritable, lambda: service.rmdir())
+        got = await assert_refused_then_recovers(signing, make_unwritable, lambda: service.rmdir())
     result = verify(harness, [service.with_suffix(".jsonl.1"), service])
     assert result.returncode == 0, result.stdout
+    assert_one_truthful_record([service.with_suffix(".jsonl.1"), service], got)
 
 
-async def test_audit_exchange_unroutable(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+async def test_audit_archive_unroutable(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+    """With ``sam.audit.archive`` gone, every batch is returned unroutable: callers get
+    audit_unavailable, and afterwards the file and the archive (declared again) hold
+    each of those requests exactly once, as the 503 its caller got."""
     definitions = harness.stack.path("rabbitmq", "definitions.json")
-    bound = harness.stack.rabbitmqctl(
-        "list_bindings", "-p", "sam", "source_name", "destination_name", "--no-table-headers", "-q"
-    ).stdout
-    queues = sorted({line.split("\t")[1] for line in bound.splitlines() if line.startswith("sam.audit\t")})
-    async with own_worker(harness, "worker-unroutable", audit_dir):
+    instance = "worker-unroutable"
+    async with own_worker(harness, instance, audit_dir):
+        since = datetime.datetime.now(datetime.UTC)
 
-        def unbind() -> None:
-            for queue in queues:
-                harness.stack.rabbitmqctl("delete_queue", "-p", "sam", queue)
+        def unroute() -> None:
+            harness.stack.rabbitmqctl("delete_queue", "-p", "sam", "sam.audit.archive")
 
-        await assert_refused_then_recovers(
-            signing, unbind, lambda: harness.stack.rabbitmqctl("import_definitions", str(definitions))
+        got = await assert_refused_then_recovers(
+            signing, unroute, lambda: harness.stack.rabbitmqctl("import_definitions", str(definitions))
         )
+    files = sorted((audit_dir / instance).glob("*.jsonl"))
+    assert verify(harness, files).returncode == 0
+    assert_one_truthful_record(files, got)
+    (refused,) = [request_id for request_id, status in got.items() if status == 503]
+    archived = [r for r in await read_archive(harness, since) if r["request_id"] == refused]
+    assert [(r["status"], r["error_code"]) for r in archived] == [(503, "audit_unavailable")]
 
 
-async def test_broker_refusing_confirms(harness: Harness, signing: Signing, audit_dir: Path) -> None:
-    """A SIEM queue bound to sam.audit that rejects every publish makes the broker nack
-    the audit records. (A classic queue: a quorum queue leaves reject-publish only once
-    consumed below its limit.)"""
+async def read_archive(harness: Harness, since: datetime.datetime) -> list[dict[str, Any]]:
+    """The records ``sam-admin audit archive`` prints from ``since``, as a SIEM reads
+    them back (it exits 1 if what it read does not verify)."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "worker.cli.admin",
+            "audit",
+            "archive",
+            "--profile",
+            str(harness.stack.profile("siem-1")),
+            "--since",
+            since.isoformat(),
+            "--infrastructure",
+            str(harness.stack.infrastructure_file),
+            "--idle-timeout",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    entries = [orjson.loads(line) for line in result.stdout.splitlines()]
+    return [e for e in entries if e["type"] == "record"]
+
+
+async def test_a_siem_queue_cannot_veto_signing(harness: Harness, signing: Signing, audit_dir: Path) -> None:
+    """A SIEM declares a queue that rejects every publish (``x-max-length 0``,
+    ``reject-publish``) and binds it to sam.audit. Signing goes on: the archive's confirm
+    alone counts. What the SIEM's queue missed it reads back from the archive."""
     profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     connection = await connect(profile.url, tls)
     channel = await connection.channel()
     name = f"siem-1.full-{uuid.uuid4().hex[:8]}"
-
-    async def refuse() -> None:
-        arguments = {"x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"}
-        queue = await channel.declare_queue(name, arguments=arguments)
-        await queue.bind(AUDIT_EXCHANGE, routing_key="#")
-
-    async def accept() -> None:
-        await channel.queue_delete(name)
-
+    arguments = {"x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"}
     try:
-        async with own_worker(harness, "worker-nacked", audit_dir):
-            await assert_refused_then_recovers(signing, refuse, accept)
+        async with own_worker(harness, "worker-vetoed", audit_dir):
+            since = datetime.datetime.now(datetime.UTC)
+            queue = await channel.declare_queue(name, arguments=arguments)
+            await queue.bind(AUDIT_EXCHANGE, routing_key="#")
+            sent = [await signing.send() for _ in range(10)]
+            assert [reply.status for _, reply in sent] == [200] * 10
+            await channel.queue_delete(name)
+        archived = Counter(r["request_id"] for r in await read_archive(harness, since))
+        assert all(archived[request_id] == 1 for request_id, _ in sent)
     finally:
         await connection.close()
 

@@ -29,5 +29,5 @@ async def test_a_crash_recoverys_side_file_stays_outside_the_trails_glob(tmp_pat
     assert sorted(p.name for p in (tmp_path / "w").glob("service.jsonl*")) == ["service.jsonl"]
 
 
-async def _published(body: bytes, routing_key: str) -> None:
+async def _published(body: bytes) -> None:
     return None

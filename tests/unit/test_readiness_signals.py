@@ -25,7 +25,7 @@ def _event() -> AuditEvent:
 async def test_the_audit_trail_reports_how_long_it_has_been_failing(tmp_path: Path) -> None:
     broker_up = False
 
-    async def publish(body: bytes, routing_key: str) -> None:
+    async def publish(body: bytes) -> None:
         if not broker_up:
             raise ConnectionError("broker away")
 

@@ -164,6 +164,27 @@ def _audit_tail(args: argparse.Namespace) -> int:
     return asyncio.run(tail(profile, args.queue, _audit_key(args), args.count, args.idle_timeout))
 
 
+def _archive_offset(value: str) -> str | int | datetime.datetime:
+    """``first``/``last``/``next``, a stream offset, or an ISO 8601 time."""
+    if value in ("first", "last", "next"):
+        return value
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("first, last, next, an offset or an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def _audit_archive(args: argparse.Namespace) -> int:
+    from worker.cli.audit_tail import read_archive
+    from worker.cli.sam import ClientProfile
+
+    profile = ClientProfile.model_validate_json(args.profile.read_text())
+    return asyncio.run(read_archive(profile, args.since, _audit_key(args), args.idle_timeout, args.count))
+
+
 def _schemas(args: argparse.Namespace) -> int:
     for name in write(args.out):
         print(args.out / name)
@@ -219,6 +240,27 @@ def main(argv: list[str] | None = None) -> None:
     tail.add_argument("--count", type=int, help="stop after this many entries")
     tail.add_argument("--idle-timeout", type=float, help="stop after this many seconds without an entry")
     tail.set_defaults(run=_audit_tail)
+    archive = audit_sub.add_parser(
+        "archive",
+        help="read sam.audit.archive (every committed batch) from an offset or a time, then verify it",
+    )
+    archive.add_argument("--profile", type=Path, required=True, help="client profile of the SIEM user")
+    archive.add_argument(
+        "--since",
+        type=_archive_offset,
+        default="first",
+        help="first (default), last, next, an offset or an ISO time",
+    )
+    archive.add_argument("--infrastructure", type=Path)
+    archive.add_argument("--key", type=Path)
+    archive.add_argument("--count", type=int, help="stop after this many entries")
+    archive.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3.0,
+        help="stop after this many seconds without a batch (default 3)",
+    )
+    archive.set_defaults(run=_audit_archive)
     schemas = sub.add_parser("schemas", help="write the JSON Schemas and error catalogue")
     schemas.add_argument("--out", type=Path, default=Path("schemas"))
     schemas.set_defaults(run=_schemas)

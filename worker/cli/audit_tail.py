@@ -1,27 +1,37 @@
-"""``sam-admin audit tail``: the SIEM side of the audit stream.
+"""``sam-admin audit tail`` and ``sam-admin audit archive``: the SIEM side of the audit
+trail.
 
-Binds a queue of the SIEM user's own to ``sam.audit`` (routing key ``#``), verifies every
-entry as it arrives (hash, link to the previous entry of its chain, checkpoint
-signature) and prints it as a JSON line; problems go to standard error. The exit status
-is 1 if any entry failed verification.
+``tail`` binds a queue of the SIEM user's own to ``sam.audit`` (routing key ``#``),
+verifies every entry as it arrives (hash, link to the previous entry of its chain,
+checkpoint signature) and prints it as a JSON line; problems go to standard error.
+
+``archive`` reads ``sam.audit.archive`` — the stream that holds every committed batch —
+from an offset or a point in time: how a SIEM whose queue missed entries (it was full,
+rejected publishes, was not bound yet) gets them back. It prints every entry and then
+verifies what it read as a whole (``verify``'s checks; chains start where the read
+starts, and batches a later checkpoint retracts are left out).
+
+The exit status is 1 if any entry failed verification.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import sys
 
+import aio_pika
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from worker.cli.sam import ClientProfile
-from worker.domain.audit import ChainFollower
+from worker.domain.audit import ChainFollower, verify_entries
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
-from worker.transport.topology import AUDIT_EXCHANGE
+from worker.transport.topology import AUDIT_ARCHIVE_STREAM, AUDIT_EXCHANGE
 
-__all__ = ["tail"]
+__all__ = ["read_archive", "tail"]
 
 
 async def tail(
@@ -70,3 +80,52 @@ async def tail(
         with contextlib.suppress(Exception):
             await channel.close()
     return 1 if failures else 0
+
+
+async def read_archive(
+    profile: ClientProfile,
+    offset: str | int | datetime.datetime,
+    key: ec.EllipticCurvePublicKey,
+    idle_timeout: float,
+    count: int | None = None,
+) -> int:
+    """Print the archive's entries from ``offset`` (``first``, ``last``, ``next``, a stream
+    offset, or a time) until ``idle_timeout`` seconds pass without a batch (or ``count``
+    entries), then verify them together; returns 1 if anything failed verification."""
+    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
+    lines: list[tuple[str, int, bytes]] = []
+    arrived = asyncio.Event()
+    connection = await connect(profile.url, tls)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=64)  # a stream consumer needs a prefetch
+        stream = await channel.get_queue(AUDIT_ARCHIVE_STREAM, ensure=False)
+
+        async def on_batch(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            where = f"{AUDIT_ARCHIVE_STREAM}@{(message.headers or {}).get('x-stream-offset')!r}"
+            for number, line in enumerate(message.body.splitlines(), 1):
+                if line.strip():
+                    lines.append((where, number, line))
+                    sys.stdout.write(line.decode(errors="replace") + "\n")
+            sys.stdout.flush()
+            await message.ack()
+            arrived.set()
+
+        await stream.consume(on_batch, arguments={"x-stream-offset": offset})
+        while count is None or len(lines) < count:
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), idle_timeout)
+            except TimeoutError:
+                break
+        with contextlib.suppress(Exception):
+            await channel.close()
+    report = verify_entries(lines, key)
+    for problem in report.problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    print(
+        f"archive: {report.entries} entries, {len(report.chains)} chains, "
+        f"{sum(c.retracted for c in report.chains.values())} retracted, {len(report.problems)} problems",
+        file=sys.stderr,
+    )
+    return 0 if report.ok else 1

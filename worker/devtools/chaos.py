@@ -245,6 +245,12 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
 def main(argv: list[str] | None = None) -> None:
     """``ops/chaos``: print (and with ``--out`` write) the report; exit 1 if a request went
     unanswered, an answer has no audit record or the audit trail does not verify."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--audit-outages" in argv:  # one outage of each kind of audit sink failure, measured
+        from worker.devtools import audit_outages
+
+        audit_outages.main([a for a in argv if a != "--audit-outages"])
+        return
     parser = argparse.ArgumentParser(prog="ops/chaos", description=__doc__)
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--cluster", action="store_true", help="a three-node RabbitMQ cluster")

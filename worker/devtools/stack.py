@@ -25,7 +25,7 @@ from typing import Any
 from worker.devtools.pki import DevPki
 from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
 from worker.settings import load_infrastructure, read_secret
-from worker.transport.topology import VHOST, definitions
+from worker.transport.topology import AUDIT_ARCHIVE_STREAM, VHOST, definitions
 
 __all__ = [
     "Stack",
@@ -303,15 +303,33 @@ class Stack:
         )
         if self.cluster > 1 and self.node_running(1) and not self.node_folder(2).exists():
             raise RuntimeError("this stack runs a single broker node: `ops/stack down` before --cluster 3")
-        if self.node_running(1) and self.cluster == 1:
-            # running already: bring its users, permissions and topology up to date
-            self.rabbitmqctl("import_definitions", str(definitions_file))
+        # a node that holds data already (running, or restarted) gets its users,
+        # permissions and topology brought up to date once it runs
+        upgrade = self.cluster == 1 and self._has_data(1)
         # launched together, awaited after: restarted cluster members wait for each other
         started = {node: self._launch_node(node) for node in self.nodes if not self.node_running(node)}
         for node, process in started.items():
             self._await_node(node, process)
+        if upgrade:
+            self._drop_superseded_queues()
+            self.rabbitmqctl("import_definitions", str(definitions_file))
         if self.cluster > 1:
             self._form_cluster()
+
+    def _has_data(self, node: int) -> bool:
+        mnesia = self.node_folder(node) / "mnesia"
+        return mnesia.is_dir() and any(mnesia.iterdir())
+
+    def _drop_superseded_queues(self) -> None:
+        """Queues of an earlier version whose type changed since (RabbitMQ cannot change
+        a queue's type): ``sam.audit.archive`` was a quorum queue bound to ``sam.audit``
+        and is a stream now. The dev stack deletes the old one; an operator drains it
+        first (CHANGELOG)."""
+        listed = self.rabbitmqctl("list_queues", "-p", VHOST, "name", "type", "--no-table-headers", "-q")
+        for line in listed.stdout.splitlines():
+            name, _, kind = line.partition("\t")
+            if name == AUDIT_ARCHIVE_STREAM and kind.strip() != "stream":
+                self.rabbitmqctl("delete_queue", "-p", VHOST, name)
 
     def node_running(self, node: int) -> bool:
         pid_file = self.node_pid_file(node)
@@ -337,8 +355,11 @@ class Stack:
                 f"127.0.0.1:{self.node_amqps_port(node)}",
                 pki.ca_file,
                 pki.root / "rabbitmq",
-                # a cluster imports them once it is formed (see _form_cluster)
-                self.path("rabbitmq", "definitions.json") if self.cluster == 1 else None,
+                # a cluster imports them once it is formed (see _form_cluster), a node
+                # with data once it runs (see _rabbitmq)
+                self.path("rabbitmq", "definitions.json")
+                if self.cluster == 1 and not self._has_data(node)
+                else None,
             )
             + "loopback_users = none\nlog.console = false\nlog.file.level = warning\n"
         )

@@ -113,9 +113,15 @@ def chain_batch(
     events: Sequence[tuple[AuditEvent, int]],
     time_ms: int,
     sign_digest: Callable[[bytes], bytes],
+    retracts: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], ChainHead]:
     """Chain ``(event, time_ms)`` pairs after ``head`` and close them with a signed
-    checkpoint; return the entries and the new head (pure: nothing advances on failure)."""
+    checkpoint; return the entries and the new head (pure: nothing advances on failure).
+
+    ``retracts``: hashes of checkpoints of batches that this chain gave up after they may
+    have reached the broker's archive (a confirm that came too late or never): the
+    signed checkpoint says those entries are not part of the chain, so a copy that holds
+    them shows them as retracted, not as a fork."""
     entries: list[dict[str, Any]] = []
     seq, prev = head.seq, head.hash
     for event, event_time in events:
@@ -152,6 +158,8 @@ def chain_batch(
         "covers": [head.seq + 1, seq],
         "prev": prev,
     }
+    if retracts:
+        checkpoint["retracts"] = list(retracts)
     digest = entry_hash(checkpoint)
     checkpoint["hash"] = digest.hex()
     checkpoint["sig"] = b64url(sign_digest(digest))
@@ -193,6 +201,7 @@ class ChainSummary:
     records: int
     checkpoints: int
     signed_through: int
+    retracted: int = 0  # entries of batches a later signed checkpoint retracted
 
 
 @dataclass
@@ -203,6 +212,7 @@ class VerifyReport:
     entries: int = 0
     chains: dict[str, ChainSummary] = field(default_factory=dict)
     problems: list[ChainProblem] = field(default_factory=list)
+    retracted: set[str] = field(default_factory=set)  # where the entries of retracted batches are
 
     @property
     def ok(self) -> bool:
@@ -261,8 +271,47 @@ def verify_entries(
         last_in_source[(source, chain)] = (seq, where)
         chains[chain][seq].append(_Seen(entry, where))
     for chain, by_seq in sorted(chains.items()):
-        _verify_chain(chain, by_seq, public_key, report)
+        retracted = _drop_retracted(by_seq, public_key)
+        report.retracted |= retracted
+        if by_seq:
+            _verify_chain(chain, by_seq, public_key, report)
+            report.chains[chain].retracted = len(retracted)
     return report
+
+
+def _drop_retracted(by_seq: dict[int, list[_Seen]], public_key: ec.EllipticCurvePublicKey) -> set[str]:
+    """Take out of ``by_seq`` the entries of every batch that a validly signed checkpoint
+    of the chain retracts (see ``chain_batch``): the retracted checkpoint, then back along
+    ``prev`` through the records it covers. Returns where the entries taken out were."""
+    retracted: set[str] = set()
+    for copies in by_seq.values():
+        for seen in copies:
+            entry = seen.entry
+            named = entry.get("retracts")
+            if (
+                entry.get("type") == CHECKPOINT
+                and isinstance(named, list)
+                and entry_hash(entry).hex() == entry["hash"]
+                and _signature_ok(public_key, entry_hash(entry), str(entry.get("sig", "")))
+            ):
+                retracted.update(str(h) for h in named)
+    dropped: set[str] = set()
+    for seq in sorted(by_seq, reverse=True):
+        for seen in list(by_seq.get(seq, ())):
+            if seen.entry["hash"] not in retracted or seen.entry.get("type") != CHECKPOINT:
+                continue
+            first = int(seen.entry.get("covers", [seq])[0])
+            wanted, at = seen.entry["hash"], seq
+            while at >= first and at in by_seq:
+                match = next((s for s in by_seq[at] if s.entry["hash"] == wanted), None)
+                if match is None:
+                    break
+                by_seq[at].remove(match)
+                dropped.add(match.where)
+                if not by_seq[at]:
+                    del by_seq[at]
+                wanted, at = match.entry["prev"], at - 1
+    return dropped
 
 
 def _verify_chain(
@@ -396,4 +445,9 @@ class AuditCheckpointEntry(_Entry):
 
     type: Literal["checkpoint"]
     covers: tuple[int, int] = Field(description="first and last seq of the batch's records")
+    retracts: list[str] | None = Field(
+        default=None,
+        description="hashes of checkpoints of batches this chain gave up after they may have reached "
+        "the broker's archive: their entries are not part of the chain",
+    )
     sig: str = Field(description="base64url raw r||s ECDSA P-256 signature of the hash")

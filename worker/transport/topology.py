@@ -10,7 +10,7 @@ from worker.domain.contract import QueueClass
 from worker.domain.envelope import reply_queue_prefix
 
 __all__ = [
-    "AUDIT_ARCHIVE_QUEUE",
+    "AUDIT_ARCHIVE_STREAM",
     "AUDIT_EXCHANGE",
     "CONFIG_STREAM",
     "DEAD_LETTER_EXCHANGE",
@@ -27,7 +27,11 @@ __all__ = [
 VHOST = "sam"
 REQUESTS_EXCHANGE = "sam.requests"
 AUDIT_EXCHANGE = "sam.audit"
-AUDIT_ARCHIVE_QUEUE = "sam.audit.archive"
+# Every committed audit batch, one message each: what "confirmed" means for the trail, and
+# where a SIEM reads back what its queue on sam.audit missed (a stream: read from any
+# offset by any number of readers, none of whom can refuse or slow the writer).
+AUDIT_ARCHIVE_STREAM = "sam.audit.archive"
+AUDIT_ARCHIVE_RETENTION = "30D"
 DEAD_LETTER_EXCHANGE = "sam.dead-letter"
 DEAD_LETTER_QUEUE = "sam.dead"
 CONFIG_STREAM = "sam.config"
@@ -92,7 +96,7 @@ def definitions(
     queues = [_queue(q.queue_name, work_queue_args) for q in QueueClass]
     queues += [
         _queue(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum"}),
-        _queue(AUDIT_ARCHIVE_QUEUE, {"x-queue-type": "quorum"}),
+        _queue(AUDIT_ARCHIVE_STREAM, {"x-queue-type": "stream", "x-max-age": AUDIT_ARCHIVE_RETENTION}),
         _queue(CONFIG_STREAM, {"x-queue-type": "stream"}),
         _queue(KEY_EVENTS_STREAM, {"x-queue-type": "stream"}),
         _queue(SAD_USE_STREAM, {"x-queue-type": "stream", "x-max-age": SAD_USE_RETENTION}),
@@ -103,10 +107,7 @@ def definitions(
         _exchange(DEAD_LETTER_EXCHANGE, "fanout"),
     ]
     bindings = [_binding(REQUESTS_EXCHANGE, q.queue_name, q.value) for q in QueueClass]
-    bindings += [
-        _binding(AUDIT_EXCHANGE, AUDIT_ARCHIVE_QUEUE, "#"),
-        _binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
-    ]
+    bindings += [_binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, "")]
     users = [
         {"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
         for name in [*workers, *admins, *ssas, *siems, *(benchmarks or [])]
@@ -129,7 +130,10 @@ def definitions(
     for siem in siems:
         own = "^" + re.escape(f"{siem}.") + ".*$"
         permissions.append(
-            _permission(siem, configure=own, write=own, read=f"{own}|{_exact(AUDIT_EXCHANGE)}")
+            # its own queues on sam.audit, and the archive to read back what they missed
+            _permission(
+                siem, configure=own, write=own, read=f"{own}|{_exact(AUDIT_EXCHANGE, AUDIT_ARCHIVE_STREAM)}"
+            )
         )
     for bench in benchmarks or []:
         # the echo baseline of ops/bench: its own queues only, replies via amq.default
