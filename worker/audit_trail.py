@@ -202,24 +202,19 @@ class _Outage:
     """One outage of a sink, logged once when it begins (again if its cause changes) and
     once when it ends, with counts — never a line per failed try."""
 
-    def __init__(self, what: str, consequence: str) -> None:
-        self._what, self._consequence = what, consequence
+    def __init__(self, what: str, consequence: str, counts_replies: bool = True) -> None:
+        self._what, self._consequence, self._counts_replies = what, consequence, counts_replies
         self.since: float | None = None
         self.tries = 0
         self.withheld = 0
         self.reason = ""
 
-    def failed(self, reason: str, next_try: float) -> None:
+    def failed(self, reason: str, next_try: float | None = None) -> None:
         self.tries += 1
         if self.since is None:
             self.since = time.monotonic()
-            log.error(
-                "%s failing: %s; %s (next try in %.2f s, backing off)",
-                self._what,
-                reason,
-                self._consequence,
-                next_try,
-            )
+            retry = "" if next_try is None else f" (next try in {next_try:.2f} s, backing off)"
+            log.error("%s failing: %s; %s%s", self._what, reason, self._consequence, retry)
         elif reason != self.reason:
             log.warning("%s still failing, now: %s (%d tries so far)", self._what, reason, self.tries)
         self.reason = reason
@@ -228,11 +223,13 @@ class _Outage:
         if self.since is None:
             return
         log.warning(
-            "%s back after %.1f s: %d tries failed, %d replies withheld (their records now in the chain)",
+            "%s back after %.1f s: %d tries failed%s",
             self._what,
             time.monotonic() - self.since,
             self.tries,
-            self.withheld,
+            f", {self.withheld} replies withheld (their records now in the chain)"
+            if self._counts_replies
+            else "",
         )
         self.since, self.tries, self.withheld, self.reason = None, 0, 0, ""
 
@@ -323,7 +320,7 @@ class AuditTrail:
         self._probe_at = 0.0  # monotonic: no try for withheld records alone before
         self._outage = _Outage("audit sink", "callers get audit_unavailable")
         self._feed_outage = _Outage(
-            "audit live feed (sam.audit)", "SIEMs read what they miss from the archive"
+            "audit live feed (sam.audit)", "SIEMs read what they miss from the archive", counts_replies=False
         )
         self._final_try = False  # at shutdown, withheld records get one more try
         self.tries = 0  # batches tried: each one checkpoint signature
@@ -603,25 +600,30 @@ class AuditTrail:
         except asyncio.QueueFull:
             if self._metrics is not None:
                 self._metrics.audit_feed_failures.inc()
-            self._feed_outage.failed("backlog full, batch left to the archive", 0.0)
+            self._feed_outage.failed("backlog full, batch left to the archive")
 
     async def _feed_forever(self) -> None:
-        """Publish committed batches to ``sam.audit`` in commit order; a refusal is
+        """Publish committed batches to ``sam.audit`` in commit order — what has gathered
+        meanwhile in one round, so the feed keeps up with the commits; a refusal is
         counted and logged, never retried (the archive holds every committed batch)."""
         assert self._feed is not None
         while True:
-            runs = await self._feed_backlog.get()
+            batches = [await self._feed_backlog.get()]
+            while not self._feed_backlog.empty() and len(batches) < 64:
+                batches.append(self._feed_backlog.get_nowait())
             try:
                 async with asyncio.timeout(self._timeout):
-                    await asyncio.gather(*(self._feed(body, key) for body, key in runs))
+                    # started in order on one channel, so published in order
+                    await asyncio.gather(*(self._feed(body, key) for runs in batches for body, key in runs))
             except Exception as exc:
                 if self._metrics is not None:
-                    self._metrics.audit_feed_failures.inc()
-                self._feed_outage.failed(f"{type(exc).__name__}, batch left to the archive", 0.0)
+                    self._metrics.audit_feed_failures.inc(len(batches))
+                self._feed_outage.failed(f"{type(exc).__name__}, batch left to the archive")
             else:
                 self._feed_outage.ended()
             finally:
-                self._feed_backlog.task_done()
+                for _ in batches:
+                    self._feed_backlog.task_done()
 
     # --- the I/O thread -------------------------------------------------------------------
 

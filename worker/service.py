@@ -257,7 +257,8 @@ class SamService:
         try:
             await self._audit.record(trace.event(reply, detail))
         except SamError as exc:
-            log.error("audit failed for request %r: %s", envelope.message_id, exc.message)
+            # the trail logs the outage once, with counts; a line per reply would flood
+            log.debug("reply to %r withheld: %s", envelope.message_id, exc.message)
             return _addressed(error_reply(exc, envelope.message_id), envelope)
         return _addressed(reply, envelope)
 
