@@ -22,8 +22,8 @@ reached the archive although it was not committed (its confirm came too late or 
 is named in the ``retracts`` list of the next committed checkpoint, so the archive's
 copy shows it as retracted rather than as a fork.
 
-**Bounded failure.** After a failed batch, the next try waits: 0.25, 0.5, 1, 2, then
-every 4 s while callers wait (``BACKOFF``; never more than 80 % of ``timeout``, so a
+**Bounded failure.** After a failed batch, the next try waits: 0.25, 0.5, 1, then
+every 2 s while callers wait (``BACKOFF``; never more than 80 % of ``timeout``, so a
 caller who arrives once the sink is back meets a try within its bound), and 5, 10, 20,
 40, then every 60 s while only records of withheld replies wait (``PROBE_BACKOFF``).
 A caller whose bound passes before a try gets ``audit_unavailable`` at its bound, and
@@ -78,7 +78,7 @@ MAX_FEED_BACKLOG = 1_000  # committed batches waiting for the live feed; beyond,
 # Seconds before the next try after 1, 2, 3… failed batches in a row, while callers wait
 # (the last value repeats; below the default bound of 5 s, so a sink that is back serves
 # the next caller within one bound) …
-BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0)
+BACKOFF = (0.25, 0.5, 1.0, 2.0)
 # … and while only records of withheld replies wait (no caller is held by them).
 PROBE_BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)
 MIN_TRY = 0.05  # a caller with less time left than this is not worth a checkpoint signature

@@ -17,9 +17,12 @@ one its caller got.
 Kinds: ``disk-full`` (tmpfs filled), ``unopenable`` (a directory where the file must be
 opened, then SIGHUP), ``hung`` (a FIFO nobody reads, then SIGHUP), ``siem-rejects`` (a
 SIEM queue with ``x-max-length 0`` / ``reject-publish`` bound to ``sam.audit``: now no
-failure at all), ``no-route`` (``sam.audit.archive`` deleted), ``broker-blocks`` (a disk
-alarm: the broker stops reading publishes, confirms never come), ``broker-gone`` (the
-broker stopped; the worker exits 75 and its supervisor starts it again).
+failure at all), ``no-route`` (``sam.audit.archive`` deleted), ``broker-gone`` (the
+broker stopped; the worker exits 75 and its supervisor starts it again; the SSA cannot
+send either). A nack of the archive itself cannot be caused from outside any more (a
+stream has no overflow setting); the unit tests play it (``test_audit_failure_path``).
+Requests sent during an outage are answered (or not) once it is repaired: an SSA whose
+broker is gone cannot send.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from worker.transport.topology import AUDIT_EXCHANGE
 __all__ = ["KINDS", "OutageFigures", "main", "run"]
 
 EC_SHA256 = "1.2.840.10045.4.3.2"
-KINDS = ("disk-full", "unopenable", "hung", "siem-rejects", "no-route", "broker-blocks", "broker-gone")
+KINDS = ("disk-full", "unopenable", "hung", "siem-rejects", "no-route", "broker-gone")
 INSTANCE = "worker-1"
 RATE = 2.0  # requests per second during an outage
 AUDIT_TIMEOUT = 5.0  # the default bound
@@ -208,8 +211,6 @@ class _Breakage:
             await queue.bind(AUDIT_EXCHANGE, routing_key="#")
         elif kind == "no-route":
             self.stack.rabbitmqctl("delete_queue", "-p", "sam", "sam.audit.archive")
-        elif kind == "broker-blocks":
-            self.stack.rabbitmqctl("set_disk_free_limit", "1000GB")
         elif kind == "broker-gone":
             await asyncio.to_thread(self.stack.stop_node, 1)
 
@@ -236,8 +237,6 @@ class _Breakage:
             await self._siem.queue_delete(self._siem_queue)
         elif kind == "no-route":
             self.stack.rabbitmqctl("import_definitions", str(self.stack.path("rabbitmq", "definitions.json")))
-        elif kind == "broker-blocks":
-            self.stack.rabbitmqctl("set_disk_free_limit", "50MB")
         elif kind == "broker-gone":
             await asyncio.to_thread(self.stack._rabbitmq)
 
@@ -259,13 +258,13 @@ async def _outage(
     while time.monotonic() - started < seconds:
         tasks.append(asyncio.create_task(sender.sign()))
         await asyncio.sleep(1 / RATE)
-    answers = await asyncio.gather(*tasks)
     figures.seconds = time.monotonic() - started
     figures.cpu_percent_of_a_core = 100 * (_tree_cpu_seconds(supervisor) - cpu_before) / figures.seconds
     checkpoints_after = _checkpoints(port)
     if (
         checkpoints_before is not None
         and checkpoints_after is not None
+        # a process started again during the outage counts from zero: no figure then
         and checkpoints_after >= checkpoints_before
     ):
         figures.checkpoint_signatures = checkpoints_after - checkpoints_before
@@ -278,12 +277,11 @@ async def _outage(
             figures.first_success_after_repair_seconds = time.monotonic() - repaired
             break
         await asyncio.sleep(0.5)
+    answers = await asyncio.gather(*tasks)
     figures.requests = len(answers)
     for request_id, outcome, took in answers:
         figures.answers[outcome] += 1
-        figures.request_ids[request_id] = (
-            200 if outcome == "ok" else 503 if outcome == "audit_unavailable" else -1
-        )
+        figures.request_ids[request_id] = {"ok": 200, "audit_unavailable": 503}.get(outcome, -1)
         if outcome == "audit_unavailable":
             figures.slowest_refusal_seconds = max(figures.slowest_refusal_seconds, took)
     with log_file.open("rb") as handle:

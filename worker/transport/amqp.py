@@ -64,22 +64,34 @@ async def connect_worker(
     ``patience`` seconds (the broker may be starting). Frames are decoded by the
     tolerant codec, so no property a client chose can cost the worker its connection."""
     codec.install()
+    logging.getLogger("aiormq.connection").addFilter(_own_connect_failures)
     deadline = time.monotonic() + patience
     delay = 0.5
     context = tls_context(tls)
+    failures = 0
     while True:
         for url in rotated(urls, instance):
             try:
                 connection = await asyncio.wait_for(aio_pika.connect(url, ssl_context=context), 10)
             except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
-                log.warning("broker node %s not reachable (%s)", _host(url), type(exc).__name__)
+                failures += 1
+                # once per node and outage, not once per try: the try count comes at the end
+                level = logging.WARNING if failures <= len(urls) else logging.DEBUG
+                log.log(level, "broker node %s not reachable (%s); trying on", _host(url), type(exc).__name__)
                 continue
-            log.info("connected to broker node %s", _host(url))
+            after = f" after {failures} failed tries" if failures else ""
+            log.info("connected to broker node %s%s", _host(url), after)
             return connection
         if time.monotonic() + delay > deadline:
-            raise ConnectionError(f"no broker node reachable within {patience} s")
+            raise ConnectionError(f"no broker node reachable within {patience} s ({failures} tries)")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5)
+
+
+def _own_connect_failures(record: logging.LogRecord) -> bool:
+    """aiormq logs every failed connection attempt as an ERROR; ``connect_worker`` says
+    it once per outage, with a count."""
+    return not str(record.msg).startswith("error when creating transport")
 
 
 def _host(url: str) -> str:
