@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from prometheus_client import CollectorRegistry
 
 from worker.audit_trail import ArchiveRefused, AuditTrail
@@ -33,7 +33,7 @@ from worker.settings import (
     load_static_configuration,
     read_secret,
 )
-from worker.transport.amqp import connect_worker
+from worker.transport.amqp import connect, connect_worker, rotated
 from worker.transport.consumer import RequestConsumer
 from worker.transport.http import HealthServer
 from worker.transport.ledger import StreamLedger
@@ -95,15 +95,23 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             stop.set()
 
     connection.close_callbacks.add(broker_lost)
+    closing: list[AbstractConnection] = []
     try:
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         ledger_channel = await connection.channel()
         await ledger_channel.set_qos(prefetch_count=1000)
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=settings.prefetch)
-        # The live feed has a channel of its own: what a SIEM's queue does to it (a nack,
-        # flow control of its channel) never touches the archive's confirms.
-        feed_channel = await connection.channel(publisher_confirms=True)
+        # The live feed has a connection of its own (robust: it reconnects by itself), so
+        # what SIEM queues do to it never touches requests, replies, ledgers or the
+        # archive: a nack; the credit flow of fanning out to a thousand queues; RabbitMQ
+        # 3.10 crashing the publishing channel, and with it the connection (541), when a
+        # bound quorum queue is deleted mid-publish.
+        feed_connection = await connect(
+            ",".join(rotated(settings.broker_urls, settings.instance)), settings.tls
+        )
+        closing.append(feed_connection)
+        feed_channel = await feed_connection.channel(publisher_confirms=True)
         feed_exchange = await feed_channel.get_exchange(AUDIT_EXCHANGE, ensure=False)
 
         async def archive_audit(body: bytes) -> None:
@@ -192,6 +200,9 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         for ledger in ledgers.values():
             await ledger.stop()
     finally:
+        for extra in closing:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                await extra.close()
         with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
             await connection.close()
         pkcs11_hsm.close()

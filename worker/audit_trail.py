@@ -141,6 +141,7 @@ class _Pending:
     done: asyncio.Future[dict[str, Any]] | None  # None: nobody waits (a withheld reply's record)
     deadline: float = 0.0  # monotonic; the caller's bound
     in_flight: bool = False
+    origin: Path | None = None  # the side file it was read back from, at start
 
 
 def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[bytes, str]]:
@@ -153,6 +154,28 @@ def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[by
             runs.append((b"".join(line + b"\n" for line in lines[start:index]), routing[start]))
             start = index
     return runs
+
+
+def _unwritten_record(line: bytes) -> tuple[AuditEvent, int]:
+    """One line of a side file (``_keep_unwritten_withheld``) as the event it keeps."""
+    data = orjson.loads(line)
+    event = AuditEvent(
+        log=AuditLog(data["log"]),
+        operation=str(data["operation"]),
+        outcome=Outcome(data["outcome"]),
+        status=int(data["status"]),
+        **{name: None if data.get(name) is None else str(data[name]) for name in _OPTIONAL_TEXT},
+        dtbs_sha256=tuple(str(d) for d in data.get("dtbs_sha256") or ()),
+    )
+    return event, int(data["time_ms"])
+
+
+_OPTIONAL_TEXT = ("error_code", "actor", "request_id", "signer", "key_pair", "sad_jti", "detail")
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _describe(failure: BaseException | None) -> str:
@@ -305,6 +328,9 @@ class AuditTrail:
             head_file = path.with_suffix(".head")
             head, retracts = _recover(path, head_file)
             self._logs[audit_log] = _Log(path, head_file, head, retracts)
+        self._side_files: dict[Path, int] = {}  # read back at start: records not chained yet
+        for state in self._logs.values():
+            self._read_back_unwritten(state)
         # One thread does all file I/O, so a slow disk never stalls the event loop and
         # writes stay in order.
         self._io = _IoThread()
@@ -537,6 +563,7 @@ class AuditTrail:
         for pending, entry in zip(batch, entries, strict=False):
             if pending.done is not None:
                 pending.done.set_result(entry)
+        self._chained(batch)
         if self._feed is not None:
             routing = [p.event.routing_key for p in batch] + [f"{audit_log}.checkpoint.success"]
             self._to_feed(runs_by_routing_key(lines, routing))
@@ -666,6 +693,32 @@ class AuditTrail:
             temporary.write_bytes(orjson.dumps({"seq": head.seq, "hash": head.hash, "retracts": retracts}))
             os.replace(temporary, state.head_file)
 
+    # --- side files of records that could not be chained ----------------------------------
+
+    def _read_back_unwritten(self, state: _Log) -> None:
+        """At start, records of withheld replies that an earlier run could not chain (its
+        side files, see ``_keep_unwritten_withheld``) join the first batch that commits;
+        each side file goes once all its records are in the chain. A file with a line
+        that does not read as a record is left alone, for the operator."""
+        for side in sorted(state.path.parent.glob(f"{state.path.stem}.unwritten-*")):
+            try:
+                records = [_unwritten_record(line) for line in side.read_bytes().splitlines() if line.strip()]
+            except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+                log.error("audit: %s left as it is: not readable as records (%s)", side, type(exc).__name__)
+                continue
+            state.withheld += [_Pending(event, time_ms, None, origin=side) for event, time_ms in records]
+            self._side_files[side] = len(records)
+            log.warning("audit: %d records of withheld replies read back from %s", len(records), side)
+
+    def _chained(self, batch: list[_Pending]) -> None:
+        for pending in batch:
+            if pending.origin is None or pending.origin not in self._side_files:
+                continue
+            self._side_files[pending.origin] -= 1
+            if self._side_files[pending.origin] == 0:
+                del self._side_files[pending.origin]
+                self._io_job(_unlink, pending.origin)
+
     # --- shutdown -------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -691,20 +744,31 @@ class AuditTrail:
     def _keep_unwritten_withheld(self) -> None:
         """At shutdown (say, with the HSM lost, so no checkpoint can be signed), records of
         withheld replies still waiting go to a side file beside the log — unchained and
-        unsigned, but kept for the auditor rather than lost."""
+        unsigned, but kept, and read back into the chain by the next start. A side file
+        read back at this start goes once what is left of it is in the new one."""
         for state in self._logs.values():
             if not state.withheld:
                 continue
-            side = state.path.with_name(f"{state.path.stem}.unwritten-{int(time.time())}")
-            with contextlib.suppress(OSError):
+            side = state.path.with_name(f"{state.path.stem}.unwritten-{time.time_ns()}")
+            try:
                 side.write_bytes(
                     b"".join(
                         orjson.dumps({**dataclasses.asdict(p.event), "time_ms": p.time_ms}) + b"\n"
                         for p in state.withheld
                     )
                 )
-                log.error(
-                    "audit: %d records of withheld replies could not be chained; kept in %s",
+            except OSError as exc:
+                log.critical(
+                    "audit: %d records of withheld replies could not be chained nor kept (%s)",
                     len(state.withheld),
-                    side,
+                    _describe(exc),
                 )
+                continue
+            log.error(
+                "audit: %d records of withheld replies could not be chained; kept in %s for the next start",
+                len(state.withheld),
+                side,
+            )
+            for earlier in {p.origin for p in state.withheld if p.origin is not None}:
+                with contextlib.suppress(OSError):
+                    earlier.unlink()

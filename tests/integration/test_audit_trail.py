@@ -337,6 +337,50 @@ async def test_a_siem_queue_cannot_veto_signing(harness: Harness, signing: Signi
         await connection.close()
 
 
+async def test_siem_queue_churn_does_not_touch_the_worker(
+    harness: Harness, signing: Signing, audit_dir: Path
+) -> None:
+    """A SIEM that keeps declaring quorum queues bound to sam.audit and deleting them:
+    RabbitMQ 3.10 may then crash the channel that publishes the feed, and with it its
+    connection (541). That connection is the feed's own, so the worker keeps serving —
+    no restart, no refusal, every request recorded once."""
+    profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
+    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
+    connection = await connect(profile.url, tls)
+    channel = await connection.channel()
+    stop = asyncio.Event()
+
+    async def churn() -> None:
+        while not stop.is_set():
+            names = [f"siem-1.churn-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+            for name in names:
+                queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+                await queue.bind(AUDIT_EXCHANGE, routing_key="#")
+            await asyncio.sleep(0.3)
+            for name in names:
+                await channel.queue_delete(name)
+
+    instance = "worker-churned"
+    try:
+        async with own_worker(harness, instance, audit_dir):
+            process = harness.workers[instance]
+            churner = asyncio.create_task(churn())
+            sending = []
+            started = time.monotonic()
+            while time.monotonic() - started < 12:  # 20 signatures a second, not waiting
+                sending.append(asyncio.create_task(signing.send()))
+                await asyncio.sleep(0.05)
+            replies = await asyncio.gather(*sending)
+            stop.set()
+            await churner
+            assert process.poll() is None, "the worker lost its connection"
+        assert [reply.status for _, reply in replies] == [200] * len(replies)
+        files = sorted((audit_dir / instance).glob("*.jsonl"))
+        assert_one_truthful_record(files, {request_id: reply.status for request_id, reply in replies})
+    finally:
+        await connection.close()
+
+
 async def test_sigkill_mid_batch(harness: Harness, signing: Signing, audit_dir: Path) -> None:
     instance = "worker-killed"
     env = {"SAM_AUDIT_DIR": str(audit_dir), "SAM_AUDIT_TIMEOUT_SECONDS": str(AUDIT_TIMEOUT)}

@@ -43,3 +43,32 @@ async def test_cluster_node_stopped_under_load() -> None:
     assert report.answered_without_record == 0, summary
     assert report.outcomes["ok"] > report.sent / 2, summary
     assert set(report.outcomes) <= {"ok", *EXPECTED_ERRORS}, summary
+
+
+async def test_each_kind_of_audit_outage_is_bounded_and_recorded_once() -> None:
+    """``ops/chaos --audit-outages`` in short: each kind of audit sink failure for 8 s under
+    two signatures a second. Callers get 503 within the bound (a SIEM queue that rejects
+    publishes costs nothing), the worker stays near idle, tries back off (fewer checkpoint
+    signatures than requests), the log says each outage in a line or two, and every
+    answered request has exactly one record saying what its caller got."""
+    from worker.devtools.audit_outages import KINDS
+    from worker.devtools.audit_outages import run as outages
+
+    report = await outages(seconds=8, kinds=KINDS, port_base=30671)
+    assert report["audit_verify_ok"], report
+    tally = report["records_per_request"]
+    assert tally.get("exactly one record, status as answered", 0) > 50, tally
+    assert set(tally) <= {"exactly one record, status as answered", "unanswered: records none"}, tally
+    for outage in report["outages"]:
+        if "skipped" in outage:
+            continue
+        kind, answers = outage["kind"], outage["answers"]
+        assert outage["worker_cpu_percent_of_one_core"] < 15, outage
+        assert outage["first_success_after_repair_seconds"] is not None, outage
+        if kind == "siem-rejects":
+            assert set(answers) == {"ok"}, outage
+        elif kind != "broker-gone":
+            assert answers.get("audit_unavailable", 0) >= 5, outage
+            assert outage["slowest_audit_unavailable_seconds"] <= 5.5, outage
+            assert outage["checkpoint_signatures"] < outage["requests"], outage
+            assert outage["log_lines"] <= 3, outage

@@ -189,3 +189,40 @@ def test_broker_messages_carry_runs_of_one_routing_key_in_chain_order() -> None:
     assert received == lines
     assert all(follower.feed(orjson.loads(line)) == [] for line in received)
     assert runs_by_routing_key([], []) == []
+
+
+def test_a_forged_copy_of_an_entry_is_altered_wherever_it_stands() -> None:
+    """A copy that keeps a genuine entry's seq and hash but says something else is caught
+    whether it comes before or after the genuine one, in the same file or another."""
+    lines = trail([2, 2])
+    forged = orjson.loads(lines[1])
+    forged.update(request_id="someone-else", status=403, actor="ssa-2")
+    forged_line = orjson.dumps(forged)
+    assert ("altered", (2, 2)) in problems([*lines, forged_line])
+    assert ("altered", (2, 2)) in problems([forged_line, *lines])
+    assert ("altered", (2, 2)) in problems(lines, [forged_line])
+
+
+def test_an_entry_twice_in_one_file_is_repeated_even_far_apart() -> None:
+    lines = trail([2, 2, 2])
+    assert ("repeated", (1, 1)) in problems([*lines, lines[0]])
+    assert problems(lines, [lines[0]]) == []  # the same entry in two files: a copy, no problem
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda line: line.replace(
+            b'{"type"', b'{"request_id":"SHADOW","status":999,"type"', 1
+        ),  # a name twice
+        lambda line: line.replace(b'"actor"', b'"\\u0061ctor"', 1),  # an escape
+        lambda line: line.replace(b'","', b'", "', 1),  # spacing
+    ],
+)
+def test_a_line_that_is_not_what_the_trail_writes_is_noncanonical(rewrite: Any) -> None:
+    """Parsed, such a line may hash like the genuine entry; a SIEM parser or a grep may
+    still read something else (the first of two names, an escape it does not decode)."""
+    lines = trail([2])
+    changed = rewrite(lines[0])
+    assert changed != lines[0]
+    assert ("noncanonical", (1, 1)) in problems([changed, *lines[1:]])

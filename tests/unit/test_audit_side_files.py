@@ -1,11 +1,16 @@
-"""Crash recovery's side files stay out of the trail a verifier reads by glob."""
+"""Side files: a crash recovery's stay out of the trail a verifier reads by glob; those of
+records a stopping worker could not chain are read back into the chain at the next start."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from worker.audit_trail import AuditTrail
+import orjson
+import pytest
+
+from worker.audit_trail import ArchiveRefused, AuditTrail
 from worker.domain.audit import AuditEvent, AuditLog, Outcome
+from worker.errors import SamError
 from worker.fakes import SoftwareHsm
 
 
@@ -31,3 +36,37 @@ async def test_a_crash_recoverys_side_file_stays_outside_the_trails_glob(tmp_pat
 
 async def _published(body: bytes) -> None:
     return None
+
+
+async def test_records_a_run_could_not_chain_are_chained_by_the_next_start(tmp_path: Path) -> None:
+    """A worker that stops while its sink fails keeps the records of the replies it
+    withheld in a side file; the next start reads them back, chains them with its first
+    batch and removes the file — each request still has exactly one record, in the chain."""
+    refusing = {"on": True}
+
+    async def archive(body: bytes) -> None:
+        if refusing["on"]:
+            raise ArchiveRefused("DeliveryError")
+
+    hsm = SoftwareHsm()
+    for run in range(2):  # two stops in a row with the sink down: one side file, not two
+        trail = AuditTrail("node-1", "w", tmp_path, hsm.sign_audit_digest, archive, timeout=0.3)
+        trail.start()
+        with pytest.raises(SamError):
+            await trail.record(
+                AuditEvent(
+                    AuditLog.service, "signatures.create", Outcome.success, 200, request_id=f"lost-{run}"
+                )
+            )
+        await trail.close()
+        side_files = [p for p in (tmp_path / "w").iterdir() if ".unwritten-" in p.name]
+        assert len(side_files) == 1, side_files
+    refusing["on"] = False
+    trail = AuditTrail("node-1", "w", tmp_path, hsm.sign_audit_digest, archive, timeout=1)
+    trail.start()
+    await trail.record(_event())
+    await trail.close()
+    assert not [p for p in (tmp_path / "w").iterdir() if ".unwritten-" in p.name]
+    records = [orjson.loads(line) for line in (tmp_path / "w" / "service.jsonl").read_bytes().splitlines()]
+    mine = [(r["request_id"], r["status"]) for r in records if r["type"] == "record"]
+    assert sorted(mine) == [("lost-0", 503), ("lost-1", 503), ("r-1", 200)]

@@ -18,8 +18,10 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command after ``--``, again a second after every non-zero exit; exit with its
-    status once it exits 0 or a SIGTERM came."""
+    """Run the command after ``--``, again after every non-zero exit — a second later, then
+    twice as long after each exit that came within a minute of its start (up to 30 s), so
+    a worker that cannot start (its HSM away) is not started twice a second; exit with
+    its status once it exits 0 or a SIGTERM came."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = arguments[arguments.index("--") + 1 :] if "--" in arguments else arguments
     child: subprocess.Popen[bytes] | None = None
@@ -34,13 +36,21 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGHUP, forward)
+    delay = 1.0
     while True:
+        started = time.monotonic()
         child = subprocess.Popen(command)
         status = child.wait()
         if stopping or status == 0:
             sys.exit(status)
-        print(f"supervise: worker exited with {status}; starting it again", file=sys.stderr, flush=True)
-        time.sleep(1)
+        delay = 1.0 if time.monotonic() - started > 60 else delay
+        print(
+            f"supervise: worker exited with {status}; starting it again in {delay:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ class ChainProblem:
     where it shows, and what is wrong; ``kind`` is a stable keyword (``gap``, ``fork``…)."""
 
     chain: str
-    kind: str  # altered|signature|gap|fork|broken-link|repeated|unsigned-tail|unreadable
+    kind: str  # altered|signature|gap|fork|broken-link|repeated|noncanonical|unsigned-tail|unreadable
     seqs: tuple[int, int] | None
     where: str
     what: str
@@ -223,6 +223,7 @@ class VerifyReport:
 class _Seen:
     entry: dict[str, Any]
     where: str
+    source: str
 
 
 def _signature_ok(public_key: ec.EllipticCurvePublicKey, digest: bytes, sig: str) -> bool:
@@ -239,15 +240,16 @@ def verify_entries(
 ) -> VerifyReport:
     """Verify (source, line number, raw line) triples from any number of files, in any
     order: entries are grouped by chain and put in sequence order, then every hash,
-    link and checkpoint signature is checked. Reports what is wrong and where.
+    link and checkpoint signature is checked — every copy of an entry, wherever it is
+    and however many there are. Reports what is wrong and where.
 
     Lines out of order (rsyslog's disk queue after a restart, files read in any order) are
     no problem: each entry names its predecessor's hash, so the order that matters is
     the chain's, and a missing, altered or inserted entry still shows as a gap, a broken
-    link or a fork. A line repeated within one file is reported (``repeated``)."""
+    link or a fork. A sequence number twice within one file is reported (``repeated``),
+    and so is a line that is not byte for byte what the trail writes (``noncanonical``)."""
     report = VerifyReport()
     chains: dict[str, dict[int, list[_Seen]]] = defaultdict(lambda: defaultdict(list))
-    last_in_source: dict[tuple[str, str], tuple[int, str]] = {}
     for source, number, raw in lines:
         if not raw.strip():
             continue
@@ -263,20 +265,40 @@ def verify_entries(
                 ChainProblem("?", "unreadable", None, where, "not an audit entry (torn or foreign line)")
             )
             continue
-        previous = last_in_source.get((source, chain))
-        if previous is not None and seq == previous[0]:
+        if orjson.dumps(entry) != raw.strip():
+            # The trail writes each entry as orjson writes it; anything else (a name twice,
+            # which parsers resolve differently, escapes or spacing that dodge a grep) is
+            # not what it wrote, even where the hash of the parsed content matches.
             report.problems.append(
-                ChainProblem(chain, "repeated", (seq, seq), where, f"same seq as {previous[1]}")
+                ChainProblem(
+                    chain, "noncanonical", (seq, seq), where, "not byte for byte what the trail writes"
+                )
             )
-        last_in_source[(source, chain)] = (seq, where)
-        chains[chain][seq].append(_Seen(entry, where))
+        chains[chain][seq].append(_Seen(entry, where, source))
     for chain, by_seq in sorted(chains.items()):
         retracted = _drop_retracted(by_seq, public_key)
         report.retracted |= retracted
+        _report_repeats(chain, by_seq, report)
         if by_seq:
             _verify_chain(chain, by_seq, public_key, report)
             report.chains[chain].retracted = len(retracted)
     return report
+
+
+def _report_repeats(chain: str, by_seq: dict[int, list[_Seen]], report: VerifyReport) -> None:
+    """A sequence number twice in one source, anywhere in it (retracted batches left out:
+    the archive holds them beside their successors by design)."""
+    for seq, copies in sorted(by_seq.items()):
+        first: dict[str, str] = {}
+        for copy in copies:
+            if copy.source in first:
+                report.problems.append(
+                    ChainProblem(
+                        chain, "repeated", (seq, seq), copy.where, f"same seq as {first[copy.source]}"
+                    )
+                )
+            else:
+                first[copy.source] = copy.where
 
 
 def _drop_retracted(by_seq: dict[int, list[_Seen]], public_key: ec.EllipticCurvePublicKey) -> set[str]:
@@ -322,20 +344,23 @@ def _verify_chain(
     signed_through = seqs[0] - 1
     previous: _Seen | None = None
     for seq in seqs:
-        copies = {seen.entry["hash"]: seen for seen in by_seq[seq]}
-        if len(copies) > 1:
-            places = ", ".join(seen.where for seen in by_seq[seq])
+        intact = []
+        for copy in by_seq[seq]:  # every copy: a forged one may repeat a genuine hash
+            if entry_hash(copy.entry).hex() == copy.entry["hash"]:
+                intact.append(copy)
+            else:
+                report.problems.append(
+                    ChainProblem(chain, "altered", (seq, seq), copy.where, "content does not match its hash")
+                )
+        if len({copy.entry["hash"] for copy in intact}) > 1:
+            places = ", ".join(copy.where for copy in intact)
             report.problems.append(
                 ChainProblem(chain, "fork", (seq, seq), places, "different entries with one sequence number")
             )
-        seen = by_seq[seq][0]
+        seen = intact[0] if intact else by_seq[seq][0]
         entry = seen.entry
         digest = entry_hash(entry)
-        altered = digest.hex() != entry["hash"]
-        if altered:
-            report.problems.append(
-                ChainProblem(chain, "altered", (seq, seq), seen.where, "content does not match its hash")
-            )
+        altered = not intact
         if previous is not None:
             gap_start = int(previous.entry["seq"]) + 1
             if seq > gap_start:
