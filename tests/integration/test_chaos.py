@@ -63,7 +63,8 @@ async def test_each_kind_of_audit_outage_is_bounded_and_recorded_once() -> None:
         if "skipped" in outage:
             continue
         kind, answers = outage["kind"], outage["answers"]
-        assert outage["worker_cpu_percent_of_one_core"] < 15, outage
+        # a broker outage costs a worker restart (~1 s of CPU): a share of 8 s, not of 60
+        assert outage["worker_cpu_percent_of_one_core"] < (40 if kind == "broker-gone" else 10), outage
         assert outage["first_success_after_repair_seconds"] is not None, outage
         if kind == "siem-rejects":
             assert set(answers) == {"ok"}, outage
