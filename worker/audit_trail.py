@@ -156,8 +156,13 @@ def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[by
     return runs
 
 
-def _unwritten_record(line: bytes) -> tuple[AuditEvent, int]:
-    """One line of a side file (``_keep_unwritten_withheld``) as the event it keeps."""
+def _unwritten_record(line: bytes, side: Path) -> tuple[AuditEvent, int]:
+    """One line of a side file (``_keep_unwritten_withheld``) as the event it keeps.
+
+    The file is not signed, so whoever can write into the audit directory could put lines
+    there that the next start would sign into the chain. Only what such a file can ever
+    hold is taken — a withheld reply (``503 audit_unavailable``) — and the record says
+    where it came from, so the signature vouches for the reading, not for the content."""
     data = orjson.loads(line)
     event = AuditEvent(
         log=AuditLog(data["log"]),
@@ -167,7 +172,11 @@ def _unwritten_record(line: bytes) -> tuple[AuditEvent, int]:
         **{name: None if data.get(name) is None else str(data[name]) for name in _OPTIONAL_TEXT},
         dtbs_sha256=tuple(str(d) for d in data.get("dtbs_sha256") or ()),
     )
-    return event, int(data["time_ms"])
+    withheld = ErrorCode.audit_unavailable
+    if (event.outcome, event.status, event.error_code) != (Outcome.failure, withheld.status, withheld.name):
+        raise ValueError("not a withheld reply")
+    detail = f"{event.detail or 'reply withheld'} [read back from the unsigned side file {side.name}]"
+    return dataclasses.replace(event, detail=detail), int(data["time_ms"])
 
 
 _OPTIONAL_TEXT = ("error_code", "actor", "request_id", "signer", "key_pair", "sad_jti", "detail")
@@ -702,7 +711,8 @@ class AuditTrail:
         that does not read as a record is left alone, for the operator."""
         for side in sorted(state.path.parent.glob(f"{state.path.stem}.unwritten-*")):
             try:
-                records = [_unwritten_record(line) for line in side.read_bytes().splitlines() if line.strip()]
+                lines = side.read_bytes().splitlines()
+                records = [_unwritten_record(line, side) for line in lines if line.strip()]
             except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
                 log.error("audit: %s left as it is: not readable as records (%s)", side, type(exc).__name__)
                 continue

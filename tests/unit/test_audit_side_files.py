@@ -70,3 +70,35 @@ async def test_records_a_run_could_not_chain_are_chained_by_the_next_start(tmp_p
     records = [orjson.loads(line) for line in (tmp_path / "w" / "service.jsonl").read_bytes().splitlines()]
     mine = [(r["request_id"], r["status"]) for r in records if r["type"] == "record"]
     assert sorted(mine) == [("lost-0", 503), ("lost-1", 503), ("r-1", 200)]
+
+
+async def test_a_side_file_is_read_back_only_as_withheld_replies(tmp_path: Path) -> None:
+    """The side file is unsigned: a line in it that claims anything but a withheld reply
+    (here a forged success) leaves the whole file alone instead of signing it into the
+    chain; a genuine one is chained saying where it came from."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    withheld = {
+        "log": "service",
+        "operation": "signatures.create",
+        "outcome": "failure",
+        "status": 503,
+        "error_code": "audit_unavailable",
+        "request_id": "withheld-1",
+        "detail": "reply withheld: test",
+        "time_ms": 1,
+    }
+    forged = {**withheld, "outcome": "success", "status": 200, "error_code": None, "request_id": "forged"}
+    (folder / "service.unwritten-1").write_bytes(orjson.dumps(withheld) + b"\n")
+    (folder / "service.unwritten-2").write_bytes(
+        orjson.dumps(withheld) + b"\n" + orjson.dumps(forged) + b"\n"
+    )
+    trail = AuditTrail("node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, _published, timeout=1)
+    trail.start()
+    await trail.record(_event())
+    await trail.close()
+    records = [orjson.loads(line) for line in (folder / "service.jsonl").read_bytes().splitlines()]
+    read_back = [r for r in records if r["type"] == "record" and r["request_id"] != "r-1"]
+    assert [(r["request_id"], r["status"]) for r in read_back] == [("withheld-1", 503)]
+    assert "read back from the unsigned side file service.unwritten-1" in read_back[0]["detail"]
+    assert sorted(p.name for p in folder.iterdir() if ".unwritten-" in p.name) == ["service.unwritten-2"]
