@@ -36,10 +36,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -54,7 +52,7 @@ import orjson
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack, fill_filesystem, verify_audit
+from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import AUDIT_EXCHANGE
@@ -318,13 +316,7 @@ def _tally(files: list[Path], everything: dict[str, int]) -> dict[str, int]:
 async def run(seconds: float = 60, kinds: tuple[str, ...] = KINDS, port_base: int = 28671) -> dict[str, Any]:
     """Start a stack of its own, measure one outage of each kind, verify the trail; the
     stack is stopped and its folder removed whatever happens."""
-    root = Path(tempfile.mkdtemp(prefix="sam-outages-"))
-    stack = Stack(root, port_base)
-    mounted = False
-    try:
-        stack.path("audit").mkdir(parents=True)
-        mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(stack.path("audit"))]
-        mounted = subprocess.run(mount, capture_output=True, check=False).returncode == 0
+    with scratch_stack("sam-outages-", port_base) as (stack, mounted):
         stack.up(workers=1)
         async with ClientProfile.model_validate_json(stack.profile("admin-1").read_text()).client() as admin:
             await admin.put_configuration(json.loads(stack.path("config", "dynamic_config.json").read_text()))
@@ -363,11 +355,6 @@ async def run(seconds: float = 60, kinds: tuple[str, ...] = KINDS, port_base: in
             "audit_verify_ok": verified.returncode == 0,
             "records_per_request": _tally(files, everything),
         }
-    finally:
-        stack.down()
-        if mounted:
-            subprocess.run(["umount", "-l", str(stack.path("audit"))], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

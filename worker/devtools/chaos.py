@@ -19,11 +19,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -36,7 +34,7 @@ import orjson
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack, fill_filesystem, verify_audit
+from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 
 __all__ = ["ChaosReport", "main", "run"]
 
@@ -182,20 +180,8 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
 async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> ChaosReport:
     """Start a stack of its own and load it while faults are injected, then verify its audit
     trail; the stack is stopped and its folder removed whatever happens."""
-    root = Path(tempfile.mkdtemp(prefix="sam-chaos-"))
-    stack = Stack(root, port_base, cluster)
     report = ChaosReport()
-    mounted = False
-    try:
-        stack.path("audit").mkdir(parents=True)
-        mounted = (
-            subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(stack.path("audit"))],
-                capture_output=True,
-                check=False,
-            ).returncode
-            == 0
-        )
+    with scratch_stack("sam-chaos-", port_base, cluster) as (stack, _):
         stack.up(workers=2)
         report.queue_members = stack.queue_members()
         profile = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text())
@@ -235,11 +221,6 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
         report.unchained_records = sum(len(p.read_bytes().splitlines()) for p in side_files)
         report.answered_without_record = len(report.answered_request_ids - recorded)
         return report
-    finally:
-        stack.down()
-        if mounted:
-            subprocess.run(["umount", "-l", str(stack.path("audit"))], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

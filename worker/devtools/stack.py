@@ -17,7 +17,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,26 @@ def _stop_pid_file(pid_file: Path, timeout: float) -> None:
     if pid_file.exists():
         _stop_pid(int(pid_file.read_text()), timeout=timeout)
         pid_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_stack(prefix: str, port_base: int, cluster: int = 1) -> Iterator[tuple[Stack, bool]]:
+    """A stack in a folder of its own, with its audit directory on a 16 MiB tmpfs where one
+    can be mounted (the second value), so that a full disk can be played; stopped,
+    unmounted and removed whatever happens."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = Stack(root, port_base, cluster)
+    audit = stack.path("audit")
+    audit.mkdir(parents=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(audit)]
+    mounted = subprocess.run(mount, capture_output=True, check=False).returncode == 0
+    try:
+        yield stack, mounted
+    finally:
+        stack.down()
+        if mounted:
+            subprocess.run(["umount", "-l", str(audit)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def fill_filesystem(filler: Path) -> None:
