@@ -498,6 +498,12 @@ class AuditTrail:
         where = _Written()
         try:
             reason = await self._commit(audit_log, state, batch, deadline, where)
+        except asyncio.CancelledError:
+            # stopped mid-try (the shutdown's bound): the batch must not vanish with the
+            # task — its records go back to be kept in a side file
+            self._io_job(self._cut, where)
+            self._failed(state, batch, "the audit trail stopped")
+            raise
         except Exception as exc:  # the flusher must outlive any one batch
             log.exception("audit batch failed unexpectedly")
             reason = f"audit failed ({type(exc).__name__})"

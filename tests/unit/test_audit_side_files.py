@@ -3,6 +3,7 @@ records a stopping worker could not chain are read back into the chain at the ne
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
@@ -102,3 +103,34 @@ async def test_a_side_file_is_read_back_only_as_withheld_replies(tmp_path: Path)
     assert [(r["request_id"], r["status"]) for r in read_back] == [("withheld-1", 503)]
     assert "read back from the unsigned side file service.unwritten-1" in read_back[0]["detail"]
     assert sorted(p.name for p in folder.iterdir() if ".unwritten-" in p.name) == ["service.unwritten-2"]
+
+
+async def test_a_try_cut_short_by_the_shutdown_keeps_its_records(tmp_path: Path) -> None:
+    """The shutdown waits for the flusher only so long; a try still in flight then (here:
+    an archive that never confirms) is cancelled, and the records it held — withheld
+    replies taken out of the queue for it — still reach the side file."""
+
+    async def archive(body: bytes) -> None:
+        await asyncio.sleep(3600)
+
+    trail = AuditTrail("node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, archive, timeout=0.3)
+    trail.start()
+    for n in range(3):
+        with pytest.raises(SamError):
+            await trail.record(
+                AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id=f"r{n}")
+            )
+    # a caller with a long bound is in flight with them when the shutdown comes, whose
+    # own bound is short
+    trail._timeout = 30
+    late = asyncio.create_task(
+        trail.record(AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id="r3"))
+    )
+    await asyncio.sleep(0.2)
+    trail._timeout = 0.05
+    await trail.close()
+    with pytest.raises(SamError):
+        await late
+    (side,) = [p for p in (tmp_path / "w").iterdir() if ".unwritten-" in p.name]
+    kept = sorted(orjson.loads(line)["request_id"] for line in side.read_bytes().splitlines())
+    assert kept == ["r0", "r1", "r2", "r3"]
