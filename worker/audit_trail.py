@@ -48,6 +48,7 @@ import dataclasses
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -81,6 +82,7 @@ MAX_FEED_BACKLOG = 1_000  # committed batches waiting for the live feed; beyond,
 BACKOFF = (0.25, 0.5, 1.0, 2.0)
 # … and while only records of withheld replies wait (no caller is held by them).
 PROBE_BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)
+FEED_QUIET = 10.0  # seconds of success before a feed outage counts as over
 MIN_TRY = 0.05  # a caller with less time left than this is not worth a checkpoint signature
 GRACE = 1.0  # how long a caller whose bound passed waits for a try in flight to settle it
 
@@ -95,18 +97,21 @@ def audit_file(audit_dir: Path, instance: str, audit_log: AuditLog) -> Path:
     return audit_dir / instance / f"{audit_log}.jsonl"
 
 
-def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str]]:
-    """Cut an incomplete last batch off ``path``; return where the chain stands and the
-    checkpoints still to retract (see the module docstring)."""
+def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str], set[str]]:
+    """Cut an incomplete last batch off ``path``; return where the chain stands, the
+    checkpoints still to retract (see the module docstring) and which side-file lines
+    the file's committed records were read back from (``_read_back_unwritten``)."""
     head, retracts = ChainHead(), []
+    read_back: set[str] = set()
     if head_file.exists():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             saved = orjson.loads(head_file.read_bytes())
             head = ChainHead(int(saved["seq"]), str(saved["hash"]))
             retracts = [str(h) for h in saved.get("retracts", [])]
     if not path.exists():
-        return head, retracts
+        return head, retracts, read_back
     keep, in_file = 0, None
+    batch_read_back: set[str] = set()
     with path.open("rb") as handle:
         offset = 0
         for line in handle:
@@ -117,8 +122,12 @@ def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str]]:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 break
+            if isinstance(detail := entry.get("detail"), str) and (found := _READ_BACK.match(detail)):
+                batch_read_back.add(f"{found['file']}:{found['line']}")
             if entry.get("type") == "checkpoint":
                 keep, in_file = offset, ChainHead(int(entry["seq"]), str(entry["hash"]))
+                read_back |= batch_read_back
+                batch_read_back = set()
     if path.stat().st_size != keep:
         # Kept beside the file for the auditor's eyes, never silently dropped; named so
         # that the files' glob (``service.jsonl*``) never takes it for the trail.
@@ -130,8 +139,8 @@ def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str]]:
             handle.truncate(keep)
             os.fsync(handle.fileno())
     if in_file is None or in_file == head:  # rotated away, or the file agrees: the head file speaks
-        return head, retracts
-    return (in_file, []) if in_file.seq >= head.seq else (head, retracts)
+        return head, retracts, read_back
+    return (in_file, [], read_back) if in_file.seq >= head.seq else (head, retracts, read_back)
 
 
 @dataclass
@@ -156,7 +165,10 @@ def runs_by_routing_key(lines: list[bytes], routing: list[str]) -> list[tuple[by
     return runs
 
 
-def _unwritten_record(line: bytes, side: Path) -> tuple[AuditEvent, int]:
+_READ_BACK = re.compile(r"\[read back from the unsigned side file (?P<file>\S+), line (?P<line>\d+)\]")
+
+
+def _unwritten_record(line: bytes, side: Path, number: int) -> tuple[AuditEvent, int]:
     """One line of a side file (``_keep_unwritten_withheld``) as the event it keeps.
 
     The file is not signed, so whoever can write into the audit directory could put lines
@@ -175,7 +187,8 @@ def _unwritten_record(line: bytes, side: Path) -> tuple[AuditEvent, int]:
     withheld = ErrorCode.audit_unavailable
     if (event.outcome, event.status, event.error_code) != (Outcome.failure, withheld.status, withheld.name):
         raise ValueError("not a withheld reply")
-    detail = f"{event.detail or 'reply withheld'} [read back from the unsigned side file {side.name}]"
+    said = " ".join((event.detail or "reply withheld").split())[:500]
+    detail = f"[read back from the unsigned side file {side.name}, line {number}] {said}"
     return dataclasses.replace(event, detail=detail), int(data["time_ms"])
 
 
@@ -331,15 +344,16 @@ class AuditTrail:
         self._backoff = tuple(min(step, 0.8 * timeout) for step in backoff[0])
         self._probe_backoff = backoff[1]
         self._logs: dict[AuditLog, _Log] = {}
+        # side files read back at start: records taken and not chained yet, and whether
+        # all the file holds was taken (only then may it go)
+        self._side_files: dict[Path, tuple[int, bool]] = {}
         for audit_log in AuditLog:
             path = audit_file(audit_dir, instance, audit_log)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             head_file = path.with_suffix(".head")
-            head, retracts = _recover(path, head_file)
+            head, retracts, read_back = _recover(path, head_file)
             self._logs[audit_log] = _Log(path, head_file, head, retracts)
-        self._side_files: dict[Path, int] = {}  # read back at start: records not chained yet
-        for state in self._logs.values():
-            self._read_back_unwritten(state)
+            self._read_back_unwritten(self._logs[audit_log], read_back)
         # One thread does all file I/O, so a slow disk never stalls the event loop and
         # writes stay in order.
         self._io = _IoThread()
@@ -649,6 +663,7 @@ class AuditTrail:
         meanwhile in one round, so the feed keeps up with the commits; a refusal is
         counted and logged, never retried (the archive holds every committed batch)."""
         assert self._feed is not None
+        failed_at = 0.0
         while True:
             batches = [await self._feed_backlog.get()]
             while not self._feed_backlog.empty() and len(batches) < 64:
@@ -661,8 +676,12 @@ class AuditTrail:
                 if self._metrics is not None:
                     self._metrics.audit_feed_failures.inc(len(batches))
                 self._feed_outage.failed(f"{type(exc).__name__}, batch left to the archive")
+                failed_at = time.monotonic()
             else:
-                self._feed_outage.ended()
+                # over only after a quiet while: a feed that flaps (its connection closed
+                # and restored again and again) is one outage in the log, not one per flap
+                if time.monotonic() - failed_at > FEED_QUIET:
+                    self._feed_outage.ended()
             finally:
                 for _ in batches:
                     self._feed_backlog.task_done()
@@ -710,29 +729,51 @@ class AuditTrail:
 
     # --- side files of records that could not be chained ----------------------------------
 
-    def _read_back_unwritten(self, state: _Log) -> None:
+    def _read_back_unwritten(self, state: _Log, chained: set[str]) -> None:
         """At start, records of withheld replies that an earlier run could not chain (its
         side files, see ``_keep_unwritten_withheld``) join the first batch that commits;
-        each side file goes once all its records are in the chain. A file with a line
-        that does not read as a record is left alone, for the operator."""
+        each side file goes once all its records are in the chain. A line the file's
+        committed records say was read back already (``chained``: a run killed before it
+        removed the side file) is not read again, and no more than ``MAX_WITHHELD``
+        records are held. A file with a line that does not read as a withheld reply is
+        left alone, for the operator."""
         for side in sorted(state.path.parent.glob(f"{state.path.stem}.unwritten-*")):
             try:
                 lines = side.read_bytes().splitlines()
-                records = [_unwritten_record(line, side) for line in lines if line.strip()]
+                records = [
+                    (_unwritten_record(line, side, number), f"{side.name}:{number}")
+                    for number, line in enumerate(lines, 1)
+                    if line.strip()
+                ]
             except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
                 log.error("audit: %s left as it is: not readable as records (%s)", side, type(exc).__name__)
                 continue
-            state.withheld += [_Pending(event, time_ms, None, origin=side) for event, time_ms in records]
-            self._side_files[side] = len(records)
-            log.warning("audit: %d records of withheld replies read back from %s", len(records), side)
+            waiting = [record for record, where in records if where not in chained]
+            room = max(MAX_WITHHELD - len(state.withheld), 0)
+            taken = waiting[:room]
+            state.withheld += [_Pending(event, time_ms, None, origin=side) for event, time_ms in taken]
+            whole = len(taken) == len(waiting)
+            if taken:
+                self._side_files[side] = (len(taken), whole)
+            elif whole:  # everything in it was chained before
+                _unlink(side)
+            log.warning(
+                "audit: %d records of withheld replies read back from %s (%d chained before)",
+                len(taken),
+                side,
+                len(records) - len(waiting),
+            )
 
     def _chained(self, batch: list[_Pending]) -> None:
         for pending in batch:
             if pending.origin is None or pending.origin not in self._side_files:
                 continue
-            self._side_files[pending.origin] -= 1
-            if self._side_files[pending.origin] == 0:
-                del self._side_files[pending.origin]
+            left, whole = self._side_files[pending.origin]
+            if left > 1:
+                self._side_files[pending.origin] = (left - 1, whole)
+                continue
+            del self._side_files[pending.origin]
+            if whole:
                 self._io_job(_unlink, pending.origin)
 
     # --- shutdown -------------------------------------------------------------------------
@@ -786,5 +827,5 @@ class AuditTrail:
                 side,
             )
             for earlier in {p.origin for p in state.withheld if p.origin is not None}:
-                with contextlib.suppress(OSError):
-                    earlier.unlink()
+                if self._side_files.get(earlier, (0, False))[1]:  # all it held is in the new file
+                    _unlink(earlier)

@@ -217,6 +217,8 @@ def test_an_entry_twice_in_one_file_is_repeated_even_far_apart() -> None:
         ),  # a name twice
         lambda line: line.replace(b'"actor"', b'"\\u0061ctor"', 1),  # an escape
         lambda line: line.replace(b'","', b'", "', 1),  # spacing
+        lambda line: line + b"   ",  # trailing spacing
+        lambda line: orjson.dumps(dict(sorted(orjson.loads(line).items()))),  # names in another order
     ],
 )
 def test_a_line_that_is_not_what_the_trail_writes_is_noncanonical(rewrite: Any) -> None:
@@ -226,3 +228,46 @@ def test_a_line_that_is_not_what_the_trail_writes_is_noncanonical(rewrite: Any) 
     changed = rewrite(lines[0])
     assert changed != lines[0]
     assert ("noncanonical", (1, 1)) in problems([changed, *lines[1:]])
+
+
+def _retracting_trail() -> tuple[list[bytes], list[dict[str, Any]]]:
+    """A committed batch; a batch the trail gave up (its copy reached the archive); the
+    batch committed in its place, whose checkpoint retracts it."""
+    first, head = chain_batch("node-1", "w-1", AuditLog.service, ChainHead(), [event(0)], 0, signer())
+    given_up, _ = chain_batch("node-1", "w-1", AuditLog.service, head, [event(1)], 1, signer())
+    kept, _ = chain_batch(
+        "node-1", "w-1", AuditLog.service, head, [event(2)], 2, signer(), retracts=[given_up[-1]["hash"]]
+    )
+    return [orjson.dumps(e) for e in [*first, *given_up, *kept]], given_up
+
+
+def test_a_retracted_batch_is_left_out_and_counted() -> None:
+    lines, _ = _retracting_trail()
+    report = verify_entries((("archive", n, line) for n, line in enumerate(lines, 1)), KEY.public_key())
+    assert report.ok, [str(p) for p in report.problems]
+    [summary] = report.chains.values()
+    assert summary.retracted == 2 and summary.records == 2
+
+
+def test_a_line_that_only_names_a_retracted_hash_is_not_left_out() -> None:
+    """Forged lines carrying a retracted checkpoint's hash — a record, or a checkpoint
+    after the end that claims to cover the whole chain — are reported, and the genuine
+    chain stays in the report."""
+    lines, given_up = _retracting_trail()
+    retracted = given_up[-1]["hash"]
+    last = orjson.loads(lines[-1])
+    forged_record = {**orjson.loads(lines[0]), "request_id": "FORGED", "seq": 3, "hash": retracted}
+    forged_checkpoint = {
+        **given_up[-1],
+        "seq": last["seq"] + 1,
+        "prev": last["hash"],
+        "covers": [1, last["seq"]],
+    }
+    for forged in (forged_record, forged_checkpoint):
+        report = verify_entries(
+            (("f", n, line) for n, line in enumerate([*lines, orjson.dumps(forged)], 1)), KEY.public_key()
+        )
+        assert not report.ok
+        assert "altered" in {p.kind for p in report.problems}
+        [summary] = report.chains.values()
+        assert summary.records >= 2 and summary.retracted == 2

@@ -307,9 +307,13 @@ async def test_archive_confirm_never_comes(rig: Rig, caplog: pytest.LogCaptureFi
     assert report.retracted
 
 
-async def test_a_siem_queue_that_refuses_cannot_veto(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_siem_queue_that_refuses_cannot_veto(
+    rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The live feed is published after the commit and never waited for: a refusing
-    SIEM queue costs no signature its reply, and is logged once, not per batch."""
+    SIEM queue costs no signature its reply, and is logged once, not per batch (and
+    over once the feed has worked for a quiet while: here no while at all)."""
+    monkeypatch.setattr("worker.audit_trail.FEED_QUIET", 0.0)
     caplog.set_level(logging.INFO, logger="worker.audit_trail")
     rig.broker.feed_refuses = True
     assert [await rig.record(f"r-{n}") for n in range(20)] == [200] * 20

@@ -134,3 +134,36 @@ async def test_a_try_cut_short_by_the_shutdown_keeps_its_records(tmp_path: Path)
     (side,) = [p for p in (tmp_path / "w").iterdir() if ".unwritten-" in p.name]
     kept = sorted(orjson.loads(line)["request_id"] for line in side.read_bytes().splitlines())
     assert kept == ["r0", "r1", "r2", "r3"]
+
+
+async def test_reading_a_side_file_back_twice_chains_its_records_once(tmp_path: Path) -> None:
+    """A worker killed after it chained what it read back from a side file, but before it
+    removed the file (600 records: more than one batch), reads it again at its next
+    start: each line the chain says it read back already is skipped."""
+    folder = tmp_path / "w"
+    folder.mkdir()
+    line = {
+        "log": "service",
+        "operation": "signatures.create",
+        "outcome": "failure",
+        "status": 503,
+        "error_code": "audit_unavailable",
+        "detail": "reply withheld: test",
+        "time_ms": 1,
+    }
+    side = folder / "service.unwritten-7"
+    content = b"".join(orjson.dumps({**line, "request_id": f"w-{n}"}) + b"\n" for n in range(600))
+    side.write_bytes(content)
+    for _ in range(2):
+        trail = AuditTrail("node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, _published, timeout=2)
+        trail.start()
+        await trail.record(_event())
+        await asyncio.sleep(0.2)  # the second batch of read-back records
+        await trail.close()
+        assert not side.exists()
+        side.write_bytes(content)  # as if killed before the file was removed
+    records = [orjson.loads(raw) for raw in (folder / "service.jsonl").read_bytes().splitlines()]
+    read_back = [
+        r["request_id"] for r in records if r["type"] == "record" and r["request_id"].startswith("w-")
+    ]
+    assert sorted(read_back) == sorted(f"w-{n}" for n in range(600))

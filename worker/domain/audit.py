@@ -265,7 +265,7 @@ def verify_entries(
                 ChainProblem("?", "unreadable", None, where, "not an audit entry (torn or foreign line)")
             )
             continue
-        if orjson.dumps(entry) != raw.strip():
+        if orjson.dumps(entry) != raw.rstrip(b"\n") or not _in_written_order(entry):
             # The trail writes each entry as orjson writes it; anything else (a name twice,
             # which parsers resolve differently, escapes or spacing that dodge a grep) is
             # not what it wrote, even where the hash of the parsed content matches.
@@ -283,6 +283,32 @@ def verify_entries(
             _verify_chain(chain, by_seq, public_key, report)
             report.chains[chain].retracted = len(retracted)
     return report
+
+
+_RECORD_ORDER = (
+    "type", "seq", "time_ms", "node", "instance", "log", "operation", "outcome", "status", "error_code",
+    "actor", "request_id", "signer", "key_pair", "sad_jti", "dtbs_sha256", "detail", "prev", "hash",
+)  # fmt: skip
+_CHECKPOINT_ORDER = (
+    "type",
+    "seq",
+    "time_ms",
+    "node",
+    "instance",
+    "log",
+    "covers",
+    "prev",
+    "retracts",
+    "hash",
+    "sig",
+)
+
+
+def _in_written_order(entry: dict[str, Any]) -> bool:
+    """Whether an entry's names come in the order ``chain_batch`` writes them."""
+    order = _CHECKPOINT_ORDER if entry.get("type") == CHECKPOINT else _RECORD_ORDER
+    names = list(entry)
+    return names == [name for name in order if name in entry]
 
 
 def _report_repeats(chain: str, by_seq: dict[int, list[_Seen]], report: VerifyReport) -> None:
@@ -303,37 +329,72 @@ def _report_repeats(chain: str, by_seq: dict[int, list[_Seen]], report: VerifyRe
 
 def _drop_retracted(by_seq: dict[int, list[_Seen]], public_key: ec.EllipticCurvePublicKey) -> set[str]:
     """Take out of ``by_seq`` the entries of every batch that a validly signed checkpoint
-    of the chain retracts (see ``chain_batch``): the retracted checkpoint, then back along
-    ``prev`` through the records it covers. Returns where the entries taken out were."""
+    of the chain retracts (see ``chain_batch``). Only a whole genuine batch goes: the
+    retracted checkpoint itself intact and signed by the audit key, then, back along
+    ``prev``, an intact record at every sequence number it covers — a line that merely
+    names a retracted hash is no part of one, and stays to be reported. Returns where
+    the entries taken out were."""
     retracted: set[str] = set()
     for copies in by_seq.values():
         for seen in copies:
-            entry = seen.entry
-            named = entry.get("retracts")
+            named = seen.entry.get("retracts")
             if (
-                entry.get("type") == CHECKPOINT
+                seen.entry.get("type") == CHECKPOINT
                 and isinstance(named, list)
-                and entry_hash(entry).hex() == entry["hash"]
-                and _signature_ok(public_key, entry_hash(entry), str(entry.get("sig", "")))
+                and _signed(seen.entry, public_key)
             ):
                 retracted.update(str(h) for h in named)
     dropped: set[str] = set()
     for seq in sorted(by_seq, reverse=True):
         for seen in list(by_seq.get(seq, ())):
-            if seen.entry["hash"] not in retracted or seen.entry.get("type") != CHECKPOINT:
+            if seen.entry.get("type") != CHECKPOINT or seen.entry.get("hash") not in retracted:
                 continue
-            first = int(seen.entry.get("covers", [seq])[0])
-            wanted, at = seen.entry["hash"], seq
-            while at >= first and at in by_seq:
-                match = next((s for s in by_seq[at] if s.entry["hash"] == wanted), None)
-                if match is None:
-                    break
-                by_seq[at].remove(match)
-                dropped.add(match.where)
+            batch = _genuine_batch(by_seq, seq, seen, public_key)
+            for member in batch:
+                at = int(member.entry["seq"])
+                by_seq[at].remove(member)
+                dropped.add(member.where)
                 if not by_seq[at]:
                     del by_seq[at]
-                wanted, at = match.entry["prev"], at - 1
     return dropped
+
+
+def _intact(entry: dict[str, Any]) -> bool:
+    return entry_hash(entry).hex() == entry.get("hash")
+
+
+def _signed(entry: dict[str, Any], public_key: ec.EllipticCurvePublicKey) -> bool:
+    return _intact(entry) and _signature_ok(public_key, entry_hash(entry), str(entry.get("sig", "")))
+
+
+def _genuine_batch(
+    by_seq: dict[int, list[_Seen]], seq: int, checkpoint: _Seen, public_key: ec.EllipticCurvePublicKey
+) -> list[_Seen]:
+    """The checkpoint at ``seq`` and the records it covers, if all are there and genuine;
+    otherwise nothing."""
+    covers = checkpoint.entry.get("covers")
+    if not _signed(checkpoint.entry, public_key) or not (
+        isinstance(covers, list) and len(covers) == 2 and all(isinstance(c, int) for c in covers)
+    ):
+        return []
+    first, last = covers
+    if last != seq - 1 or first > last:
+        return []
+    batch, wanted = [checkpoint], checkpoint.entry.get("prev")
+    for at in range(last, first - 1, -1):
+        match = next(
+            (
+                s
+                for s in by_seq.get(at, ())
+                if s.entry.get("hash") == wanted and s.entry.get("type") == RECORD and _intact(s.entry)
+            ),
+            None,
+        )
+        if match is None:
+            return []
+        batch.append(match)
+        wanted = match.entry.get("prev")
+    return batch
 
 
 def _verify_chain(
