@@ -14,6 +14,17 @@ from worker.domain.audit import AuditEvent, AuditLog, Outcome
 from worker.errors import SamError
 from worker.fakes import SoftwareHsm
 
+# a line of a side file as the trail writes it: the record of a withheld reply
+WITHHELD_LINE = {
+    "log": "service",
+    "operation": "signatures.create",
+    "outcome": "failure",
+    "status": 503,
+    "error_code": "audit_unavailable",
+    "detail": "reply withheld: test",
+    "time_ms": 1,
+}
+
 
 def _event() -> AuditEvent:
     return AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id="r-1")
@@ -79,16 +90,7 @@ async def test_a_side_file_is_read_back_only_as_withheld_replies(tmp_path: Path)
     chain; a genuine one is chained saying where it came from."""
     folder = tmp_path / "w"
     folder.mkdir()
-    withheld = {
-        "log": "service",
-        "operation": "signatures.create",
-        "outcome": "failure",
-        "status": 503,
-        "error_code": "audit_unavailable",
-        "request_id": "withheld-1",
-        "detail": "reply withheld: test",
-        "time_ms": 1,
-    }
+    withheld = {**WITHHELD_LINE, "request_id": "withheld-1"}
     forged = {**withheld, "outcome": "success", "status": 200, "error_code": None, "request_id": "forged"}
     (folder / "service.unwritten-1").write_bytes(orjson.dumps(withheld) + b"\n")
     (folder / "service.unwritten-2").write_bytes(
@@ -142,15 +144,7 @@ async def test_reading_a_side_file_back_twice_chains_its_records_once(tmp_path: 
     start: each line the chain says it read back already is skipped."""
     folder = tmp_path / "w"
     folder.mkdir()
-    line = {
-        "log": "service",
-        "operation": "signatures.create",
-        "outcome": "failure",
-        "status": 503,
-        "error_code": "audit_unavailable",
-        "detail": "reply withheld: test",
-        "time_ms": 1,
-    }
+    line = WITHHELD_LINE
     side = folder / "service.unwritten-7"
     content = b"".join(orjson.dumps({**line, "request_id": f"w-{n}"}) + b"\n" for n in range(600))
     side.write_bytes(content)
