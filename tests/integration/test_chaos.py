@@ -23,6 +23,7 @@ async def test_short_chaos_campaign() -> None:
     assert report.unanswered == 0, summary
     assert report.audit_ok, summary
     assert report.answered_without_record == 0, summary
+    assert report.decided_key_pair_invalid == 0, summary  # the HSM away is never the caller's key pair
     assert report.outcomes["ok"] > report.sent / 2, summary
     assert set(report.outcomes) <= {"ok", *EXPECTED_ERRORS}, summary
 

@@ -55,6 +55,7 @@ class ChaosReport:
     audit_ok: bool = False
     audit_summary: str = ""
     answered_without_record: int = 0
+    decided_key_pair_invalid: int = 0  # records that blame the caller's key pair
     unchained_records: int = 0
     answered_request_ids: set[str] = field(default_factory=set)
     queue_members: dict[str, int] = field(default_factory=dict)
@@ -74,6 +75,7 @@ class ChaosReport:
             "audit_verify_ok": self.audit_ok,
             "audit_verify": self.audit_summary,
             "answered_without_audit_record": self.answered_without_record,
+            "records_deciding_key_pair_invalid": self.decided_key_pair_invalid,
             "records_kept_unchained": self.unchained_records,
         }
 
@@ -214,6 +216,10 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
                 entry = orjson.loads(line)
                 if entry.get("type") == "record":
                     recorded.add(entry.get("request_id"))
+                    # the HSM taken away must never read as the caller's key pair being bad,
+                    # neither as the answer nor as the decision behind a withheld reply
+                    said = f"{entry.get('error_code')} {entry.get('detail') or ''}"
+                    report.decided_key_pair_invalid += "key_pair_invalid" in said
         # records a worker could not chain before it exited (HSM lost) are kept beside the logs
         side_files = sorted(stack.path("audit").glob("*/*.unwritten-*"))
         for path in side_files:
@@ -247,7 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    good = report.unanswered == 0 and report.audit_ok and report.answered_without_record == 0
+    good = (
+        report.unanswered == 0
+        and report.audit_ok
+        and report.answered_without_record == 0
+        and report.decided_key_pair_invalid == 0
+    )
     sys.exit(0 if good else 1)
 
 
