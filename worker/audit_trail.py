@@ -58,7 +58,15 @@ from typing import Any
 
 import orjson
 
-from worker.domain.audit import AuditEvent, AuditLog, ChainHead, Outcome, chain_batch
+from worker.domain.audit import (
+    AuditEvent,
+    AuditLog,
+    ChainHead,
+    Outcome,
+    chain_batch,
+    is_withheld_reply,
+    withheld_reply,
+)
 from worker.errors import ErrorCode, SamError
 from worker.metrics import Metrics
 
@@ -184,8 +192,7 @@ def _unwritten_record(line: bytes, side: Path, number: int) -> tuple[AuditEvent,
         **{name: None if data.get(name) is None else str(data[name]) for name in _OPTIONAL_TEXT},
         dtbs_sha256=tuple(str(d) for d in data.get("dtbs_sha256") or ()),
     )
-    withheld = ErrorCode.audit_unavailable
-    if (event.outcome, event.status, event.error_code) != (Outcome.failure, withheld.status, withheld.name):
+    if not is_withheld_reply(event):
         raise ValueError("not a withheld reply")
     said = " ".join((event.detail or "reply withheld").split())[:500]
     detail = f"[read back from the unsigned side file {side.name}, line {number}] {said}"
@@ -203,17 +210,6 @@ def _unlink(path: Path) -> None:
 def _describe(failure: BaseException | None) -> str:
     strerror = failure.strerror if isinstance(failure, OSError) else None
     return f"{type(failure).__name__}: {strerror}" if strerror else type(failure).__name__
-
-
-def _withheld(event: AuditEvent, why: str) -> AuditEvent:
-    """The record of what the caller actually got when its batch was not committed."""
-    return dataclasses.replace(
-        event,
-        outcome=Outcome.failure,
-        status=ErrorCode.audit_unavailable.status,
-        error_code=ErrorCode.audit_unavailable.name,
-        detail=f"reply withheld: {why} (decided: {event.status} {event.error_code or 'ok'})",
-    )
 
 
 @dataclass
@@ -450,7 +446,7 @@ class AuditTrail:
                 pending.event.request_id,
             )
             return
-        state.withheld.append(_Pending(_withheld(pending.event, why), int(time.time() * 1000), None))
+        state.withheld.append(_Pending(withheld_reply(pending.event, why), int(time.time() * 1000), None))
 
     # --- the flusher ----------------------------------------------------------------------
 
@@ -569,10 +565,15 @@ class AuditTrail:
             self._io_job(self._cut, where)  # runs once the hung write returns
             return f"audit file write did not finish within {self._timeout} s"
         archived: asyncio.Future[None] = asyncio.ensure_future(self._archive(data))
-        await asyncio.wait([durable, archived], timeout=deadline - time.monotonic())
         metrics = self._metrics
-        if metrics is not None and archived.done() and not archived.exception():
-            metrics.audit_confirm_seconds.observe(time.perf_counter() - started)
+        if metrics is not None:  # when the confirm comes, not when the slower of the two ends
+
+            def confirmed(future: asyncio.Future[None]) -> None:
+                if not future.cancelled() and future.exception() is None:
+                    metrics.audit_confirm_seconds.observe(time.perf_counter() - started)
+
+            archived.add_done_callback(confirmed)
+        await asyncio.wait([durable, archived], timeout=deadline - time.monotonic())
         reason = self._verdict(durable, archived, batch)
         if reason is not None:
             self._io_job(self._cut, where)

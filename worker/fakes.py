@@ -12,7 +12,6 @@ and ``AuditTrail``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import os
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from worker.domain.algorithms import HsmMechanism, KeySpec, KeyType, SignatureScheme
-from worker.domain.audit import AuditEvent, AuditLog, ChainHead, Outcome, chain_batch
+from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch, withheld_reply
 from worker.domain.ledgers import Reducer
 from worker.errors import ErrorCode, SamError
 from worker.ports import GeneratedKeyPair, WrappedKey
@@ -217,17 +216,6 @@ class ReplicaLedger:
         self._read(position)
 
 
-def _withheld_reply(event: AuditEvent) -> AuditEvent:
-    return dataclasses.replace(
-        event,
-        outcome=Outcome.failure,
-        status=ErrorCode.audit_unavailable.status,
-        error_code=ErrorCode.audit_unavailable.name,
-        detail="reply withheld: the audit sink is failing "
-        f"(decided: {event.status} {event.error_code or 'ok'})",
-    )
-
-
 class MemoryAudit:
     """An ``AuditSink`` that chains and signs every record at once (one batch per call,
     as in the audit trail) and keeps the entries. ``failing`` makes every record fail
@@ -252,7 +240,7 @@ class MemoryAudit:
     async def record(self, event: AuditEvent) -> dict[str, Any]:
         time_ms = int(time.time() * 1000)
         if self.failing:
-            self._withheld.append((_withheld_reply(event), time_ms))
+            self._withheld.append((withheld_reply(event, "the audit sink is failing"), time_ms))
             raise SamError(ErrorCode.audit_unavailable, "the audit sink is failing")
         withheld = [item for item in self._withheld if item[0].log == event.log]
         batch = [*withheld, (event, time_ms)]

@@ -11,6 +11,7 @@ what was signed, never secrets.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worker.domain.algorithms import ecdsa_signature_der
 from worker.domain.authorization import b64url
+from worker.errors import ErrorCode
 
 __all__ = [
     "GENESIS",
@@ -41,7 +43,9 @@ __all__ = [
     "VerifyReport",
     "chain_batch",
     "entry_hash",
+    "is_withheld_reply",
     "verify_entries",
+    "withheld_reply",
 ]
 
 GENESIS = "0" * 64
@@ -83,6 +87,30 @@ class AuditEvent:
     @property
     def routing_key(self) -> str:
         return f"{self.log}.{self.operation}.{self.outcome}"
+
+
+def withheld_reply(event: AuditEvent, why: str) -> AuditEvent:
+    """The record of a request whose decided reply was withheld because its record could
+    not be made durable: what the caller got instead (``503 audit_unavailable``), with
+    what had been decided."""
+    withheld = ErrorCode.audit_unavailable
+    return dataclasses.replace(
+        event,
+        outcome=Outcome.failure,
+        status=withheld.status,
+        error_code=withheld.name,
+        detail=f"reply withheld: {why} (decided: {event.status} {event.error_code or 'ok'})",
+    )
+
+
+def is_withheld_reply(event: AuditEvent) -> bool:
+    """Whether ``event`` is such a record (see ``withheld_reply``)."""
+    withheld = ErrorCode.audit_unavailable
+    return (event.outcome, event.status, event.error_code) == (
+        Outcome.failure,
+        withheld.status,
+        withheld.name,
+    )
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:
@@ -407,7 +435,7 @@ def _verify_chain(
     for seq in seqs:
         intact = []
         for copy in by_seq[seq]:  # every copy: a forged one may repeat a genuine hash
-            if entry_hash(copy.entry).hex() == copy.entry["hash"]:
+            if _intact(copy.entry):
                 intact.append(copy)
             else:
                 report.problems.append(
