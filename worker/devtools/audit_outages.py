@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -52,6 +50,7 @@ import orjson
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
+from worker.devtools.chaos import certified_key_pair, signature_request
 from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
@@ -59,7 +58,6 @@ from worker.transport.topology import AUDIT_EXCHANGE
 
 __all__ = ["KINDS", "OutageFigures", "main", "run"]
 
-EC_SHA256 = "1.2.840.10045.4.3.2"
 KINDS = ("disk-full", "unopenable", "hung", "siem-rejects", "no-route", "broker-gone")
 INSTANCE = "worker-1"
 RATE = 2.0  # requests per second during an outage
@@ -143,16 +141,7 @@ class _Sender:
     async def sign(self, reply_timeout: float = 20) -> tuple[str, str, float]:
         """(request id, outcome, seconds): the outcome is ``ok``, an error code or ``no answer``."""
         message_id = str(uuid.uuid4())
-        digest = hashlib.sha256(message_id.encode()).digest()
-        body = orjson.dumps(
-            {
-                "signature_algorithm": EC_SHA256,
-                "requests": [{"dtbs": base64.b64encode(digest).decode()}],
-                "key_pair": self._key_pair,
-                "signer": {"id": "outage"},
-            }
-        )
-        sad = self._authority.issue_sad(self._sam_id, "outage", self._key_pair["id"], [digest], lifetime=280)
+        body, sad = signature_request(self._authority, self._sam_id, self._key_pair, "outage", message_id)
         started = time.monotonic()
         try:
             reply = await self._client.send(
@@ -322,13 +311,7 @@ async def run(seconds: float = 60, kinds: tuple[str, ...] = KINDS, port_base: in
             await admin.put_configuration(json.loads(stack.path("config", "dynamic_config.json").read_text()))
         client = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text()).client()
         await client.connect()
-        created = await client.create_key_pair("ECDSA", named_curve="secp256r1")
-        assigned = await client.assign_key_pair(created, "outage", "CN=outage")
-        request = await client.certification_request(assigned, EC_SHA256)
-        key_pair = await client.update_key_pair(
-            assigned, "outage", certificate=stack.pki.issue_from_request(request)
-        )
-        sender = _Sender(stack, client, key_pair)
+        sender = _Sender(stack, client, await certified_key_pair(stack, client, "outage"))
         siem_profile = ClientProfile.model_validate_json(stack.profile("siem-1").read_text())
         tls = TlsFiles(
             ca_file=siem_profile.ca_file, cert_file=siem_profile.cert_file, key_file=siem_profile.key_file

@@ -36,7 +36,7 @@ from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
 from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 
-__all__ = ["ChaosReport", "main", "run"]
+__all__ = ["ChaosReport", "certified_key_pair", "main", "run", "signature_request"]
 
 EC_SHA256 = "1.2.840.10045.4.3.2"
 
@@ -80,11 +80,29 @@ class ChaosReport:
         }
 
 
-async def _certified(stack: Stack, client: SamClient, signer: str) -> dict[str, Any]:
+async def certified_key_pair(stack: Stack, client: SamClient, signer: str) -> dict[str, Any]:
+    """A P-256 key pair of ``client``'s, assigned to ``signer`` and certified by the dev CA."""
     created = await client.create_key_pair("ECDSA", named_curve="secp256r1")
     assigned = await client.assign_key_pair(created, signer, f"CN={signer}")
     request = await client.certification_request(assigned, EC_SHA256)
     return await client.update_key_pair(assigned, signer, certificate=stack.pki.issue_from_request(request))
+
+
+def signature_request(
+    authority: DevAuthorizationServer, sam_id: str, key_pair: dict[str, Any], signer: str, message_id: str
+) -> tuple[bytes, str]:
+    """The body and SAD of a one-digest ECDSA P-256 signature request (the digest: of the
+    message id, so every request signs something of its own)."""
+    digest = hashlib.sha256(message_id.encode()).digest()
+    body = orjson.dumps(
+        {
+            "signature_algorithm": EC_SHA256,
+            "requests": [{"dtbs": base64.b64encode(digest).decode()}],
+            "key_pair": key_pair,
+            "signer": {"id": signer},
+        }
+    )
+    return body, authority.issue_sad(sam_id, signer, key_pair["id"], [digest], lifetime=280)
 
 
 async def _load(
@@ -104,16 +122,7 @@ async def _load(
             sad = None
         else:
             operation = "signatures.create"
-            digest = hashlib.sha256(message_id.encode()).digest()
-            body = orjson.dumps(
-                {
-                    "signature_algorithm": EC_SHA256,
-                    "requests": [{"dtbs": base64.b64encode(digest).decode()}],
-                    "key_pair": key_pair,
-                    "signer": {"id": "chaos"},
-                }
-            )
-            sad = authority.issue_sad(sam_id, "chaos", key_pair["id"], [digest], lifetime=280)
+            body, sad = signature_request(authority, sam_id, key_pair, "chaos", message_id)
         report.sent += 1
         try:
             reply = await client.send(
@@ -193,7 +202,7 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
             await admin.put_configuration(json.loads(stack.path("config", "dynamic_config.json").read_text()))
         client = profile.client()
         await client.connect()
-        key_pair = await _certified(stack, client, "chaos")
+        key_pair = await certified_key_pair(stack, client, "chaos")
         stop = asyncio.Event()
         loaders = [
             asyncio.create_task(_load(stack, client, authority, static["sam_id"], key_pair, stop, report))
