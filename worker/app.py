@@ -37,6 +37,7 @@ from worker.transport.amqp import connect, connect_worker, rotated
 from worker.transport.consumer import RequestConsumer
 from worker.transport.http import HealthServer
 from worker.transport.ledger import StreamLedger
+from worker.transport.results import StreamResultStore
 from worker.transport.topology import (
     AUDIT_ARCHIVE_STREAM,
     AUDIT_EXCHANGE,
@@ -87,14 +88,17 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         pkcs11_hsm.close()
         return EXIT_RESTART
 
-    def broker_lost(*_: object) -> None:
-        nonlocal exit_status
-        if not stop.is_set():
-            log.critical("the broker connection is lost: exiting for a restart")
-            exit_status = EXIT_RESTART
-            stop.set()
+    def lost(what: str) -> Callable[..., None]:
+        def exit_for_restart(*_: object) -> None:
+            nonlocal exit_status
+            if not stop.is_set():
+                log.critical("%s: exiting for a restart", what)
+                exit_status = EXIT_RESTART
+                stop.set()
 
-    connection.close_callbacks.add(broker_lost)
+        return exit_for_restart
+
+    connection.close_callbacks.add(lost("the broker connection is lost"))
     closing: list[AbstractConnection] = []
     try:
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -102,6 +106,10 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         await ledger_channel.set_qos(prefetch_count=1000)
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=settings.prefetch)
+        # a channel the broker closed (a channel error) is not opened again on this
+        # connection: without it replies or ledger records can no longer be confirmed
+        for channel in (publish_channel, ledger_channel, consume_channel):
+            channel.close_callbacks.add(lost("a broker channel was closed"))
         # The live feed has a connection of its own (robust: it reconnects by itself), so
         # what SIEM queues do to it never touches requests, replies, ledgers or the
         # archive: a nack; the credit flow of fanning out to a thousand queues; RabbitMQ
@@ -145,8 +153,21 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             feed=feed_audit,
         )
         audit.start()
+        results_channel = await connection.channel()  # read only when a repeat comes
+        await results_channel.set_qos(prefetch_count=200)
+        results_channel.close_callbacks.add(lost("a broker channel was closed"))
+        results = StreamResultStore(publish_channel, results_channel, settings.ledger_timeout_seconds)
         service = SamService(
-            static, configuration, key_events, sad_use, dict(ledgers), hsm, sealer, audit, metrics=metrics
+            static,
+            configuration,
+            key_events,
+            sad_use,
+            dict(ledgers),
+            hsm,
+            sealer,
+            audit,
+            results,
+            metrics=metrics,
         )
         consumer = RequestConsumer(
             service.process, consume_channel, publish_channel, settings.publish_timeout_seconds
@@ -219,9 +240,11 @@ def _ledgers(
     configuration = ConfigurationLog(static)
     key_events = KeyEventLog()
     sad_use = SadUseLog(static.sad_policy.clock_skew_seconds)
-    # A jti older than the longest SAD lifetime can no longer be replayed, so the
-    # SAD-use stream is read from that horizon only.
-    horizon = static.sad_policy.max_lifetime_seconds + 2 * static.sad_policy.clock_skew_seconds
+    # A jti older than the longest SAD lifetime can no longer be replayed, nor a request
+    # older than the request JWS's age limit repeated, so the SAD-use stream is read from
+    # that horizon only.
+    lifetime = max(static.sad_policy.max_lifetime_seconds, static.limits.request_max_age_seconds)
+    horizon = lifetime + 2 * static.sad_policy.clock_skew_seconds
     timeout = settings.ledger_timeout_seconds
     ledgers = {
         "config": StreamLedger(CONFIG_STREAM, configuration, consume_channel, publish_channel, timeout),

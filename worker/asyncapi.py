@@ -7,7 +7,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from worker.domain.contract import HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, OPERATION_QUEUE, Operation
+from worker.domain.contract import (
+    HEADER_REPEAT,
+    HEADER_REQUEST_JWS,
+    HEADER_SAD,
+    HEADER_STATUS,
+    OPERATION_QUEUE,
+    Operation,
+)
 from worker.transport import topology
 
 __all__ = ["asyncapi"]
@@ -90,7 +97,14 @@ def asyncapi(
             "headers": {
                 "type": "object",
                 "required": [HEADER_STATUS],
-                "properties": {HEADER_STATUS: {"type": "integer", "description": "HTTP-like status"}},
+                "properties": {
+                    HEADER_STATUS: {"type": "integer", "description": "HTTP-like status"},
+                    HEADER_REPEAT: {
+                        "type": "boolean",
+                        "description": "present (true) when the reply answers a repeat of the request (same "
+                        "caller, message_id, operation, body and SAD) with the result of an earlier attempt",
+                    },
+                },
             },
             "payload": {"oneOf": [success, _ref("./error.reply.json")]},
             "correlationId": {"location": "$message.header#/correlation_id"},

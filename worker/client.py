@@ -11,6 +11,14 @@ that node goes away, to the next: its reply queue is then a quorum queue, replic
 every node, so replies published while it moves are waiting for it on the new node.
 With one URL the reply queue is a classic durable queue (cheaper; it survives a broker
 restart) and the client reconnects to that URL.
+
+Lost answers are asked for again: a request whose reply does not come within the
+timeout, or that was answered "unavailable" (503), is published again unchanged — the
+same ``message_id``, body, JWS and SAD — up to ``retries`` times. The SAM recognises such
+a repeat and answers it with the original result, so retrying never signs twice and
+never spends the SAD on a refusal. Of the replies to one request, a success is kept over
+any refusal, and ``request_taken_over`` (an earlier copy whose result was dropped
+because a repeat took over) is never the answer.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from joserfc.jwk import ECKey, RSAKey
 from worker.domain.authorization import RequestBinding, request_jws_payload
 from worker.domain.certification import assemble_certification_request, build_certification_request_info
 from worker.domain.contract import (
+    HEADER_REPEAT,
     HEADER_REQUEST_JWS,
     HEADER_SAD,
     HEADER_STATUS,
@@ -49,7 +58,13 @@ from worker.settings import TlsFiles, split_urls
 from worker.transport.amqp import tls_context
 from worker.transport.topology import REQUESTS_EXCHANGE, reply_queue_prefix
 
-__all__ = ["RawReply", "SamClient", "SamClientError", "SamRequestError", "SamTimeout"]
+__all__ = ["TRANSIENT_CODES", "RawReply", "SamClient", "SamClientError", "SamRequestError", "SamTimeout"]
+
+# Refusals that say "not now": nothing was released, and the very same request, sent again
+# a little later, may succeed (a repeat of it gets whatever an earlier copy achieved).
+TRANSIENT_CODES = frozenset({"audit_unavailable", "hsm_unavailable", "ledger_unavailable", "request_expired"})
+# seconds to wait for a better answer after a transient one, before sending again
+_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0)
 
 
 class SamClientError(Exception):
@@ -57,7 +72,10 @@ class SamClientError(Exception):
 
 
 class SamTimeout(SamClientError):
-    """No reply within the time allowed; the request may still have been processed."""
+    """No reply within the time allowed, after every retry: the outcome is unknown (the
+    request may have been processed). Send the same request again — the same
+    ``message_id`` and SAD, while the SAD is valid — to learn it: a repeat is answered
+    with the original result."""
 
     def __init__(self, request_id: str, seconds: float) -> None:
         super().__init__(f"no reply to {request_id} within {seconds} s")
@@ -77,14 +95,27 @@ class SamRequestError(SamClientError):
 
 @dataclass(frozen=True)
 class RawReply:
-    """A reply as it arrived: status, body and correlation id (``json()`` decodes it)."""
+    """A reply as it arrived: status, body and correlation id (``json()`` decodes it);
+    ``repeat``: the SAM answered a repeat with the result of an earlier attempt."""
 
     status: int
     body: bytes
     correlation_id: str | None
+    repeat: bool = False
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
+
+    @property
+    def code(self) -> str | None:
+        """The refusal's stable error code (None for a success or an unreadable body)."""
+        if self.status < 400:
+            return None
+        try:
+            code = self.json()["error"]["code"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        return code if isinstance(code, str) else None
 
 
 def _jws_key(pem: bytes) -> ECKey | RSAKey:
@@ -95,7 +126,9 @@ def _jws_key(pem: bytes) -> ECKey | RSAKey:
 class SamClient:
     """The SSA SDK: one TLS connection (EXTERNAL auth) to the broker, one reply queue of
     the user's own, every request signed with the user's registered JWS key; each
-    operation of the contract as a method. Refusals raise ``SamRequestError``."""
+    operation of the contract as a method. Refusals raise ``SamRequestError``; each
+    method asks again up to ``retries`` times for an answer that was lost or
+    unavailable (see the module's docstring)."""
 
     def __init__(
         self,
@@ -104,6 +137,7 @@ class SamClient:
         user_id: str,
         jws_key_pem: bytes,
         timeout: float = 15.0,
+        retries: int = 2,
     ) -> None:
         self.url = url
         self.urls = split_urls(url)
@@ -112,6 +146,7 @@ class SamClient:
         self._key = _jws_key(jws_key_pem)
         self._alg = "ES256" if isinstance(self._key, ECKey) else "PS256"
         self.timeout = timeout
+        self.retries = retries
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._requests: AbstractExchange | None = None  # sam.requests on the current channel
@@ -122,7 +157,7 @@ class SamClient:
         self._connected = asyncio.Event()
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
-        self._pending: dict[str, asyncio.Future[RawReply]] = {}
+        self._pending: dict[str, asyncio.Queue[RawReply]] = {}
         # replies nobody waited for any more (a second answer, or one after its timeout),
         # by correlation id; answered requests are not kept, so a long-lived client does
         # not grow with its traffic
@@ -213,15 +248,20 @@ class SamClient:
         self._connected.clear()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.get(message.correlation_id or "")
-        if future is None or future.done():
+        replies = self._pending.get(message.correlation_id or "")
+        if replies is None:
             self.unmatched_replies[message.correlation_id or ""] += 1
-        else:
-            status = (message.headers or {}).get(HEADER_STATUS)
-            reply = RawReply(
-                int(status) if isinstance(status, int) else 0, message.body, message.correlation_id
+            return
+        headers = message.headers or {}
+        status = headers.get(HEADER_STATUS)
+        replies.put_nowait(
+            RawReply(
+                int(status) if isinstance(status, int) else 0,
+                message.body,
+                message.correlation_id,
+                headers.get(HEADER_REPEAT) is True,
             )
-            future.set_result(reply)
+        )
 
     def sign_request(self, body: bytes, message_id: str, operation: str, user_id: str | None = None) -> str:
         binding = RequestBinding(body, message_id, operation, user_id or self.user_id)
@@ -248,10 +288,11 @@ class SamClient:
         """Publish one request as given and wait for its reply (low level; tests use
         it to send what a well-behaved SSA would not).
 
-        ``retries``: after a timeout (or a publish the broker did not take), publish the
-        very same message again — same message_id, correlation_id, JWS and SAD — so the
-        SAM can only answer it again (a signature's SAD is spent once: a second copy
-        gets ``sad_replayed``). The first reply wins; later ones are ignored."""
+        ``retries``: after a timeout, a transient refusal (``TRANSIENT_CODES``) or a
+        publish the broker did not take, publish the very same message again — same
+        message_id, correlation_id, JWS and SAD: a repeat, which the SAM answers with the
+        original result. A success wins over any refusal; ``request_taken_over`` is
+        never the answer; later replies are counted in ``unmatched_replies``."""
         assert self._channel is not None, "not connected"
         message_id = message_id or str(uuid.uuid4())
         if request_jws is None and sign:
@@ -283,29 +324,52 @@ class SamClient:
     async def _exchange(
         self, message: aio_pika.Message, routing_key: str, seconds: float, wait: bool, retries: int
     ) -> RawReply | None:
-        """Publish ``message`` and wait for the reply with its correlation id, publishing
-        the same message again after each timeout while ``retries`` last."""
+        """Publish ``message`` and return the answer that counts among the replies with
+        its correlation id, publishing the same message again while ``retries`` last."""
         assert message.correlation_id is not None and message.message_id is not None
         correlation_id = message.correlation_id
-        future: asyncio.Future[RawReply] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
+        replies: asyncio.Queue[RawReply] = asyncio.Queue()
+        self._pending[correlation_id] = replies
         # with retries, a broker that is away (restarting) is waited for, up to the
         # time all attempts would take
         deadline = time.monotonic() + seconds * (retries + 1)
         try:
             for attempt in range(retries + 1):
+                if attempt:
+                    self.retried += 1
                 await self._publish(message, routing_key, deadline, seconds, retrying=retries > 0)
                 if not wait:
                     return None
-                try:
-                    return await asyncio.wait_for(asyncio.shield(future), seconds)
-                except TimeoutError:
-                    if attempt == retries:
-                        raise SamTimeout(message.message_id, seconds) from None
-                    self.retried += 1
+                pause = _RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES) - 1)]
+                reply = await self._answer(replies, seconds, pause, last=attempt == retries)
+                if reply is not None:
+                    return reply
             raise SamTimeout(message.message_id, seconds)
         finally:
             self._pending.pop(correlation_id, None)
+
+    @staticmethod
+    async def _answer(
+        replies: asyncio.Queue[RawReply], seconds: float, pause: float, last: bool
+    ) -> RawReply | None:
+        """The answer among the replies coming within ``seconds``, or None: send again.
+        After a transient refusal, a better answer (an earlier copy's) is waited for
+        ``pause`` seconds before sending again; on the ``last`` try it is the answer."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                reply = await asyncio.wait_for(replies.get(), left)
+            except TimeoutError:
+                return None
+            if reply.status < 400:
+                return reply
+            if reply.code == "request_taken_over":
+                continue  # a copy whose result was dropped: the repeat's answer counts
+            if reply.code in TRANSIENT_CODES and not last:
+                end = min(end, time.monotonic() + pause)
+                continue
+            return reply
+        return None
 
     async def _publish(
         self, message: aio_pika.Message, routing_key: str, deadline: float, seconds: float, retrying: bool
@@ -326,10 +390,19 @@ class SamClient:
                     raise
                 await asyncio.sleep(1)
 
-    async def call(self, operation: Operation | str, body: Any = None, *, sad: str | None = None) -> Any:
-        """Send a well-formed request; return the reply document or raise ``SamRequestError``."""
+    async def call(
+        self,
+        operation: Operation | str,
+        body: Any = None,
+        *,
+        sad: str | None = None,
+        message_id: str | None = None,
+    ) -> Any:
+        """Send a well-formed request, asking again for a lost or unavailable answer; return
+        the reply document or raise ``SamRequestError`` (or ``SamTimeout``: unknown).
+        ``message_id``: to repeat a request sent before (with the same body and SAD)."""
         payload = orjson.dumps(body if body is not None else {})
-        reply = await self.send(str(operation), payload, sad=sad)
+        reply = await self.send(str(operation), payload, sad=sad, message_id=message_id, retries=self.retries)
         assert reply is not None
         document = reply.json()
         if reply.status >= 400:
@@ -390,8 +463,11 @@ class SamClient:
         *,
         parameters: bytes | None = None,
         pin: str | None = None,
+        message_id: str | None = None,
     ) -> list[bytes]:
-        """Sign DTBS/R (hashes); ``parameters`` is DER RSASSA-PSS-params for RSASSA-PSS."""
+        """Sign DTBS/R (hashes); ``parameters`` is DER RSASSA-PSS-params for RSASSA-PSS.
+        ``message_id``: that of an earlier call with the same arguments whose outcome is
+        unknown (``SamTimeout``) — the SAM answers with that call's result."""
         body: dict[str, Any] = {
             "signature_algorithm": signature_algorithm,
             "requests": [{"dtbs": base64.b64encode(d).decode()} for d in digests],
@@ -402,7 +478,7 @@ class SamClient:
             body["signature_algorithm_parameters"] = base64.b64encode(parameters).decode()
         if pin is not None:
             body["sam_factor"] = {"type": "pin", "value": pin}
-        result = await self.call(Operation.signatures_create, body, sad=sad)
+        result = await self.call(Operation.signatures_create, body, sad=sad, message_id=message_id)
         return [base64.b64decode(s["signature"]) for s in result["signatures"]]
 
     async def prove_possession(

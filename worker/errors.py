@@ -71,7 +71,7 @@ class ErrorCode(Enum):
     sad_digest_mismatch = _Code(
         403, "The DTBS/R, their count or their hash algorithm differ from what the SAD authorizes."
     )
-    sad_replayed = _Code(403, "The SAD's jti was already used.")
+    sad_replayed = _Code(403, "The SAD's jti was already used, by another request.")
     sad_authentication_insufficient = _Code(403, "The SAD's authentication does not meet the policy.")
     # 404 / 409 / 422 — key pair state
     key_pair_invalid = _Code(422, "The key pair's seal does not verify (altered, or from another SAM).")
@@ -125,6 +125,16 @@ class ErrorCode(Enum):
         "The key pair cannot be bound so: not a registered SSA, an authorization server that SSA may not "
         "use, or another authorization server for an assigned signer.",
     )
+    request_id_reused = _Code(
+        409,
+        "This caller used this message_id for another request (operation, body or SAD) not long ago: "
+        "a repeat must be the very same request.",
+    )
+    request_taken_over = _Code(
+        409,
+        "A repeat of this request took it over while this attempt was slow; nothing of this attempt "
+        "was released, and the answer to the repeat is the one that counts.",
+    )
     configuration_version_conflict = _Code(
         409, "The dynamic configuration version is not above the current one."
     )
@@ -134,7 +144,11 @@ class ErrorCode(Enum):
     configuration_missing = _Code(404, "No dynamic configuration has been set yet.")
     # 5xx — the SAM cannot serve now; the caller may retry
     hsm_unavailable = _Code(503, "The HSM failed or is unreachable.")
-    audit_unavailable = _Code(503, "The audit record could not be made durable in time; nothing was done.")
+    audit_unavailable = _Code(
+        503,
+        "The audit record could not be made durable in time; no result was released (a repeat of the "
+        "request gets it, if one was made).",
+    )
     request_expired = _Code(
         503, "The request expired in its queue (its expiration) before a worker took it; nothing was done."
     )

@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 
 from worker.domain.algorithms import HsmMechanism, KeySpec, KeyType, SignatureScheme
 from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch, withheld_reply
-from worker.domain.ledgers import Reducer
+from worker.domain.ledgers import Reducer, Verdict
 from worker.errors import ErrorCode, SamError
-from worker.ports import GeneratedKeyPair, WrappedKey
+from worker.ports import GeneratedKeyPair, StoredResult, WrappedKey
 
-__all__ = ["MemoryAudit", "MemoryLedger", "ReplicaLedger", "SharedStream", "SoftwareHsm"]
+__all__ = ["MemoryAudit", "MemoryLedger", "MemoryResults", "ReplicaLedger", "SharedStream", "SoftwareHsm"]
 
 _CURVES: dict[str, ec.EllipticCurve] = {
     "secp256r1": ec.SECP256R1(),
@@ -103,7 +103,7 @@ class SoftwareHsm:
         kek = self._keks.get(key.kek_label)
         if kek is None:
             raise SamError(
-                ErrorCode.key_pair_invalid, f"key encryption key {key.kek_label!r} is not in this HSM"
+                ErrorCode.hsm_unavailable, f"key encryption key {key.kek_label!r} is not in this HSM"
             )
         try:
             private = serialization.load_der_private_key(
@@ -174,13 +174,33 @@ class MemoryLedger:
         self.reducer = reducer
         self.position = -1
 
-    async def append(self, data: dict[str, Any]) -> SamError | None:
+    async def append(self, data: dict[str, Any]) -> Verdict:
         self.position += 1
         return self.reducer.apply(data)
 
     async def read_to(self, position: int) -> None:
         if position > self.position:
             raise SamError(ErrorCode.ledger_unavailable, "nothing else appends to this log")
+
+
+class MemoryResults:
+    """A ``ResultStore`` in a dict; ``failing`` makes it refuse as a store that does not
+    answer. A result is found only by the request and attempt it was stored for."""
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[str, int], StoredResult] = {}
+        self.failing = False
+
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        if self.failing:
+            raise SamError(ErrorCode.ledger_unavailable, "sam.results refused a result")
+        self.results[(request, attempt)] = result
+
+    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
+        found = self.results.get((request, attempt))
+        if self.failing or found is None:
+            raise SamError(ErrorCode.ledger_unavailable, "sam.results has no such result")
+        return found
 
 
 class SharedStream:
@@ -199,14 +219,14 @@ class ReplicaLedger:
         self.stream, self.reducer = stream, reducer
         self.position = -1
 
-    def _read(self, position: int) -> SamError | None:
+    def _read(self, position: int) -> Verdict:
         verdict = None
         while self.position < position:
             self.position += 1
             verdict = self.reducer.apply(self.stream.records[self.position])
         return verdict
 
-    async def append(self, data: dict[str, Any]) -> SamError | None:
+    async def append(self, data: dict[str, Any]) -> Verdict:
         self.stream.records.append(data)
         return self._read(len(self.stream.records) - 1)
 

@@ -7,11 +7,22 @@ so a hostile ``type`` cannot blow up the series count.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from worker.domain.contract import Operation
 
-__all__ = ["Metrics", "operation_label"]
+__all__ = ["Metrics", "RepeatAnswer", "operation_label"]
+
+
+class RepeatAnswer(StrEnum):
+    """What a repeat of a request got (the ``answer`` label of ``sam_repeats_total``)."""
+
+    stored_result = "stored_result"  # the result an earlier attempt stored
+    takeover = "takeover"  # no attempt had answered: this one took the request over
+    taken_over = "taken_over"  # counted on the slow attempt whose result was dropped
+
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _KNOWN = {str(operation) for operation in Operation}
@@ -56,6 +67,16 @@ class Metrics:
             registry=registry,
         )
         self.hsm_errors = Counter("sam_hsm_errors", "HSM calls that failed", ["operation"], registry=registry)
+        self.result_store_seconds = Histogram(
+            "sam_result_store_seconds",
+            "Keeping an acting request's result for its repeats: the sam.results confirm, then the "
+            "answered mark read back from sam.sad-use",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.repeats = Counter(
+            "sam_repeats", "Repeats of a request, by what they got", ["answer"], registry=registry
+        )
         self.audit_flush_seconds = Histogram(
             "sam_audit_flush_seconds",
             "From the start of an audit batch's write to its commit (fsynced and confirmed by the archive)",

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from worker.domain.algorithms import KeySpec, SignatureScheme
 from worker.domain.audit import AuditEvent
-from worker.errors import SamError
+from worker.domain.ledgers import Verdict
 
 __all__ = [
     "AuditSink",
@@ -27,6 +27,8 @@ __all__ = [
     "IncomingRequest",
     "Ledger",
     "Reply",
+    "ResultStore",
+    "StoredResult",
     "WrappedKey",
 ]
 
@@ -73,6 +75,7 @@ class Reply:
     error_code: str | None = None
     reply_to: str | None = None
     correlation_id: str | None = None
+    repeat: bool = False  # the stored result of an earlier attempt of the same request
 
 
 # --- shared logs ------------------------------------------------------------------------
@@ -89,7 +92,7 @@ class Ledger(Protocol):
         """The offset this replica has applied up to (-1: nothing yet)."""
         ...
 
-    async def append(self, data: dict[str, Any]) -> SamError | None:
+    async def append(self, data: dict[str, Any]) -> Verdict:
         """Append a record and return its verdict as the reducer gave it in log order
         (``None``: accepted) — the same verdict on every replica."""
         ...
@@ -97,6 +100,32 @@ class Ledger(Protocol):
     async def read_to(self, position: int) -> None:
         """Return once this replica has applied the log up to ``position``; writes
         nothing."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A result as stored for repeats of its request: the reply's status and body, and
+    what its audit record said of the request (so a repeat's record says it too)."""
+
+    status: int
+    body: bytes
+    trace: dict[str, Any]
+
+
+class ResultStore(Protocol):
+    """Where results wait for repeats of their request (``sam.results`` in production): written
+    once per answered request, read only when a repeat comes — so no worker holds or reads
+    the results of others on the way of an ordinary request.
+
+    Errors: ``SamError(ledger_unavailable)`` when the store does not answer in time."""
+
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        """Return once the result of ``attempt`` of ``request`` (its key) is durable."""
+        ...
+
+    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
+        """The result of ``attempt`` of ``request``, stored at ``stored_at`` (epoch seconds)."""
         ...
 
 
@@ -145,9 +174,10 @@ class Hsm(Protocol):
     measurements (DESIGN.md §4) showed inline calls on the event-loop thread, one
     session per process, beat executor threads.
 
-    Errors: ``SamError`` only — ``hsm_unavailable`` when the module fails or is away,
-    ``key_pair_invalid`` when a wrapped key is not one this HSM can unwrap,
-    ``sam_factor_unavailable`` when it has no factor key."""
+    Errors: ``SamError`` only — ``hsm_unavailable`` when the module fails, is away or
+    lacks the KEK a key pair names, ``key_pair_invalid`` only when the HSM rejects the
+    wrapped key itself (or its wrap mechanism is unknown), ``sam_factor_unavailable``
+    when it has no factor key."""
 
     @property
     def current_kek_label(self) -> str:

@@ -9,7 +9,14 @@ this module only puts those decisions in order and acts on them through the port
 
 Every path — success, refusal or fault — produces exactly one audit record before the
 reply exists; if the record cannot be made durable the reply becomes
-``audit_unavailable`` and the result is dropped.
+``audit_unavailable`` and the result is not released.
+
+Requests that act (sign, generate, change a key pair: ``IDEMPOTENT``) are claimed in
+``sam.sad-use`` before they do, and their result is stored (``ResultStore``) and marked
+answered there before the audit record is written. A repeat of such a request — a copy
+the SDK sent again, a redelivery after a worker died — is answered with the stored
+result, or, when no attempt answered with one, takes the request over; see
+``SadUseLog`` for why exactly one attempt of a request can answer with a result.
 """
 
 from __future__ import annotations
@@ -68,13 +75,45 @@ from worker.domain.contract import (
 )
 from worker.domain.envelope import Envelope, check_envelope
 from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
-from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
+from worker.domain.ledgers import (
+    Claimed,
+    ConfigurationLog,
+    KeyEvent,
+    KeyEventLog,
+    RequestIdentity,
+    SadUseLog,
+)
 from worker.domain.wire import parse_body
 from worker.errors import ErrorCode, SamError
-from worker.metrics import Metrics
-from worker.ports import AuditSink, Hsm, IncomingRequest, Ledger, Reply, WrappedKey
+from worker.metrics import Metrics, RepeatAnswer
+from worker.ports import (
+    AuditSink,
+    Hsm,
+    IncomingRequest,
+    Ledger,
+    Reply,
+    ResultStore,
+    StoredResult,
+    WrappedKey,
+)
 
-__all__ = ["SamService", "error_reply"]
+__all__ = ["IDEMPOTENT", "SamService", "error_reply"]
+
+# The operations that act: claimed before they do, their result kept for repeats. The
+# others change nothing (configurations.dynamic.get), are versioned (.put: a repeat meets
+# its own version, configuration_version_conflict) or sign only the caller's own CSR
+# again (proofs_of_possession.create), so running a repeat again is their answer.
+IDEMPOTENT = frozenset(
+    {
+        Operation.signatures_create,
+        Operation.key_pairs_create,
+        Operation.signers_key_pairs_assign,
+        Operation.key_pairs_update,
+        Operation.key_pairs_delete,
+        Operation.key_pairs_rewrap,
+        Operation.key_pairs_bind,
+    }
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +130,25 @@ class _Trace:
     key_pair: str | None = None
     sad_jti: str | None = None
     dtbs_sha256: list[str] = field(default_factory=list)
+    note: str | None = None  # the record's detail when the reply is no refusal
+
+    def stored(self) -> dict[str, object]:
+        """What a repeat's record needs to say of the request it answers again."""
+        return {
+            "signer": self.signer,
+            "key_pair": self.key_pair,
+            "sad_jti": self.sad_jti,
+            "dtbs_sha256": self.dtbs_sha256,
+        }
+
+    def restore(self, stored: dict[str, object]) -> None:
+        for name in ("signer", "key_pair", "sad_jti"):
+            value = stored.get(name)
+            if isinstance(value, str):
+                setattr(self, name, value)
+        digests = stored.get("dtbs_sha256")
+        if isinstance(digests, list):
+            self.dtbs_sha256 = [d for d in digests if isinstance(d, str)]
 
     def event(self, reply: Reply, detail: str | None) -> AuditEvent:
         return AuditEvent(
@@ -109,16 +167,32 @@ class _Trace:
         )
 
 
+@dataclass
+class _Claim:
+    """An acting request's standing in ``sam.sad-use`` as this attempt knows it."""
+
+    identity: RequestIdentity
+    attempt: int | None = None  # the attempt this worker owns; None: not claimed yet
+
+
+class _Repeat(Exception):  # control flow, not an error: the answer is known
+    """Raised where a claim finds the request answered already: ``reply`` is that answer."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+
 @dataclass(frozen=True)
 class _Caller:
     """A request whose envelope passed the gate and whose sender is established: its
-    request JWS verified."""
+    request JWS verified. ``claim``: for an acting operation (``IDEMPOTENT``)."""
 
     envelope: Envelope
     body: bytes
     user: str
     operation: Operation
     trace: _Trace
+    claim: _Claim | None = None
 
     @property
     def sad(self) -> str | None:
@@ -171,6 +245,7 @@ class SamService:
         hsm: Hsm,
         sealer: KeyPairSealer,
         audit: AuditSink,
+        results: ResultStore,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
     ) -> None:
@@ -186,6 +261,7 @@ class SamService:
         self._hsm = hsm
         self._sealer = sealer
         self._audit = audit
+        self._results = results
         self._clock = clock
         self._handlers: dict[Operation, Callable[[_Caller], Awaitable[Reply]]] = {
             Operation.configurations_dynamic_put: self._put_configuration,
@@ -246,9 +322,10 @@ class SamService:
         detail: str | None = None
         try:
             if request.dead_letter is not None:  # never processed: answered as such, nothing runs
-                raise envelope.refusal or _dead_letter_refusal(request.dead_letter)
-            caller = self._authenticate(envelope, request.body, trace)
-            reply = await self._handlers[caller.operation](caller)
+                reply = await self._answer_dead_letter(envelope, request.body, request.dead_letter, trace)
+            else:
+                reply = await self._answer(self._authenticate(envelope, request.body, trace))
+            detail = trace.note
         except SamError as exc:
             reply, detail = error_reply(exc, envelope.message_id), exc.message
         except Exception:
@@ -283,27 +360,134 @@ class SamService:
         )
         if (OPERATION_QUEUE[operation] is QueueClass.admin) != (admin_key is not None):
             raise SamError(ErrorCode.operation_not_permitted, f"{user!r} may not call {operation}")
-        return _Caller(envelope, body, user, operation, trace)
+        claim = None
+        if operation in IDEMPOTENT:
+            claim = _Claim(RequestIdentity.of(user, message_id, operation, body, envelope.sad))
+        return _Caller(envelope, body, user, operation, trace, claim)
+
+    # --- repeats ----------------------------------------------------------------------
+
+    async def _answer(self, caller: _Caller) -> Reply:
+        """The handler's reply; for an acting request, the stored result when it is a
+        repeat of an answered one, and otherwise stored (and marked answered) before it
+        is released."""
+        handler = self._handlers[caller.operation]
+        claim = caller.claim
+        if claim is None:
+            return await handler(caller)
+        try:
+            known = self._sad_use.request(claim.identity)
+            if known is not None:
+                if known.fingerprint != claim.identity.fingerprint:
+                    raise SamError(ErrorCode.request_id_reused)
+                answer = self._sad_use.answer_of(claim.identity)
+                if answer is not None:  # answered is final: no need to ask the log again
+                    return await self._stored(claim.identity, answer, caller.trace)
+                # A repeat of a request this worker knows is claimed: taken over now, before
+                # anything is decided, so that whatever this attempt answers, a slow
+                # earlier attempt can no longer answer otherwise.
+                await self._claim(caller)
+            reply = await handler(caller)
+        except _Repeat as repeat:
+            return repeat.reply
+        if reply.status < 400 and claim.attempt is not None:
+            await self._settle(caller, claim, reply)
+        return reply
+
+    async def _claim(self, caller: _Caller, sad: SadClaims | None = None) -> None:
+        """Claim the request in sam.sad-use (spending the SAD's jti, if it has one) before
+        it acts. A claim that finds the request answered raises ``_Repeat`` with the
+        stored answer; one that finds it claimed by an attempt that never answered takes
+        it over. Once claimed, this attempt claims again only to spend a jti."""
+        claim = caller.claim
+        assert claim is not None, "only acting operations claim"
+        if sad is not None:
+            caller.trace.sad_jti = sad.jti
+            if self._sad_use.seen(sad.iss, sad.jti, claim.identity):
+                raise SamError(ErrorCode.sad_replayed)
+        spent = sad is None or self._sad_use.spent(sad.iss, sad.jti, claim.identity)
+        if claim.attempt is not None and spent:
+            return
+        exp = int(self._clock()) + self._static.limits.request_max_age_seconds
+        record = SadUseLog.claim(claim.identity, exp)
+        if sad is not None:
+            record = SadUseLog.claim(claim.identity, max(exp, sad.exp), sad.iss, sad.jti)
+        verdict = await self._sad_ledger.append(record)
+        if isinstance(verdict, SamError):
+            raise verdict
+        assert isinstance(verdict, Claimed)
+        claim.attempt = verdict.attempt
+        if verdict.answered_at is not None:
+            raise _Repeat(await self._stored(claim.identity, verdict, caller.trace))
+        if verdict.attempt:
+            self._count_repeat(RepeatAnswer.takeover)
+
+    async def _settle(self, caller: _Caller, claim: _Claim, reply: Reply) -> None:
+        """Store the result for repeats, then mark this attempt answered; refused
+        (``request_taken_over``) when a repeat took the request over meanwhile — the
+        result is then dropped, and the repeat's answer is the one that counts."""
+        assert claim.attempt is not None
+        started = time.perf_counter()
+        stored_at = int(self._clock())  # taken before the put: the result is in the stream after it
+        stored = StoredResult(reply.status, reply.body, caller.trace.stored())
+        await self._results.put(claim.identity.key, claim.attempt, stored)
+        verdict = await self._sad_ledger.append(SadUseLog.answered(claim.identity, claim.attempt, stored_at))
+        if self._metrics is not None:
+            self._metrics.result_store_seconds.observe(time.perf_counter() - started)
+        if isinstance(verdict, SamError):
+            self._count_repeat(RepeatAnswer.taken_over)
+            raise verdict
+
+    def _count_repeat(self, answer: RepeatAnswer) -> None:
+        if self._metrics is not None:
+            self._metrics.repeats.labels(answer).inc()
+
+    async def _stored(self, identity: RequestIdentity, verdict: Claimed, trace: _Trace) -> Reply:
+        assert verdict.answered_at is not None
+        self._count_repeat(RepeatAnswer.stored_result)
+        result = await self._results.get(identity.key, verdict.attempt, verdict.answered_at)
+        trace.restore(result.trace)
+        trace.note = f"a repeat: answered with the result of attempt {verdict.attempt}"
+        return Reply(result.status, result.body, repeat=True)
+
+    async def _answer_dead_letter(self, envelope: Envelope, body: bytes, reason: str, trace: _Trace) -> Reply:
+        """A request that died unprocessed is refused as such — unless an attempt of it
+        answered with a result that its caller may never have got (the reply could not
+        be confirmed, say): then that result, as to any repeat."""
+        if envelope.refusal is not None:
+            raise envelope.refusal
+        user, operation, message_id = envelope.user_id, envelope.operation, envelope.message_id
+        if user is not None and message_id is not None and operation in IDEMPOTENT:
+            identity = RequestIdentity.of(user, message_id, str(operation), body, envelope.sad)
+            answer = self._sad_use.answer_of(identity)
+            if answer is not None:
+                return await self._stored(identity, answer, trace)
+        raise _dead_letter_refusal(reason)
 
     # --- acting on the ports ----------------------------------------------------------
 
     def _open(
-        self, sealed: str, trace: _Trace, owner: str | None, *, assigning: bool = False
+        self, sealed: str, caller: _Caller, *, owned: bool = True, assigning: bool = False
     ) -> SealedKeyPair:
-        """The key pair inside the seal, refused if not ``owner``'s (checked first, so
-        another SSA learns nothing of its state), deleted or an outdated copy.
-        ``owner=None``: an administrator's operation."""
+        """The key pair inside the seal, refused if not the caller's (checked first, so
+        another SSA learns nothing of its state), deleted or an outdated copy — unless
+        the change that made it outdated is this very request's (a repeat that took it
+        over). ``owned=False``: an administrator's operation."""
         key_pair = self._sealer.open(sealed)
-        trace.key_pair = key_pair.id
-        if owner is not None:
-            lifecycle.owned_by(key_pair, owner)
-        refusal = self._key_events.refusal(key_pair.id, key_pair.revision, assigning=assigning)
+        caller.trace.key_pair = key_pair.id
+        if owned:
+            lifecycle.owned_by(key_pair, caller.user)
+        request = caller.claim.identity.key if caller.claim is not None else None
+        refusal = self._key_events.refusal(
+            key_pair.id, key_pair.revision, assigning=assigning, request=request
+        )
         if refusal is not None:
             raise refusal
         return key_pair
 
     async def _authorize(self, caller: _Caller, expected: SadExpectation) -> SadClaims:
-        """Verify a SAD (or SKAD) and spend its jti cluster-wide."""
+        """Verify a SAD (or SKAD) and claim the request with it, spending its jti
+        cluster-wide."""
         claims = verify_sad(
             caller.sad,
             self._configuration.state,
@@ -312,23 +496,19 @@ class SamService:
             expected,
             int(self._clock()),
         )
-        caller.trace.sad_jti = claims.jti
-        if self._sad_use.seen(claims.iss, claims.jti):
-            raise SamError(ErrorCode.sad_replayed)
-        verdict = await self._sad_ledger.append(SadUseLog.use(claims.iss, claims.jti, claims.exp))
-        if verdict is not None:
-            raise verdict
+        await self._claim(caller, claims)
         return claims
 
-    async def _record(self, event: KeyEvent, key_pair: SealedKeyPair) -> None:
+    async def _record(self, event: KeyEvent, key_pair: SealedKeyPair, caller: _Caller) -> None:
         """Append the change to sam.key-events (the log's order decides races), then
         its mark to sam.sad-use, so every signature request spent after the reply waits
         until its worker has read the change (see ``SadUseLog``)."""
-        record = KeyEventLog.event(event, key_pair.id, key_pair.revision, key_pair.signer)
+        request = caller.claim.identity.key if caller.claim is not None else None
+        record = KeyEventLog.event(event, key_pair.id, key_pair.revision, key_pair.signer, request)
         verdict = await self._key_ledger.append(record)
         if verdict is None:
             verdict = await self._sad_ledger.append(SadUseLog.key_events_mark(self._key_ledger.position))
-        if verdict is not None:
+        if isinstance(verdict, SamError):
             raise verdict
 
     def _sign(
@@ -370,7 +550,7 @@ class SamService:
         assert envelope.message_id and envelope.request_jws  # checked by _authenticate
         record = ConfigurationLog.record(caller.user, envelope.message_id, caller.body, envelope.request_jws)
         verdict = await self._config_ledger.append(record)
-        if verdict is not None:
+        if isinstance(verdict, SamError):
             raise verdict
         return _ok(204, None)
 
@@ -385,6 +565,7 @@ class SamService:
     async def _create_key_pair(self, caller: _Caller) -> Reply:
         template = parse_body(KeyPairCreateRequest, caller.body).key_template
         spec = key_spec_from_template(template.algorithm, template.size, template.named_curve)
+        await self._claim(caller)
         generated = self._hsm.generate_key_pair(spec)
         key_pair = SealedKeyPair(
             sam=self._static.sam_id,
@@ -406,7 +587,7 @@ class SamService:
     async def _assign_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(AssignRequest, caller.body)
         caller.trace.signer = body.signer.id
-        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user, assigning=True)
+        key_pair = self._open(body.key_pair.sealed, caller, assigning=True)
         ssa = self._configuration.state.ssa(caller.user)
         allowed = ssa.allowed_authorization_servers if ssa is not None else frozenset()
         assignment = lifecycle.plan_assignment(
@@ -415,13 +596,15 @@ class SamService:
         skad_issuer = None
         if assignment.skad is not None:
             skad_issuer = (await self._authorize(caller, assignment.skad)).iss
+        else:
+            await self._claim(caller)
         assigned = assignment.result(self._factor_verifier(key_pair, assignment.factor), skad_issuer)
-        await self._record(KeyEvent.assigned, assigned)
+        await self._record(KeyEvent.assigned, assigned, caller)
         return self._sealed_reply(assigned)
 
     async def _prove_possession(self, caller: _Caller) -> Reply:
         body = parse_body(ProofOfPossessionRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
+        key_pair = self._open(body.key_pair.sealed, caller)
         caller.trace.signer = key_pair.signer
         proof = lifecycle.plan_proof_of_possession(key_pair, body, caller.user)
         caller.trace.dtbs_sha256 = [proof.info_sha256]
@@ -434,44 +617,49 @@ class SamService:
     async def _update_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairUpdateRequest, caller.body)
         caller.trace.signer = body.signer.id
-        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
+        key_pair = self._open(body.key_pair.sealed, caller)
         updated = lifecycle.updated(
             key_pair, body, caller.user, self._trust_anchors(caller.user), self._now()
         )
-        await self._record(KeyEvent.updated, updated)
+        await self._claim(caller)
+        await self._record(KeyEvent.updated, updated, caller)
         return self._sealed_reply(updated)
 
     async def _delete_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairDeleteRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
+        key_pair = self._open(body.key_pair.sealed, caller)
         caller.trace.signer = key_pair.signer
         deletion = lifecycle.plan_deletion(key_pair, body, caller.user, caller.sad_given)
         if deletion.sad is not None:
             await self._authorize(caller, deletion.sad)
-        await self._record(KeyEvent.deleted, deletion.result)
+        else:
+            await self._claim(caller)
+        await self._record(KeyEvent.deleted, deletion.result, caller)
         return _ok(200, KeyPairDeleteReply(key_pair_id=key_pair.id, deleted=True))
 
     async def _rewrap_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairRewrapRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
+        key_pair = self._open(body.key_pair.sealed, caller)
         caller.trace.signer = key_pair.signer
         if not lifecycle.rewrap_needed(key_pair, self._hsm.current_kek_label, caller.user):
             return _ok(200, KeyPairReply(key_pair=key_pair.readable(body.key_pair.sealed)))
+        await self._claim(caller)
         rewrapped = self._hsm.rewrap(_wrapped(key_pair))
         updated = lifecycle.rewrapped(
             key_pair, rewrapped.wrapped, rewrapped.kek_label, rewrapped.wrap_mechanism
         )
-        await self._record(KeyEvent.rewrapped, updated)
+        await self._record(KeyEvent.rewrapped, updated, caller)
         return self._sealed_reply(updated)
 
     async def _bind_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairBindRequest, caller.body)
-        key_pair = self._open(body.key_pair.sealed, caller.trace, None)
+        key_pair = self._open(body.key_pair.sealed, caller, owned=False)
         caller.trace.signer = key_pair.signer
         bound = lifecycle.plan_binding(
             key_pair, body, self._configuration.state.allowed_authorization_servers()
         )
-        await self._record(KeyEvent.bound, bound)
+        await self._claim(caller)
+        await self._record(KeyEvent.bound, bound, caller)
         return self._sealed_reply(bound)
 
     # --- signatures -------------------------------------------------------------------
@@ -480,7 +668,7 @@ class SamService:
         body = parse_body(SignaturesCreateRequest, caller.body)
         caller.trace.signer = body.signer.id
         lifecycle.check_digest_count(body, self._static.limits.max_digests_per_request)
-        key_pair = self._open(body.key_pair.sealed, caller.trace, caller.user)
+        key_pair = self._open(body.key_pair.sealed, caller)
         signing = lifecycle.plan_signing(key_pair, body, caller.user, self._now())
         caller.trace.dtbs_sha256 = signing.dtbs_sha256
         await self._authorize(caller, signing.sad)

@@ -169,8 +169,14 @@ def test_wrapped_keys_from_elsewhere_are_refused_as_invalid_key_pairs(subject: S
     flipped = bytes([key.wrapped[0] ^ 1]) + key.wrapped[1:]
     assert _refusal(subject, replace(key, wrapped=flipped)).startswith("key_pair_invalid")
     assert _refusal(subject, replace(key, wrapped=b"\0" * 16)).startswith("key_pair_invalid")
-    assert _refusal(subject, replace(key, kek_label="no-such-kek")).startswith("key_pair_invalid")
     assert _refusal(subject, replace(key, wrap_mechanism="DES3_ECB")).startswith("key_pair_invalid")
+
+
+def test_a_kek_the_hsm_lacks_is_the_hsms_fault_not_the_key_pairs(subject: Subject) -> None:
+    """The KEK label comes from inside a seal this SAM made: a KEK gone from the HSM
+    (lost, deleted, another token) must not tell the SSA to throw a valid key pair away."""
+    key, _ = _wrapped(subject, key_spec_from_template("ECDSA", None, "secp256r1"))
+    assert _refusal(subject, replace(key, kek_label="no-such-kek")).startswith("hsm_unavailable")
 
 
 def test_factor_mac_is_a_keyed_sha256_hmac(subject: Subject) -> None:

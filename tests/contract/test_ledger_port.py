@@ -132,7 +132,7 @@ async def test_replicas_racing_on_one_log_agree_on_one_winner(shared_log: Log) -
     winners = [v for v in verdicts if v is None]
     losers = [v for v in verdicts if v is not None]
     assert len(winners) == 1 and len(losers) == 1
-    assert losers[0].code is ErrorCode.key_pair_already_assigned
+    assert isinstance(losers[0], SamError) and losers[0].code is ErrorCode.key_pair_already_assigned
     await a.read_to(b.position)
     await b.read_to(a.position)
     assert first.history["kp-2"] == second.history["kp-2"]

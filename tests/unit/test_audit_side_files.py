@@ -161,3 +161,28 @@ async def test_reading_a_side_file_back_twice_chains_its_records_once(tmp_path: 
         r["request_id"] for r in records if r["type"] == "record" and r["request_id"].startswith("w-")
     ]
     assert sorted(read_back) == sorted(f"w-{n}" for n in range(600))
+
+
+def test_verify_names_records_still_waiting_in_side_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trail's last word on a request may wait in a side file until the worker's next
+    start: ``audit verify`` says so beside its report (it is not a problem of the chain)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from worker.cli.admin import main
+
+    key = tmp_path / "audit-key.pem"
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    key.write_bytes(
+        public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    log = tmp_path / "service.jsonl"
+    log.write_bytes(b"")
+    side = tmp_path / "service.unwritten-1"
+    side.write_bytes(orjson.dumps(WITHHELD_LINE) + b"\n" + orjson.dumps(WITHHELD_LINE) + b"\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["audit", "verify", "--key", str(key), str(log)])
+    assert exited.value.code == 0
+    assert f"pending {side}: 2 records of withheld replies" in capsys.readouterr().out

@@ -32,7 +32,7 @@ from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.errors import ErrorCode
-from worker.fakes import MemoryAudit, MemoryLedger, SoftwareHsm
+from worker.fakes import MemoryAudit, MemoryLedger, MemoryResults, SoftwareHsm
 from worker.ports import IncomingRequest
 from worker.service import SamService
 
@@ -73,6 +73,7 @@ class World:
             "sam-1", "state", load_public_key(self.hsm.state_public_pem()), self.hsm.sign_with_state_key
         )
         self.audit = MemoryAudit()
+        self.results = MemoryResults()
         self.service = SamService(
             static,
             self.configuration,
@@ -86,6 +87,7 @@ class World:
             self.hsm,
             self.sealer,
             self.audit,
+            self.results,
         )
         generated = self.hsm.generate_key_pair(key_spec_from_template("ECDSA", None, "secp256r1"))
         key_pair = SealedKeyPair(

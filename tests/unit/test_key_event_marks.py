@@ -40,6 +40,7 @@ class Replicas:
             world.hsm,
             world.sealer,
             world.audit,
+            world.results,
         )
         return service, key_events
 
@@ -81,4 +82,5 @@ def test_signing_writes_nothing_to_key_events() -> None:
     for n in range(5):
         assert replicas.sign(n % 2, replicas.world.key_pair, f"document {n}".encode())[0] == 200
     assert replicas.key_events.records == []
-    assert len(replicas.sad_use.records) == 5
+    # per signature: its claim (spending the jti), then the mark that its result is stored
+    assert [next(iter(r)) for r in replicas.sad_use.records] == ["claim", "answered"] * 5

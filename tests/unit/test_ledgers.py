@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import orjson
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey
@@ -12,7 +13,8 @@ from joserfc.jwk import ECKey
 from worker.devtools.pki import private_key_pem, public_key_pem
 from worker.domain.authorization import RequestBinding, request_jws_payload
 from worker.domain.configuration import StaticConfiguration
-from worker.domain.ledgers import ConfigurationLog, KeyEvent, KeyEventLog, SadUseLog
+from worker.domain.ledgers import Claimed, ConfigurationLog, KeyEvent, KeyEventLog, RequestIdentity, SadUseLog
+from worker.errors import SamError
 
 ADMIN = ec.generate_private_key(ec.SECP256R1())
 STATIC = StaticConfiguration.model_validate(
@@ -90,7 +92,7 @@ def test_jti_single_use_until_expiry() -> None:
     now = int(time.time())
     assert log.apply(SadUseLog.use("as-1", "j-1", now + 60)) is None
     replay = log.apply(SadUseLog.use("as-1", "j-1", now + 60))
-    assert replay is not None and replay.code.name == "sad_replayed"
+    assert isinstance(replay, SamError) and replay.code.name == "sad_replayed"
     assert log.apply(SadUseLog.use("as-2", "j-1", now + 60)) is None  # jti is per issuer
     log.forget_expired(now + 200)
     assert log.used == {}
@@ -104,4 +106,82 @@ def test_key_events_marks_only_raise_the_required_position() -> None:
     assert log.key_events_required == 7
     assert log.used == {}  # a mark spends no jti
     unreadable = log.apply({"key_events": "7"})
-    assert unreadable is not None and unreadable.code.name == "internal_error"
+    assert isinstance(unreadable, SamError) and unreadable.code.name == "internal_error"
+
+
+_A = RequestIdentity.of("ssa-1", "m-1", "signatures.create", b"body", "sad")
+_A_OTHER_BODY = RequestIdentity.of("ssa-1", "m-1", "signatures.create", b"other", "sad")
+_B = RequestIdentity.of("ssa-1", "m-2", "signatures.create", b"body", "sad")
+_FAR = 2**40
+
+
+def _verdict(verdict: object) -> object:
+    if isinstance(verdict, SamError):
+        return verdict.code.name
+    return verdict
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        # a first claim owns the request; its answered mark is accepted once
+        ([SadUseLog.claim(_A, _FAR, "as-1", "j")], [Claimed(0)]),
+        ([SadUseLog.claim(_A, _FAR, "as-1", "j"), SadUseLog.answered(_A, 0, 7)], [Claimed(0), None]),
+        # a repeat after the answer is told where the answer is
+        (
+            [SadUseLog.claim(_A, _FAR, "as-1", "j"), SadUseLog.answered(_A, 0, 7), SadUseLog.claim(_A, _FAR)],
+            [Claimed(0), None, Claimed(0, 7)],
+        ),
+        # a repeat before any answer takes over; the first attempt's mark is then refused
+        (
+            [
+                SadUseLog.claim(_A, _FAR, "as-1", "j"),
+                SadUseLog.claim(_A, _FAR, "as-1", "j"),
+                SadUseLog.answered(_A, 0, 7),
+                SadUseLog.answered(_A, 1, 8),
+                SadUseLog.answered(_A, 1, 9),
+            ],
+            [Claimed(0), Claimed(1), "request_taken_over", None, "request_taken_over"],
+        ),
+        # the SAD of one request, in another's claim, is a replay; a reused message_id is refused
+        (
+            [SadUseLog.claim(_A, _FAR, "as-1", "j"), SadUseLog.claim(_B, _FAR, "as-1", "j")],
+            [Claimed(0), "sad_replayed"],
+        ),
+        (
+            [SadUseLog.claim(_A, _FAR), SadUseLog.claim(_A_OTHER_BODY, _FAR)],
+            [Claimed(0), "request_id_reused"],
+        ),
+        # a jti spent before claims existed is spent for every request
+        ([SadUseLog.use("as-1", "j", _FAR), SadUseLog.claim(_A, _FAR, "as-1", "j")], [None, "sad_replayed"]),
+        # an answered mark for a request never claimed, or unreadable records
+        ([SadUseLog.answered(_A, 0, 7)], ["request_taken_over"]),
+        ([{"claim": _A.key}], ["internal_error"]),
+        ([{"answered": _A.key, "attempt": "x", "at": 1}], ["internal_error"]),
+    ],
+)
+def test_request_claims_decide_one_answering_attempt(
+    records: list[dict[str, object]], expected: list[object]
+) -> None:
+    log = SadUseLog(clock_skew=30)
+    assert [_verdict(log.apply(record)) for record in records] == expected
+
+
+def test_claims_are_forgotten_with_their_window() -> None:
+    log = SadUseLog(clock_skew=30)
+    now = int(time.time())
+    log.apply(SadUseLog.claim(_A, now + 60, "as-1", "j"))
+    assert log.request(_A) is not None and log.spent("as-1", "j", _A)
+    log.forget_expired(now + 200)
+    assert (log.request(_A), log.used, log.spent_by) == (None, {}, {})
+
+
+def test_a_key_event_repeated_by_its_own_request_is_no_conflict() -> None:
+    log = KeyEventLog()
+    assert log.apply(KeyEventLog.event(KeyEvent.deleted, "kp-1", 3, "alice", "req-1")) is None
+    assert log.refusal("kp-1", 2, request="req-1") is None  # the copy it started from
+    assert log.apply(KeyEventLog.event(KeyEvent.deleted, "kp-1", 3, "alice", "req-1")) is None
+    other = log.apply(KeyEventLog.event(KeyEvent.deleted, "kp-1", 3, "alice", "req-2"))
+    assert other is not None and other.code.name == "key_pair_deleted"
+    refused = log.refusal("kp-1", 2, request="req-2")
+    assert refused is not None and refused.code.name == "key_pair_deleted"

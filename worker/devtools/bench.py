@@ -75,6 +75,8 @@ class Results:
     ratios: dict[str, float] = field(default_factory=dict)
     ceilings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    # keeping results for repeats, measured on the signing worker in this run
+    repeats: dict[str, float] = field(default_factory=dict)
 
     def find(self, name: str, concurrency: int = 0, processes: int = 0) -> Point:
         for point in self.points:
@@ -338,6 +340,7 @@ class Workload:
             digests_per_request,
         )
         self.prepared: list[tuple[str, bytes, str, str]] = []
+        self.answered: list[tuple[str, bytes, str, str]] = []
 
     def prepare(self, count: int) -> None:
         for _ in range(count):
@@ -364,6 +367,16 @@ class Workload:
         )
         if reply is None or reply.status != 200:
             raise RuntimeError(f"signature refused: {reply and reply.json()}")
+        self.answered.append((message_id, body, jws, sad))
+
+    async def repeat(self, n: int) -> None:
+        """Send an answered request again: the SAM answers it from sam.results."""
+        message_id, body, jws, sad = self.answered[n % len(self.answered)]
+        reply = await self.client.send(
+            "signatures.create", body, sad=sad, request_jws=jws, message_id=message_id
+        )
+        if reply is None or reply.status != 200 or not reply.repeat:
+            raise RuntimeError(f"repeat not answered with the stored result: {reply and reply.json()}")
 
 
 async def certified(
@@ -383,12 +396,31 @@ def rss_kb(pid: int) -> int:
 
 
 def metric_value(port: int, name: str) -> float | None:
-    """One unlabelled sample from a worker's /metrics."""
+    """One sample from a worker's /metrics (``name`` with its labels, if it has any, as
+    Prometheus prints them: ``x_sum{operation="signatures.create"}``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
             if line.startswith(f"{name} "):
-                return float(line.split()[1])
+                return float(line.split()[-1])
     return None
+
+
+def repeat_costs(port: int) -> dict[str, float]:
+    """From the signing worker's metrics: the mean time an acting request spent keeping its
+    result for repeats (the sam.results confirm and the answered mark), beside the mean
+    time of a signature request from delivery to reply, and their ratio."""
+    stored = (metric_value(port, "sam_result_store_seconds_sum") or 0.0) / (
+        metric_value(port, "sam_result_store_seconds_count") or 1.0
+    )
+    label = '{operation="signatures.create"}'
+    request = (metric_value(port, f"sam_request_duration_seconds_sum{label}") or 0.0) / (
+        metric_value(port, f"sam_request_duration_seconds_count{label}") or 1.0
+    )
+    return {
+        "result_store_ms_mean": round(stored * 1000, 3),
+        "signature_request_ms_mean": round(request * 1000, 3),
+        "result_store_share_of_request_time": round(stored / request, 3) if request else 0.0,
+    }
 
 
 async def memory_run(
@@ -505,6 +537,12 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
                         )
                         say(f"SAM {label} x1, c={concurrency}, {processes} worker(s)")
                         await measure(f"sam.sign.{label}", load.call, concurrency, processes, workers)
+                    if processes == 1 and label == "p256":
+                        # what keeping results costs, read off the worker that just signed;
+                        # then repeats of the requests it answered (c=16), from sam.results
+                        results.repeats = repeat_costs(stack.metrics_port(1))
+                        say(f"SAM {label} repeats of answered requests, c=16, 1 worker")
+                        await measure(f"sam.repeat.{label}", load.repeat, 16, processes, workers)
                 batch = Workload(client, authority, static["sam_id"], ec, "bench-ec", EC_SHA256, 100)
                 batch.prepare(400)
                 say(f"SAM p256 x100, c=8, {processes} worker(s)")
@@ -615,6 +653,8 @@ def ratios(results: Results) -> dict[str, float]:
         / (results.find("echo", 1, 2).p50_ms or 1),
         "batch_scaling_2_vs_1_workers": results.find("sam.sign100.p256", processes=2).signatures_per_second
         / results.find("sam.sign100.p256", processes=1).signatures_per_second,
+        "p256_repeat_vs_sign_c16": results.find("sam.repeat.p256", 16, 1).rate
+        / results.find("sam.sign.p256", 16, 1).rate,
     }
 
 
@@ -665,6 +705,13 @@ def table(results: Results) -> str:
         else f"{name:<32} {value:8.2f}"
         for name, value in results.ratios.items()
     ]
+    if results.repeats:
+        costs = results.repeats
+        lines.append(
+            f"keeping results for repeats (1 worker, P-256): {costs['result_store_ms_mean']:.2f} ms of a "
+            f"{costs['signature_request_ms_mean']:.2f} ms signature request on average "
+            f"({costs['result_store_share_of_request_time']:.0%})"
+        )
     if results.memory:
         memory = results.memory
         lines.append(
@@ -737,6 +784,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
             "ratios": results.ratios,
             "ceilings_with_a_worker_as_cheap_as_echo_and_hsm": results.ceilings,
+            "keeping_results_for_repeats": results.repeats,
             "memory": results.memory,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,17 @@
 """TEST TOOLING: ``ops/chaos [--full] [--cluster]`` — load through the SDK while workers
-are killed, the broker restarts, the HSM goes away and the audit disk fills; with
-``--cluster``, on a three-node RabbitMQ cluster, one node after another is stopped and
-started again instead of the single broker's restart. Then the report.
+are killed (SIGKILL) or stopped beyond the SDK's timeout (SIGSTOP), the broker restarts,
+the HSM goes away and the audit disk fills; with ``--cluster``, on a three-node RabbitMQ
+cluster, one node after another is stopped and started again instead of the single
+broker's restart. Then the report.
 
 It runs a stack of its own (a temporary folder, ports base 27671) so it never disturbs
 the demo stack. The short run (CI) lasts about a minute; ``--full`` several minutes.
 At the end: requests sent, answered by outcome and error code, unanswered (must be 0),
 duplicate replies absorbed by the SDK, retries, and ``sam-admin audit verify`` over
-every audit file (must pass, with at least one record per answered request).
+every audit file (must pass, with at least one record per answered request). Per
+request id, what the SSA finally got is set against what the trail says: a request the
+trail records as answered with a result while its SSA holds a refusal (or nothing) must
+not exist.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_
 __all__ = ["ChaosReport", "certified_key_pair", "main", "run", "signature_request"]
 
 EC_SHA256 = "1.2.840.10045.4.3.2"
+REPLY_TIMEOUT = 8  # the SDK's wait for a reply before it sends the request again
+STOPPED_SECONDS = REPLY_TIMEOUT + 4  # a worker stopped for longer than that
 
 
 @dataclass
@@ -58,6 +64,10 @@ class ChaosReport:
     decided_key_pair_invalid: int = 0  # records that blame the caller's key pair
     unchained_records: int = 0
     answered_request_ids: set[str] = field(default_factory=set)
+    final: dict[str, str] = field(default_factory=dict)  # request id -> "ok" | code | "unknown"
+    repeats_answered: int = 0  # final answers that were an earlier attempt's stored result
+    taken_over: int = 0  # records of attempts a repeat took over (their result dropped)
+    succeeded_while_ssa_holds_failure: int = 0
     queue_members: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0
 
@@ -77,6 +87,9 @@ class ChaosReport:
             "answered_without_audit_record": self.answered_without_record,
             "records_deciding_key_pair_invalid": self.decided_key_pair_invalid,
             "records_kept_unchained": self.unchained_records,
+            "final_answers_that_were_repeats": self.repeats_answered,
+            "attempts_taken_over_by_a_repeat": self.taken_over,
+            "recorded_as_success_while_the_ssa_holds_a_failure": self.succeeded_while_ssa_holds_failure,
         }
 
 
@@ -126,15 +139,18 @@ async def _load(
         report.sent += 1
         try:
             reply = await client.send(
-                operation, body, sad=sad, message_id=message_id, reply_timeout=20, retries=4
+                operation, body, sad=sad, message_id=message_id, reply_timeout=REPLY_TIMEOUT, retries=4
             )
         except (SamTimeout, Exception) as error:
             report.unanswered += 1
+            report.final[message_id] = "unknown"
             report.faults.append(f"unanswered {message_id}: {type(error).__name__}")
             continue
         assert reply is not None
-        document = reply.json()
-        report.outcomes["ok" if reply.status < 400 else document["error"]["code"]] += 1
+        answer = "ok" if reply.status < 400 else str(reply.code)
+        report.outcomes[answer] += 1
+        report.final[message_id] = answer
+        report.repeats_answered += reply.repeat
         report.answered_request_ids.add(message_id)
 
 
@@ -147,18 +163,24 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
         # queues declared first; then another node, so the cluster loses a member twice
         steps = ["kill", "node-1", "hsm", "kill", "audit", "node-2", "kill"] * (3 if full else 1)
     else:
-        steps = ["kill", "hsm", "kill", "audit", "broker", "kill"] * (3 if full else 1)
+        steps = ["kill", "hsm", "stop", "kill", "audit", "broker", "kill"] * (3 if full else 1)
     for step in steps:
         await asyncio.sleep(4)
         if step == "kill":
-            pid_file = stack.path("run", "worker-1.pid")
-            supervisor = int(pid_file.read_text())
-            children = subprocess.run(
-                ["pgrep", "-P", str(supervisor)], capture_output=True, text=True
-            ).stdout.split()
+            children = _worker_processes(stack, "worker-1")
             for child in children:
-                os.kill(int(child), signal.SIGKILL)
-            report.faults.append(f"SIGKILL worker-1 ({', '.join(children)})")
+                os.kill(child, signal.SIGKILL)
+            report.faults.append(f"SIGKILL worker-1 ({', '.join(map(str, children))})")
+        elif step == "stop":
+            children = _worker_processes(stack, "worker-2")
+            for child in children:
+                os.kill(child, signal.SIGSTOP)
+            report.faults.append(
+                f"SIGSTOP worker-2 for {STOPPED_SECONDS} s (the SDK waits {REPLY_TIMEOUT} s)"
+            )
+            await asyncio.sleep(STOPPED_SECONDS)
+            for child in children:
+                os.kill(child, signal.SIGCONT)
         elif step == "hsm":
             tokens.rename(tokens.with_name("tokens-away"))
             report.faults.append("HSM token store away for 4 s")
@@ -186,6 +208,13 @@ async def _chaos(stack: Stack, full: bool, stop: asyncio.Event, report: ChaosRep
             await asyncio.to_thread(stack.start_node, node)
     await asyncio.sleep(4)
     stop.set()
+
+
+def _worker_processes(stack: Stack, instance: str) -> list[int]:
+    """The worker processes its supervisor started for ``instance``."""
+    supervisor = int(stack.path("run", f"{instance}.pid").read_text())
+    children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True).stdout
+    return [int(child) for child in children.split()]
 
 
 async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> ChaosReport:
@@ -220,15 +249,22 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
         report.audit_ok = result.returncode == 0
         report.audit_summary = result.stdout.strip().splitlines()[-1] if result.stdout else result.stderr
         recorded = set()
+        succeeded = set()  # request ids the trail records as answered with a result
         for path in files:
             for line in path.read_bytes().splitlines():
                 entry = orjson.loads(line)
                 if entry.get("type") == "record":
                     recorded.add(entry.get("request_id"))
+                    if entry.get("outcome") == "success":
+                        succeeded.add(entry.get("request_id"))
+                    report.taken_over += entry.get("error_code") == "request_taken_over"
                     # the HSM taken away must never read as the caller's key pair being bad,
                     # neither as the answer nor as the decision behind a withheld reply
                     said = f"{entry.get('error_code')} {entry.get('detail') or ''}"
                     report.decided_key_pair_invalid += "key_pair_invalid" in said
+        report.succeeded_while_ssa_holds_failure = sum(
+            1 for request_id in succeeded if report.final.get(request_id, "ok") != "ok"
+        )
         # records a worker could not chain before it exited (HSM lost) are kept beside the logs
         side_files = sorted(stack.path("audit").glob("*/*.unwritten-*"))
         for path in side_files:
@@ -267,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         and report.audit_ok
         and report.answered_without_record == 0
         and report.decided_key_pair_invalid == 0
+        and report.succeeded_while_ssa_holds_failure == 0
     )
     sys.exit(0 if good else 1)
 

@@ -43,7 +43,9 @@ class SadPolicy(BaseModel):
     (``sad_authentication_insufficient``), and whether an assignment needs a SKAD."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_lifetime_seconds: int = Field(default=300, ge=1, le=86400)
+    # at most 50 minutes: sam.sad-use and sam.results keep an hour, and a spent jti or a
+    # claimed request must outlive every SAD that could still be presented (plus the skew)
+    max_lifetime_seconds: int = Field(default=300, ge=1, le=3000)
     clock_skew_seconds: int = Field(default=30, ge=0, le=600)
     min_authentication_factors: int = Field(
         default=2, ge=1, le=5, description="distinct `amr` values the SAD must carry (SCAL2: 2)"
@@ -60,7 +62,8 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_body_bytes: int = Field(default=262_144, ge=1024)
     max_digests_per_request: int = Field(default=100, ge=1, le=10_000)
-    request_max_age_seconds: int = Field(default=300, ge=1)
+    # bounded as SAD lifetimes are: a repeat of a request is recognised while its JWS is fresh
+    request_max_age_seconds: int = Field(default=300, ge=1, le=3000)
 
 
 class StaticConfiguration(BaseModel):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 __all__ = [
+    "HEADER_REPEAT",
     "HEADER_REQUEST_JWS",
     "HEADER_SAD",
     "HEADER_STATUS",
@@ -54,6 +55,8 @@ __all__ = [
 HEADER_REQUEST_JWS = "sam-request-jws"
 HEADER_SAD = "sam-sad"
 HEADER_STATUS = "sam-status"
+# on a reply: true when it is the stored result of an earlier attempt of the same request
+HEADER_REPEAT = "sam-repeat"
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 Pem = Annotated[str, StringConstraints(min_length=1, max_length=8192)]

@@ -6,11 +6,16 @@ lives in a RabbitMQ stream; every worker replays it and applies records in log o
 with the reducers below. A record's verdict (``None`` = accepted, else the refusal)
 depends only on the records before it, so every replica reaches the same verdict and
 the appender can learn its own outcome by reading its record back.
+
+``sam.sad-use`` also holds the claims that make requests idempotent (``SadUseLog``): a
+repeat of a request (same caller, ``message_id``, operation, body and SAD) is told from
+a replay by the log, and the one attempt that may answer with a result is decided there.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,14 +29,75 @@ from worker.domain.contract import DynamicConfiguration, Operation
 from worker.domain.keys import RegisteredKey, load_public_key
 from worker.errors import ErrorCode, SamError
 
-__all__ = ["ConfigurationLog", "KeyEvent", "KeyEventLog", "KeyPairHistory", "Reducer", "SadUseLog"]
+__all__ = [
+    "Claimed",
+    "ConfigurationLog",
+    "KeyEvent",
+    "KeyEventLog",
+    "KeyPairHistory",
+    "Reducer",
+    "RequestClaim",
+    "RequestIdentity",
+    "SadUseLog",
+    "Verdict",
+]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The verdict on a request claim: the attempt that now owns the request (0: the first;
+    more: a repeat took it over from an attempt that never answered with a result), or,
+    with ``answered_at``, the attempt whose result was stored then — the repeat gets it."""
+
+    attempt: int
+    answered_at: int | None = None
+
+
+# What a record gets in log order: accepted (None), refused (the SamError) or, for a
+# request claim, who owns the request (Claimed).
+Verdict = SamError | Claimed | None
 
 
 class Reducer(Protocol):
-    """The rule of one ledger: applies a record and returns its verdict (``None``: accepted,
-    else the refusal), which depends only on the records applied before it."""
+    """The rule of one ledger: applies a record and returns its verdict, which depends
+    only on the records applied before it."""
 
-    def apply(self, data: Mapping[str, Any]) -> SamError | None: ...
+    def apply(self, data: Mapping[str, Any]) -> Verdict: ...
+
+
+def _digest(*parts: bytes) -> str:
+    # 128 bits: collisions are out of reach and every replica keeps one per request
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class RequestIdentity:
+    """Who asked what, as the log remembers it: ``key`` names the request (caller and
+    ``message_id``), ``fingerprint`` what was asked (operation, body, SAD). Two requests
+    with one key and different fingerprints are a reused ``message_id``, not a repeat."""
+
+    key: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, user: str, message_id: str, operation: str, body: bytes, sad: str | None) -> RequestIdentity:
+        body_digest = hashlib.sha256(body).digest()
+        sad_digest = hashlib.sha256((sad or "").encode()).digest()
+        return cls(
+            _digest(user.encode(), message_id.encode()),
+            _digest(operation.encode(), body_digest, sad_digest),
+        )
+
+
+@dataclass
+class RequestClaim:
+    """One request as ``sam.sad-use`` says it: what was asked, until when a repeat of it
+    is recognised, which attempt owns it and whether that attempt's result is stored."""
+
+    fingerprint: str
+    exp: int
+    attempt: int = 0
+    answered_at: int | None = None
 
 
 class ConfigurationLog:
@@ -100,40 +166,60 @@ class KeyPairHistory:
     revision: int
     signer: str | None
     deleted: bool
+    request: str | None = None  # the key of the request that made this revision
 
 
 @dataclass
 class KeyEventLog:
     """Every change of a key pair's state, by revision; the first record for a revision
-    wins, so two workers racing to change one key pair agree on one winner."""
+    wins, so two workers racing to change one key pair agree on one winner. A record
+    names the request that made it, so a repeat that took that request over finds the
+    change already made — by itself — instead of a conflict."""
 
     history: dict[str, KeyPairHistory] = field(default_factory=dict)
 
     @staticmethod
-    def event(event: KeyEvent, key_pair_id: str, revision: int, signer: str | None) -> dict[str, Any]:
-        return {"event": str(event), "key_pair": key_pair_id, "revision": revision, "signer": signer}
+    def event(
+        event: KeyEvent, key_pair_id: str, revision: int, signer: str | None, request: str | None = None
+    ) -> dict[str, Any]:
+        record = {"event": str(event), "key_pair": key_pair_id, "revision": revision, "signer": signer}
+        if request is not None:
+            record["request"] = request
+        return record
 
     def apply(self, data: Mapping[str, Any]) -> SamError | None:
         try:
             event, key_pair = KeyEvent(str(data.get("event"))), str(data["key_pair"])
             revision, signer = int(data["revision"]), data.get("signer")
+            request = data.get("request")
+            request = str(request) if request is not None else None
         except (KeyError, TypeError, ValueError):
             return SamError(ErrorCode.internal_error, "unreadable key event")
+        known = self.history.get(key_pair)
+        made_by_request = known is not None and request is not None and known.request == request
+        if made_by_request and known is not None and known.revision == revision:
+            return None  # this request made the change before: a repeat of it, nothing new
         refusal = self.refusal(key_pair, revision - 1, assigning=event is KeyEvent.assigned)
         if refusal is not None:
             return refusal
-        known = self.history.get(key_pair)
         self.history[key_pair] = KeyPairHistory(
             revision,
             str(signer) if signer is not None else (known.signer if known else None),
             event is KeyEvent.deleted,
+            request,
         )
         return None
 
-    def refusal(self, key_pair: str, revision: int, *, assigning: bool = False) -> SamError | None:
-        """Why a copy of ``key_pair`` at ``revision`` may not be used, if it may not."""
+    def refusal(
+        self, key_pair: str, revision: int, *, assigning: bool = False, request: str | None = None
+    ) -> SamError | None:
+        """Why a copy of ``key_pair`` at ``revision`` may not be used, if it may not.
+        ``request``: the key of the request asking; the latest change, if that request
+        made it from this very revision, does not count against it."""
         known = self.history.get(key_pair)
         if known is None:
+            return None
+        if request is not None and known.request == request and revision == known.revision - 1:
             return None
         if known.deleted:
             return SamError(ErrorCode.key_pair_deleted)
@@ -148,50 +234,134 @@ class KeyEventLog:
 
 @dataclass
 class SadUseLog:
-    """``jti`` already used, remembered until their SAD expires (plus the skew), and how
-    far ``sam.key-events`` must have been read before a signature.
+    """``jti`` already used and requests already claimed, remembered until a repeat of them
+    could no longer be accepted (plus the skew), and how far ``sam.key-events`` must have
+    been read before a signature.
 
-    A key pair change is confirmed to its caller only after a mark with its key-events
-    offset is in ``sam.sad-use`` too. A signature request spends its ``jti`` in this
-    stream, after any such mark, so reading it back tells the worker which key-events
-    offset to wait for: a change confirmed before the request arrived is always
-    honoured, and signing writes nothing to ``sam.key-events`` (which is never
-    truncated: it would otherwise grow with every signature)."""
+    **Single use of a SAD.** A ``jti`` is spent by the claim of the request that carries
+    it; the same ``jti`` in a claim of any other request is ``sad_replayed``.
+
+    **Idempotent requests.** A request that acts (signs, generates, changes a key pair) is
+    claimed here before it does; the claim names the request (``RequestIdentity``). A
+    claim for a request already claimed is a repeat: if the owning attempt's result was
+    stored (its ``answered`` mark is in the log) the repeat is answered with it;
+    otherwise the repeat takes the request over — the next attempt owns it, and the
+    ``answered`` mark of an earlier one is refused (``request_taken_over``), so of all the
+    copies of a request exactly one answers with a result, whichever worker hung or died.
+
+    **Key-event marks.** A key pair change is confirmed to its caller only after a mark
+    with its key-events offset is in ``sam.sad-use`` too. A signature request spends its
+    ``jti`` in this stream, after any such mark, so reading it back tells the worker which
+    key-events offset to wait for: a change confirmed before the request arrived is always
+    honoured, and signing writes nothing to ``sam.key-events`` (which is never truncated:
+    it would otherwise grow with every signature)."""
 
     clock_skew: int
     used: dict[str, int] = field(default_factory=dict)  # "iss jti" -> exp
+    spent_by: dict[str, str] = field(default_factory=dict)  # "iss jti" -> request key
+    requests: dict[str, RequestClaim] = field(default_factory=dict)  # request key -> claim
     key_events_required: int = -1
 
     @staticmethod
     def use(issuer: str, jti: str, exp: int) -> dict[str, Any]:
+        """A ``jti`` spent by no request in particular (records before claims existed)."""
         return {"iss": issuer, "jti": jti, "exp": exp}
+
+    @staticmethod
+    def claim(
+        request: RequestIdentity, exp: int, issuer: str | None = None, jti: str | None = None
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {"claim": request.key, "fp": request.fingerprint, "exp": exp}
+        if jti is not None:
+            record |= {"iss": issuer, "jti": jti}
+        return record
+
+    @staticmethod
+    def answered(request: RequestIdentity, attempt: int, at: int) -> dict[str, Any]:
+        """The mark that ``attempt``'s result is stored (``at``: when, to find it)."""
+        return {"answered": request.key, "attempt": attempt, "at": at}
 
     @staticmethod
     def key_events_mark(position: int) -> dict[str, Any]:
         return {"key_events": position}
 
-    def seen(self, issuer: str, jti: str) -> bool:
-        """Whether this replica has already applied a use of ``jti`` from ``issuer``."""
-        return f"{issuer} {jti}" in self.used
+    def seen(self, issuer: str, jti: str, request: RequestIdentity | None = None) -> bool:
+        """Whether this replica has already applied a use of ``jti`` from ``issuer`` by
+        another request than ``request``."""
+        key = f"{issuer} {jti}"
+        return key in self.used and (request is None or self.spent_by.get(key) != request.key)
+
+    def spent(self, issuer: str, jti: str, request: RequestIdentity) -> bool:
+        """Whether ``request``'s own claim spent ``jti`` from ``issuer``."""
+        return self.spent_by.get(f"{issuer} {jti}") == request.key
+
+    def answer_of(self, request: RequestIdentity) -> Claimed | None:
+        """Where the answer to ``request`` is, if an attempt of this very request answered."""
+        known = self.requests.get(request.key)
+        if known is None or known.answered_at is None or known.fingerprint != request.fingerprint:
+            return None
+        return Claimed(known.attempt, known.answered_at)
+
+    def request(self, request: RequestIdentity) -> RequestClaim | None:
+        """What this replica has applied of ``request``'s claims."""
+        return self.requests.get(request.key)
 
     def __len__(self) -> int:
-        """How many uses are remembered (the window the SAD lifetime bounds)."""
-        return len(self.used)
+        """How many uses and claims are remembered (the window the lifetimes bound)."""
+        return len(self.used) + len(self.requests)
 
-    def apply(self, data: Mapping[str, Any]) -> SamError | None:
+    def apply(self, data: Mapping[str, Any]) -> Verdict:
         if "key_events" in data:
             position = data["key_events"]
             if not isinstance(position, int):
                 return SamError(ErrorCode.internal_error, "unreadable key-events mark")
             self.key_events_required = max(self.key_events_required, position)
             return None
+        try:
+            if "claim" in data:
+                return self._claim(data)
+            if "answered" in data:
+                return self._answered(str(data["answered"]), int(data["attempt"]), int(data["at"]))
+            exp = int(data.get("exp", 0))
+        except (KeyError, TypeError, ValueError):
+            return SamError(ErrorCode.internal_error, "unreadable SAD-use record")
         key = f"{data.get('iss')} {data.get('jti')}"
         if key in self.used:
             return SamError(ErrorCode.sad_replayed)
-        self.used[key] = int(data.get("exp", 0))
+        self.used[key] = exp
+        return None
+
+    def _claim(self, data: Mapping[str, Any]) -> Verdict:
+        request, fingerprint, exp = str(data["claim"]), str(data["fp"]), int(data["exp"])
+        spent = f"{data.get('iss')} {data.get('jti')}" if data.get("jti") is not None else None
+        if spent is not None and spent in self.used and self.spent_by.get(spent) != request:
+            return SamError(ErrorCode.sad_replayed)
+        known = self.requests.get(request)
+        if known is not None and known.fingerprint != fingerprint:
+            return SamError(ErrorCode.request_id_reused)
+        if spent is not None:
+            self.used[spent] = max(exp, self.used.get(spent, exp))
+            self.spent_by[spent] = request
+        if known is None:
+            self.requests[request] = RequestClaim(fingerprint, exp)
+            return Claimed(0)
+        known.exp = max(known.exp, exp)
+        if known.answered_at is not None:
+            return Claimed(known.attempt, known.answered_at)
+        known.attempt += 1
+        return Claimed(known.attempt)
+
+    def _answered(self, request: str, attempt: int, at: int) -> SamError | None:
+        known = self.requests.get(request)
+        if known is None or known.attempt != attempt or known.answered_at is not None:
+            return SamError(ErrorCode.request_taken_over)
+        known.answered_at = at
         return None
 
     def forget_expired(self, now: int) -> None:
-        """Drop what can no longer be replayed: its SAD would be refused as expired."""
+        """Drop what can no longer be repeated or replayed: its SAD or its request JWS
+        would be refused as expired."""
         horizon = now - self.clock_skew
         self.used = {key: exp for key, exp in self.used.items() if exp > horizon}
+        self.spent_by = {key: request for key, request in self.spent_by.items() if key in self.used}
+        self.requests = {key: claim for key, claim in self.requests.items() if claim.exp > horizon}

@@ -14,7 +14,7 @@ from pkcs11.exceptions import PKCS11Error
 
 from worker.errors import ErrorCode, SamError
 
-__all__ = ["HANDLES_LOST", "STALE", "translated"]
+__all__ = ["INPUT_REJECTED", "STALE", "translated"]
 
 # Errors after which cached handles (or the session) cannot be trusted: SoftHSM, for one,
 # hands out new object handles when its token store was away and came back.
@@ -29,10 +29,16 @@ STALE: tuple[type[PKCS11Error], ...] = (
     pkcs11.exceptions.GeneralError,
     pkcs11.exceptions.NoSuchKey,
 )
-# Errors that say the session, a handle or the device went away, whatever the input was.
-HANDLES_LOST: tuple[type[PKCS11Error], ...] = (
-    *(error for error in STALE if error not in (pkcs11.exceptions.GeneralError, pkcs11.exceptions.NoSuchKey)),
-    pkcs11.exceptions.UnwrappingKeyHandleInvalid,
+# The only errors that can be the caller's: the wrapped key its sealed key pair carries
+# failed the HSM's integrity check (SoftHSM says GeneralError for a failed AES-KWP check
+# as well, and for a failing token: the adapter asks the HSM which). Every other error —
+# a handle, session, device, memory, mechanism, template or function failure — is the
+# HSM's, whatever the input: ``hsm_unavailable``.
+INPUT_REJECTED: tuple[type[PKCS11Error], ...] = (
+    pkcs11.exceptions.WrappedKeyInvalid,
+    pkcs11.exceptions.WrappedKeyLenRange,
+    pkcs11.exceptions.EncryptedDataInvalid,
+    pkcs11.exceptions.EncryptedDataLenRange,
 )
 
 

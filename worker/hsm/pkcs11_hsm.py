@@ -25,7 +25,7 @@ from worker.domain import algorithms
 from worker.domain.algorithms import HsmMechanism, KeySpec, SignatureScheme
 from worker.errors import ErrorCode, SamError
 from worker.hsm import softhsm
-from worker.hsm.pkcs11_errors import HANDLES_LOST, translated
+from worker.hsm.pkcs11_errors import INPUT_REJECTED, translated
 from worker.ports import GeneratedKeyPair, WrappedKey
 
 __all__ = ["SESSION_OBJECTS_BEFORE_RENEWAL", "Pkcs11Hsm", "open_session", "spki_of"]
@@ -141,21 +141,19 @@ class Pkcs11Hsm:
         return translated(action, on_stale=self._forget_session)
 
     def _blame_wrapped_key(self, error: PKCS11Error) -> tuple[ErrorCode, str]:
-        """Who is at fault when a wrapped key does not unwrap: the HSM when a session,
-        handle or device went away (the KEK handle gone stale is
-        UnwrappingKeyHandleInvalid); for GeneralError — what SoftHSM answers both for a
-        key that fails AES key wrap's integrity check and for a failing token — the HSM
-        itself, asked in a fresh session, decides; otherwise the key pair."""
+        """Who is at fault when a wrapped key does not unwrap: the key pair only when the
+        HSM rejected the wrapped key itself (``INPUT_REJECTED``), or answered SoftHSM's
+        ambiguous GeneralError and then, asked in a fresh session, still answers with the
+        SAM's keys; the HSM for anything else — a session, handle or device gone (the KEK
+        handle gone stale is UnwrappingKeyHandleInvalid), memory, a mechanism, anything
+        not in the list — and the session is renewed."""
         name = type(error).__name__
-        lost = f"HSM unwrapping failed ({name})"
-        if isinstance(error, HANDLES_LOST):
-            self._forget_session()
-            return ErrorCode.hsm_unavailable, lost
-        if isinstance(error, pkcs11.exceptions.GeneralError):
-            self._forget_session()
-            if not self.healthy():
-                return ErrorCode.hsm_unavailable, lost
-        return ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({name})"
+        if isinstance(error, INPUT_REJECTED):
+            return ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({name})"
+        self._forget_session()
+        if isinstance(error, pkcs11.exceptions.GeneralError) and self.healthy():
+            return ErrorCode.key_pair_invalid, f"wrapped key does not unwrap ({name})"
+        return ErrorCode.hsm_unavailable, f"HSM unwrapping failed ({name})"
 
     def _forget_session(self) -> None:
         self._resolved = None
@@ -209,13 +207,10 @@ class Pkcs11Hsm:
                 try:
                     kek = self._session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
                 except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned) as exc:
-                    if not self.healthy():
-                        raise SamError(
-                            ErrorCode.hsm_unavailable, "HSM KEK lookup failed (the HSM is away)"
-                        ) from exc
-                    # the HSM answers and has the SAM's own keys, but not this KEK
+                    # The label comes from inside a seal this SAM made: a KEK this HSM
+                    # lacks (lost, deleted, another token) is never the caller's fault.
                     raise SamError(
-                        ErrorCode.key_pair_invalid, f"key encryption key {label!r} is not in this HSM"
+                        ErrorCode.hsm_unavailable, f"key encryption key {label!r} is not in this HSM"
                     ) from exc
             keys.keks[label] = kek
         return kek

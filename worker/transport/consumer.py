@@ -4,6 +4,14 @@ this is the one place that settles a delivery (ack / reject).
 Every delivery the service processed is answered and then acked — refusals included —
 so a bad request is never redelivered. A delivery is rejected without requeue (to the
 dead-letter queue) only when the worker cannot process it at all.
+
+A delivery is settled only once its answer is confirmed by the broker. A reply that is
+not confirmed is published again (``REPLY_RETRY_PAUSES``); if it never is, the delivery
+goes back to its queue (nack with requeue) rather than being acked away: its next
+delivery is a repeat, answered with the stored result (``worker.service``), and the
+queue's delivery limit bounds the round trips — past it, the dead-letter path answers
+with the stored result too. Retrying the publish comes first because a requeue costs a
+whole pass through the pipeline and one more audit record.
 """
 
 from __future__ import annotations
@@ -13,18 +21,22 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker.domain.contract import HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, QueueClass
+from worker.domain.contract import HEADER_REPEAT, HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, QueueClass
 from worker.ports import IncomingRequest, Reply
 from worker.transport.codec import undecodable as undecodable_value
 from worker.transport.topology import DEAD_LETTER_QUEUE
 
-__all__ = ["RequestConsumer", "to_request"]
+__all__ = ["REPLY_RETRY_PAUSES", "RequestConsumer", "to_request"]
 
 log = logging.getLogger(__name__)
+
+# seconds to wait before each further try of a reply the broker did not confirm
+REPLY_RETRY_PAUSES = (0.2, 1.0)
 
 
 # every short-string property a publisher sets; the SAM reads some, but any of them that
@@ -142,27 +154,48 @@ class RequestConsumer:
                 log.exception("delivery %d could not be processed; dead-lettered", message.delivery_tag or 0)
                 await message.reject(requeue=False)
                 return
-            if reply.reply_to is not None:
-                await self._send_reply(reply)
+            confirmed = reply.reply_to is None or await self._send_reply(reply)
+            # a dead letter is answered at most once (sam.dead has no delivery limit); any
+            # other delivery is not acked away: its next one is a repeat, which gets the
+            # stored result
+            if not confirmed and queue is not None:
+                with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
+                    await message.nack(requeue=True)
+                return
             await message.ack()
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
 
-    async def _send_reply(self, reply: Reply) -> None:
+    async def _send_reply(self, reply: Reply) -> bool:
+        """Publish the reply until the broker confirms it (True), or give up (False)."""
+        headers: dict[str, Any] = {HEADER_STATUS: reply.status}
+        if reply.repeat:
+            headers[HEADER_REPEAT] = True
         message = aio_pika.Message(
             reply.body,
             content_type="application/json",
             correlation_id=reply.correlation_id,
-            headers={HEADER_STATUS: reply.status},
+            headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,  # survives a broker restart
         )
-        try:
-            async with asyncio.timeout(self._timeout):
-                # mandatory=False: a caller that left (or uses direct reply-to) is not a fault.
-                await self._reply_channel.default_exchange.publish(
-                    message, routing_key=reply.reply_to or "", mandatory=False
-                )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            log.error("reply to %s not confirmed: %s", reply.reply_to, type(exc).__name__)
+        failure = ""
+        for pause in (0.0, *REPLY_RETRY_PAUSES):
+            await asyncio.sleep(pause)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    # mandatory=False: a caller that left (or uses direct reply-to) is not a fault.
+                    await self._reply_channel.default_exchange.publish(
+                        message, routing_key=reply.reply_to or "", mandatory=False
+                    )
+                return True
+            except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                failure = type(exc).__name__
+        log.warning(
+            "reply to %s not confirmed after %d tries (%s): its request goes back to its queue",
+            reply.reply_to,
+            1 + len(REPLY_RETRY_PAUSES),
+            failure,
+        )
+        return False

@@ -26,7 +26,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker.domain.ledgers import Reducer
+from worker.domain.ledgers import Reducer, Verdict
 from worker.errors import ErrorCode, SamError
 
 __all__ = ["StreamLedger"]
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class _Batch:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     records: list[dict[str, Any]] = field(default_factory=list)
-    waiters: list[asyncio.Future[SamError | None]] = field(default_factory=list)
+    waiters: list[asyncio.Future[Verdict]] = field(default_factory=list)
     syncs: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -105,12 +105,12 @@ class StreamLedger:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def append(self, data: dict[str, Any]) -> SamError | None:
-        future: asyncio.Future[SamError | None] = asyncio.get_running_loop().create_future()
+    async def append(self, data: dict[str, Any]) -> Verdict:
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._next.records.append(data)
         self._next.waiters.append(future)
         self._wakeup.set()
-        verdict: SamError | None = await self._wait(future)
+        verdict: Verdict = await self._wait(future)
         return verdict
 
     async def _replay(self) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "DELIVERY_LIMIT",
     "KEY_EVENTS_STREAM",
     "REQUESTS_EXCHANGE",
+    "RESULTS_STREAM",
     "SAD_USE_STREAM",
     "VHOST",
     "definitions",
@@ -40,6 +41,12 @@ KEY_EVENTS_STREAM = "sam.key-events"
 # with every signature; retention only needs to outlive the longest SAD lifetime.
 SAD_USE_STREAM = "sam.sad-use"
 SAD_USE_RETENTION = "1h"
+# Results kept for repeats of their request (see worker.transport.results): written once
+# per acting request, read only when a repeat comes; kept as long as claims are.
+RESULTS_STREAM = "sam.results"
+RESULTS_RETENTION = SAD_USE_RETENTION
+# the longest a SAD or a request JWS may live for the retention above to cover its repeats
+REPEAT_WINDOW_SECONDS = 3600
 DELIVERY_LIMIT = 3
 
 
@@ -100,6 +107,7 @@ def definitions(
         _queue(CONFIG_STREAM, {"x-queue-type": "stream"}),
         _queue(KEY_EVENTS_STREAM, {"x-queue-type": "stream"}),
         _queue(SAD_USE_STREAM, {"x-queue-type": "stream", "x-max-age": SAD_USE_RETENTION}),
+        _queue(RESULTS_STREAM, {"x-queue-type": "stream", "x-max-age": RESULTS_RETENTION}),
     ]
     exchanges = [
         _exchange(REQUESTS_EXCHANGE, "direct"),
@@ -120,7 +128,7 @@ def definitions(
             # the default exchange carries replies and ledger appends
             write=_exact("amq.default", AUDIT_EXCHANGE),
             # sam.dead too: workers answer and audit what died in the request queues
-            read=_exact(*(q.queue_name for q in QueueClass), DEAD_LETTER_QUEUE, *streams),
+            read=_exact(*(q.queue_name for q in QueueClass), DEAD_LETTER_QUEUE, *streams, RESULTS_STREAM),
         )
         for w in workers
     ]

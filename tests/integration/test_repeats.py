@@ -1,0 +1,122 @@
+"""Repeats through the real broker and workers: a request sent again unchanged (even with a
+fresh request JWS) gets the original signature, marked as a repeat, from whichever worker
+takes it; a worker stopped (SIGSTOP) with the request in hand loses nothing to the SDK's
+retry — the SSA gets its signature, the stopped worker, resumed, answers its copy with
+the same stored result, and the trail holds one result made."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import signal
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.integration.conftest import EC_SHA256, Harness
+from worker.client import SamClient
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def key_pair(harness: Harness, ssa: SamClient) -> dict[str, Any]:
+    return await harness.certified_key_pair(ssa, "repeat-signer")
+
+
+def _request(harness: Harness, key_pair: dict[str, Any]) -> tuple[str, bytes, str]:
+    message_id = str(uuid.uuid4())
+    digest = hashlib.sha256(message_id.encode()).digest()
+    body = orjson.dumps(
+        {
+            "signature_algorithm": EC_SHA256,
+            "requests": [{"dtbs": base64.b64encode(digest).decode()}],
+            "key_pair": key_pair,
+            "signer": {"id": "repeat-signer"},
+        }
+    )
+    return (
+        message_id,
+        body,
+        harness.dev_as.issue_sad(harness.sam_id, "repeat-signer", key_pair["id"], [digest]),
+    )
+
+
+def _made(harness: Harness, request_id: str) -> list[dict[str, Any]]:
+    """The records of ``request_id`` that made its result (not the answers of its repeats)."""
+    return [
+        r
+        for r in harness.audit_records()
+        if r["request_id"] == request_id
+        and r["status"] == 200
+        and not (r.get("detail") or "").startswith("a repeat")
+    ]
+
+
+async def test_a_repeat_gets_the_original_signature(
+    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+) -> None:
+    message_id, body, sad = _request(harness, key_pair)
+    first = await ssa.send("signatures.create", body, sad=sad, message_id=message_id)
+    repeats = [await ssa.send("signatures.create", body, sad=sad, message_id=message_id) for _ in range(4)]
+    assert first is not None and first.status == 200 and not first.repeat
+    for repeat in repeats:  # each with a request JWS of its own; the two shared workers take turns
+        assert repeat is not None and (repeat.status, repeat.body, repeat.repeat) == (200, first.body, True)
+    await asyncio.sleep(1)  # the last records' batch
+    assert len(_made(harness, message_id)) == 1
+    records = [r for r in harness.audit_records() if r["request_id"] == message_id]
+    assert len(records) == 5 and all(r["dtbs_sha256"] == records[0]["dtbs_sha256"] for r in records)
+
+
+async def test_the_same_sad_in_another_request_is_still_a_replay(
+    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+) -> None:
+    message_id, body, sad = _request(harness, key_pair)
+    first = await ssa.send("signatures.create", body, sad=sad, message_id=message_id)
+    replay = await ssa.send("signatures.create", body, sad=sad)  # a new message_id
+    reused = await ssa.send("signatures.create", body + b" ", sad=sad, message_id=message_id)
+    assert first is not None and first.status == 200
+    assert replay is not None and replay.code == "sad_replayed"
+    assert reused is not None and reused.code == "request_id_reused"
+
+
+async def test_a_stopped_worker_loses_nothing_to_the_retry(
+    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+) -> None:
+    """The issue's case: the SDK sends again after its timeout while the worker holding the
+    request is stopped. Before, the retry got sad_replayed and the stopped worker, resumed,
+    signed — a signature the SSA was told had failed."""
+    message_id, body, sad = _request(harness, key_pair)
+    retried = ssa.retried
+    async with harness.without_shared_workers():
+        stopped = await asyncio.to_thread(harness.start_worker, "worker-stopped")
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            sending = asyncio.ensure_future(
+                ssa.send(
+                    "signatures.create", body, sad=sad, message_id=message_id, reply_timeout=4, retries=3
+                )
+            )
+            await asyncio.sleep(0.5)  # the first copy sits in the stopped worker's prefetch
+            await asyncio.to_thread(harness.start_worker, "worker-taker")
+            reply = await sending
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        copies = 1 + ssa.retried - retried
+        unmatched = sum(ssa.unmatched_replies.values())
+        for _ in range(40):  # the resumed worker answers its copy too, and so on
+            if sum(ssa.unmatched_replies.values()) - unmatched == copies - 1:
+                break
+            await asyncio.sleep(0.25)
+        late = sum(ssa.unmatched_replies.values()) - unmatched
+        await harness.stop_worker("worker-stopped")
+        await harness.stop_worker("worker-taker")
+    assert reply is not None and reply.status == 200
+    assert copies >= 2 and late == copies - 1  # every copy answered, the stopped worker's too
+    assert len(_made(harness, message_id)) == 1  # one signature released, to the SSA
+    codes = {r["error_code"] for r in harness.audit_records() if r["request_id"] == message_id}
+    assert codes <= {None, "request_taken_over"}, codes

@@ -1,0 +1,229 @@
+"""Repeats of a request — the same caller, message_id, operation, body and SAD — on two
+replicas of the service over shared in-memory streams: a repeat of an answered request
+gets the stored result (marked as a repeat) on any replica; a repeat of a request whose
+attempt hung or died takes it over, and the slow attempt's result is then dropped
+(``request_taken_over``), so exactly one attempt answers with a result. A *different*
+request with a spent SAD is still ``sad_replayed``; a reused message_id is
+``request_id_reused``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.unit.test_hostile_input import EC_SHA256, World
+from worker.domain.audit import Outcome
+from worker.domain.ledgers import KeyEventLog, RequestIdentity, SadUseLog
+from worker.fakes import MemoryLedger, MemoryResults, ReplicaLedger, SharedStream
+from worker.ports import IncomingRequest, Reply, StoredResult
+from worker.service import SamService
+
+
+class GatedResults(MemoryResults):
+    """Results whose ``put`` for attempt 0 waits until ``release`` is set: an attempt
+    that signed and then hung (SIGSTOP) before its result was stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_first = False
+        self.release = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        if self.gate_first and attempt == 0:
+            self.waiting.set()
+            await self.release.wait()
+        await super().put(request, attempt, result)
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.world = World()
+        self.results = GatedResults()
+        self.key_events, self.sad_use = SharedStream(), SharedStream()
+        self.replicas = [self._replica() for _ in range(2)]
+
+    def _replica(self) -> SamService:
+        world = self.world
+        key_events, sad_use = KeyEventLog(), SadUseLog(30)
+        return SamService(
+            world.service._static,
+            world.configuration,
+            key_events,
+            sad_use,
+            {
+                "config": MemoryLedger(world.configuration),
+                "key_events": ReplicaLedger(self.key_events, key_events),
+                "sad_use": ReplicaLedger(self.sad_use, sad_use),
+            },
+            world.hsm,
+            world.sealer,
+            world.audit,
+            self.results,
+        )
+
+    def signature_request(self, text: bytes = b"document", message_id: str | None = None) -> IncomingRequest:
+        digest = hashlib.sha256(text).digest()
+        body = orjson.dumps(
+            {
+                "signature_algorithm": EC_SHA256,
+                "requests": [{"dtbs": base64.b64encode(digest).decode()}],
+                "key_pair": self.world.key_pair,
+                "signer": {"id": "alice"},
+            }
+        )
+        sad = self.world.authority.issue_sad("sam-1", "alice", self.world.key_pair["id"], [digest])
+        return self.world.request("signatures.create", body, sad=sad, message_id=message_id or "m")
+
+    def run(self, *calls: Any) -> list[Reply]:
+        async def together() -> list[Reply]:
+            return list(await asyncio.gather(*calls))
+
+        return self.world.loop.run_until_complete(together())
+
+    def process(self, replica: int, request: IncomingRequest) -> Reply:
+        [reply] = self.run(self.replicas[replica].process(request))
+        return reply
+
+
+def _code(reply: Reply) -> str | None:
+    return orjson.loads(reply.body)["error"]["code"] if reply.status >= 400 else None
+
+
+def _again(request: IncomingRequest, **changes: Any) -> IncomingRequest:
+    """The same message delivered once more (a redelivery, or the SDK's retry)."""
+    fields = {**request.__dict__, **changes}
+    return IncomingRequest(**fields)
+
+
+@pytest.mark.parametrize("replica", [0, 1])
+def test_a_repeat_of_an_answered_signature_gets_the_same_signature(replica: int) -> None:
+    cluster = Cluster()
+    request = cluster.signature_request()
+    first = cluster.process(0, request)
+    again = cluster.process(replica, _again(request))
+    assert (first.status, again.status) == (200, 200)
+    assert again.body == first.body and again.repeat and not first.repeat
+    record = cluster.world.audit.events[-1]
+    assert record.outcome is Outcome.success and "a repeat" in (record.detail or "")
+    assert record.dtbs_sha256 == cluster.world.audit.events[-2].dtbs_sha256  # said of the request again
+
+
+def test_another_request_with_a_spent_sad_is_still_a_replay() -> None:
+    cluster = Cluster()
+    request = cluster.signature_request()
+    assert cluster.process(0, request).status == 200
+    another = cluster.world.request("signatures.create", request.body, sad=str(request.sad))
+    replay = cluster.process(1, another)
+    assert _code(replay) == "sad_replayed"
+
+
+def test_a_reused_message_id_for_another_request_is_refused() -> None:
+    cluster = Cluster()
+    message_id = str(uuid.uuid4())
+    assert cluster.process(0, cluster.signature_request(b"one", message_id)).status == 200
+    for replica in (0, 1):  # known locally, or learnt from the log at the claim
+        other = cluster.process(replica, cluster.signature_request(b"two", message_id))
+        assert _code(other) == "request_id_reused"
+
+
+@pytest.mark.parametrize("repeat_on", [0, 1])
+def test_a_repeat_takes_over_from_an_attempt_that_hung_after_signing(repeat_on: int) -> None:
+    """The first attempt signs and hangs before its result is stored; the repeat (on the
+    same replica, which knows the claim; or on another, which learns it at its own claim)
+    takes over and signs; the hung attempt, resumed, is refused and releases nothing."""
+    cluster = Cluster()
+    cluster.results.gate_first = True
+    request = cluster.signature_request()
+
+    async def scenario() -> tuple[Reply, Reply]:
+        first = asyncio.ensure_future(cluster.replicas[0].process(request))
+        await cluster.results.waiting.wait()
+        repeat = await cluster.replicas[repeat_on].process(_again(request))
+        cluster.results.release.set()
+        return await first, repeat
+
+    first, repeat = cluster.world.loop.run_until_complete(scenario())
+    assert (_code(first), repeat.status) == ("request_taken_over", 200)
+    successes = [e for e in cluster.world.audit.events if e.outcome is Outcome.success]
+    assert len(successes) == 1
+    # and any later repeat gets the taker's result
+    assert cluster.process(1 - repeat_on, _again(request)).body == repeat.body
+
+
+def test_a_repeat_takes_over_from_an_attempt_that_died_after_its_claim() -> None:
+    cluster = Cluster()
+    request = cluster.signature_request()
+    identity = RequestIdentity.of(
+        "ssa-1", str(request.message_id), "signatures.create", request.body, str(request.sad)
+    )
+    cluster.sad_use.records.append(SadUseLog.claim(identity, 2**40))  # the dead attempt's claim
+    reply = cluster.process(1, _again(request))
+    assert reply.status == 200 and not reply.repeat  # not sad_replayed: the same request
+    log = SadUseLog(30)
+    for record in cluster.sad_use.records:
+        log.apply(record)
+    # the dead attempt, had it lived on, could not answer now
+    assert log.apply(SadUseLog.answered(identity, 0, 0)).code.name == "request_taken_over"  # type: ignore[union-attr]
+
+
+def test_a_key_pair_change_taken_over_finds_its_own_change_made() -> None:
+    """A deletion hung after its key event and before its result: the repeat on another
+    replica finds the key pair deleted — by this very request — and answers as the
+    deletion would have; the hung attempt releases nothing."""
+    cluster = Cluster()
+    cluster.results.gate_first = True
+    body = orjson.dumps({"key_pair": cluster.world.key_pair, "signer": {"id": "alice"}})
+    request = cluster.world.request("key_pairs.delete", body)
+
+    async def scenario() -> tuple[Reply, Reply]:
+        first = asyncio.ensure_future(cluster.replicas[0].process(request))
+        await cluster.results.waiting.wait()
+        repeat = await cluster.replicas[1].process(_again(request))
+        cluster.results.release.set()
+        return await first, repeat
+
+    first, repeat = cluster.world.loop.run_until_complete(scenario())
+    assert (_code(first), repeat.status) == ("request_taken_over", 200)
+    assert orjson.loads(repeat.body) == {"key_pair_id": "kp-1", "deleted": True}
+    assert len(cluster.key_events.records) == 2  # the change twice, the second idempotent
+    after = cluster.process(0, cluster.signature_request(b"after"))
+    assert _code(after) == "key_pair_deleted"
+
+
+def test_a_repeat_of_a_key_pair_creation_gets_the_same_key_pair() -> None:
+    cluster = Cluster()
+    body = b'{"key_template": {"algorithm": "ECDSA", "named_curve": "secp256r1"}}'
+    request = cluster.world.request("key_pairs.create", body)
+    first = cluster.process(0, request)
+    again = cluster.process(1, _again(request))
+    assert (first.status, again.status) == (201, 201)
+    assert orjson.loads(again.body)["key_pair"]["id"] == orjson.loads(first.body)["key_pair"]["id"]
+
+
+def test_a_result_that_could_not_be_stored_is_not_released_and_a_repeat_signs() -> None:
+    cluster = Cluster()
+    request = cluster.signature_request()
+    cluster.results.failing = True
+    failed = cluster.process(0, request)
+    assert _code(failed) == "ledger_unavailable"  # the signature was made and dropped
+    cluster.results.failing = False
+    assert cluster.process(1, _again(request)).status == 200  # not sad_replayed
+
+
+def test_a_dead_letter_of_an_answered_request_gets_its_result() -> None:
+    """A request answered whose reply could not be confirmed goes back to its queue; past
+    the delivery limit it dies — and its dead letter still gets the result."""
+    cluster = Cluster()
+    request = cluster.signature_request()
+    answered = cluster.process(0, request)
+    dead = cluster.process(0, _again(request, dead_letter="delivery_limit"))
+    assert (dead.status, dead.body, dead.repeat) == (200, answered.body, True)
+    other = cluster.signature_request(b"other")
+    assert _code(cluster.process(0, _again(other, dead_letter="delivery_limit"))) == "request_undeliverable"
