@@ -2,10 +2,12 @@
 
 Every request that acted (signed, generated, changed a key pair) puts its result here,
 confirmed, before its ``answered`` mark goes to ``sam.sad-use``. Nobody tails this
-stream: a worker reads it only when a repeat of an answered request comes, with a
-consumer of its own that starts a little before the time the mark names and stops at the
-result — so ordinary requests cost one confirmed publish, and no worker holds or reads
-the results of others. The stream's retention outlives the longest repeat window.
+stream: a worker reads it only while repeats of answered requests wait for their
+results, from a little before the earliest time their marks name, and stops when none
+waits — so an ordinary request costs one confirmed publish, no worker holds or reads the
+results of others, and a burst of repeats (a caller retrying many requests at once)
+costs one pass over the stream, not one each. The stream's retention outlives the
+longest repeat window.
 """
 
 from __future__ import annotations
@@ -32,21 +34,19 @@ _ATTEMPT_HEADER = "sam-attempt"
 # The reader starts this much before the mark's time (taken just before the result was
 # published): a stream is read from the chunk holding a timestamp, stamped by the broker's
 # clock, not the worker's. Every second more is a second of everyone's results to read
-# past on each repeat.
+# past.
 _READ_BACK_SECONDS = 2
-# Reads at once per worker, and results kept once read: a caller repeating requests in a
-# loop must not turn each repeat into a scan of the stream.
-_READS_AT_ONCE = 4
+# results kept once read, so a caller repeating one request in a loop reads nothing
 _KEPT = 256
 
 
 class StreamResultStore:
     """The ``ResultStore`` on ``sam.results``: ``put`` publishes with confirms on
-    ``publish_channel`` (mandatory: no route is a failure); ``get`` consumes on
-    ``read_channel`` (with a prefetch set) until it meets the result, then cancels its
-    consumer. The read channel stays open: closing a channel while deliveries on it are
-    still being acked makes RabbitMQ close the whole connection (504, "expected
-    'channel.open'")."""
+    ``publish_channel`` (mandatory: no route is a failure); ``get`` waits for one reader,
+    shared by every waiting ``get``, that consumes on ``read_channel`` (with a prefetch
+    set) from the earliest time wanted and stops when nothing is wanted any more. The
+    read channel stays open: closing a channel while deliveries on it are still being
+    acked makes RabbitMQ close the whole connection (504, "expected 'channel.open'")."""
 
     def __init__(
         self,
@@ -59,7 +59,12 @@ class StreamResultStore:
         self._reader = read_channel
         self._timeout = timeout
         self._stream = stream
-        self._reads = asyncio.Semaphore(_READS_AT_ONCE)
+        self._wanted: dict[tuple[str, int], tuple[int, asyncio.Future[StoredResult]]] = {}
+        self._wakeup = asyncio.Event()
+        self._scanning: asyncio.Task[None] | None = None
+        self._start = 0  # the time the running pass started at
+        self._passed = 0.0  # the latest time stamped on a result the running pass read
+        self._rewind = False  # a result wanted now may lie behind the running pass
         self._kept: collections.OrderedDict[tuple[str, int], StoredResult] = collections.OrderedDict()
 
     async def put(self, request: str, attempt: int, result: StoredResult) -> None:
@@ -71,6 +76,9 @@ class StreamResultStore:
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers={_REQUEST_HEADER: request, _ATTEMPT_HEADER: attempt},
+            # not before the time the answered mark names: a reader that has passed a
+            # result stamped later than a wanted time knows to go back for it
+            timestamp=datetime.datetime.now(datetime.UTC),
         )
         try:
             async with asyncio.timeout(self._timeout):
@@ -83,55 +91,83 @@ class StreamResultStore:
             ) from exc
 
     async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
-        kept = self._kept.get((request, attempt))
+        key = (request, attempt)
+        kept = self._kept.get(key)
         if kept is not None:
-            self._kept.move_to_end((request, attempt))
+            self._kept.move_to_end(key)
             return kept
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            wanted = (stored_at, asyncio.get_running_loop().create_future())
+            self._wanted[key] = wanted
+            if stored_at - _READ_BACK_SECONDS < max(self._start, self._passed):
+                self._rewind = True  # the running pass may be beyond it (harmless if none runs)
+            self._wakeup.set()
+        if self._scanning is None or self._scanning.done():
+            self._scanning = asyncio.get_running_loop().create_task(self._scan())
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._reads:
-                    result = await self._read(request, attempt, stored_at)
+                result = await asyncio.shield(wanted[1])
         except TimeoutError as exc:
             raise SamError(
                 ErrorCode.ledger_unavailable, f"{self._stream} did not give the result in time"
             ) from exc
-        self._kept[(request, attempt)] = result
+        finally:
+            if self._wanted.get(key) is wanted and not wanted[1].done():
+                del self._wanted[key]  # given up on: the reader stops when nothing is wanted
+                self._wakeup.set()
+        self._kept[key] = result
         if len(self._kept) > _KEPT:
             self._kept.popitem(last=False)
         return result
 
-    async def _read(self, request: str, attempt: int, stored_at: int) -> StoredResult:
-        found: asyncio.Future[StoredResult] = asyncio.get_running_loop().create_future()
+    async def _scan(self) -> None:
+        """Read the stream while results are wanted: from the earliest time wanted, and
+        again from there when a result comes to be wanted that the pass may have gone by."""
+        while self._wanted:
+            self._start = min(stored_at for stored_at, _ in self._wanted.values()) - _READ_BACK_SECONDS
+            self._passed, self._rewind = 0.0, False
+            queue: AbstractQueue | None = None
+            tag = ""
+            try:
+                queue = await self._reader.get_queue(self._stream, ensure=False)
+                since = datetime.datetime.fromtimestamp(max(self._start, 0), datetime.UTC)
+                tag = await queue.consume(self._on_message, arguments={"x-stream-offset": since})
+                while self._wanted and not self._rewind:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                error = SamError(
+                    ErrorCode.ledger_unavailable, f"{self._stream} cannot be read ({type(exc).__name__})"
+                )
+                for _, future in self._wanted.values():
+                    if not future.done():
+                        future.set_exception(error)
+                self._wanted.clear()
+            finally:
+                if queue is not None and tag:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(queue.cancel(tag), self._timeout)
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            headers = message.headers or {}
-            if (
-                not found.done()
-                and headers.get(_REQUEST_HEADER) == request
-                and headers.get(_ATTEMPT_HEADER) == attempt
-            ):
-                try:
-                    found.set_result(_parsed(message.body))
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    found.set_exception(
-                        SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds an unreadable result")
-                    )
-            await message.ack()
-
-        since = datetime.datetime.fromtimestamp(max(stored_at - _READ_BACK_SECONDS, 0), datetime.UTC)
-        queue: AbstractQueue | None = None
-        tag = ""
-        try:
-            queue = await self._reader.get_queue(self._stream, ensure=False)
-            tag = await queue.consume(on_message, arguments={"x-stream-offset": since})
-            return await found
-        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            message = f"{self._stream} did not give the result ({type(exc).__name__})"
-            raise SamError(ErrorCode.ledger_unavailable, message) from exc
-        finally:
-            if queue is not None and tag:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(queue.cancel(tag), self._timeout)
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if isinstance(message.timestamp, datetime.datetime):
+            self._passed = max(self._passed, message.timestamp.timestamp())
+        headers = message.headers or {}
+        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
+        wanted = (
+            self._wanted.pop((request, attempt), None)
+            if isinstance(request, str) and isinstance(attempt, int)
+            else None
+        )
+        if wanted is not None and not wanted[1].done():
+            try:
+                wanted[1].set_result(_parsed(message.body))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                wanted[1].set_exception(
+                    SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds an unreadable result")
+                )
+            self._wakeup.set()
+        await message.ack()
 
 
 def _parsed(body: bytes) -> StoredResult:
