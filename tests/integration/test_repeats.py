@@ -120,3 +120,20 @@ async def test_a_stopped_worker_loses_nothing_to_the_retry(
     assert len(_made(harness, message_id)) == 1  # one signature released, to the SSA
     codes = {r["error_code"] for r in harness.audit_records() if r["request_id"] == message_id}
     assert codes <= {None, "request_taken_over"}, codes
+
+
+async def test_a_worker_started_later_answers_a_repeat_with_the_original_result(
+    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+) -> None:
+    """Claims and results live in the streams, not in a worker: one started after the
+    answer (every worker that saw the request gone) replays the claim and reads the result."""
+    message_id, body, sad = _request(harness, key_pair)
+    first = await ssa.send("signatures.create", body, sad=sad, message_id=message_id)
+    async with harness.without_shared_workers():
+        await asyncio.to_thread(harness.start_worker, "worker-later")
+        try:
+            again = await ssa.send("signatures.create", body, sad=sad, message_id=message_id)
+        finally:
+            await harness.stop_worker("worker-later")
+    assert first is not None and first.status == 200
+    assert again is not None and (again.status, again.body, again.repeat) == (200, first.body, True)

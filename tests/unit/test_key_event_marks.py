@@ -15,12 +15,17 @@ import orjson
 from tests.unit.test_hostile_input import EC_SHA256, World
 from worker.domain.ledgers import KeyEventLog, SadUseLog
 from worker.fakes import MemoryLedger, ReplicaLedger, SharedStream
+from worker.ports import ResultStore
 from worker.service import SamService
 
 
 class Replicas:
-    def __init__(self) -> None:
+    """Two replicas of the service over shared in-memory streams (and ``results``, or the
+    world's result store)."""
+
+    def __init__(self, results: ResultStore | None = None) -> None:
         self.world = World()
+        self.results = results or self.world.results
         self.key_events, self.sad_use = SharedStream(), SharedStream()
         self.replicas = [self._replica() for _ in range(2)]
 
@@ -40,7 +45,7 @@ class Replicas:
             world.hsm,
             world.sealer,
             world.audit,
-            world.results,
+            self.results,
         )
         return service, key_events
 

@@ -17,10 +17,11 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.unit.test_hostile_input import EC_SHA256, World
+from tests.unit.test_hostile_input import EC_SHA256
+from tests.unit.test_key_event_marks import Replicas
 from worker.domain.audit import Outcome
-from worker.domain.ledgers import KeyEventLog, RequestIdentity, SadUseLog
-from worker.fakes import MemoryLedger, MemoryResults, ReplicaLedger, SharedStream
+from worker.domain.ledgers import RequestIdentity, SadUseLog
+from worker.fakes import MemoryResults
 from worker.ports import IncomingRequest, Reply, StoredResult
 from worker.service import SamService
 
@@ -42,31 +43,10 @@ class GatedResults(MemoryResults):
         await super().put(request, attempt, result)
 
 
-class Cluster:
+class Cluster(Replicas):
     def __init__(self) -> None:
-        self.world = World()
-        self.results = GatedResults()
-        self.key_events, self.sad_use = SharedStream(), SharedStream()
-        self.replicas = [self._replica() for _ in range(2)]
-
-    def _replica(self) -> SamService:
-        world = self.world
-        key_events, sad_use = KeyEventLog(), SadUseLog(30)
-        return SamService(
-            world.service._static,
-            world.configuration,
-            key_events,
-            sad_use,
-            {
-                "config": MemoryLedger(world.configuration),
-                "key_events": ReplicaLedger(self.key_events, key_events),
-                "sad_use": ReplicaLedger(self.sad_use, sad_use),
-            },
-            world.hsm,
-            world.sealer,
-            world.audit,
-            self.results,
-        )
+        self.gated = GatedResults()
+        super().__init__(self.gated)
 
     def signature_request(self, text: bytes = b"document", message_id: str | None = None) -> IncomingRequest:
         digest = hashlib.sha256(text).digest()
@@ -81,15 +61,11 @@ class Cluster:
         sad = self.world.authority.issue_sad("sam-1", "alice", self.world.key_pair["id"], [digest])
         return self.world.request("signatures.create", body, sad=sad, message_id=message_id or "m")
 
-    def run(self, *calls: Any) -> list[Reply]:
-        async def together() -> list[Reply]:
-            return list(await asyncio.gather(*calls))
-
-        return self.world.loop.run_until_complete(together())
+    def service(self, replica: int) -> SamService:
+        return self.replicas[replica][0]
 
     def process(self, replica: int, request: IncomingRequest) -> Reply:
-        [reply] = self.run(self.replicas[replica].process(request))
-        return reply
+        return self.world.loop.run_until_complete(self.service(replica).process(request))
 
 
 def _code(reply: Reply) -> str | None:
@@ -139,14 +115,14 @@ def test_a_repeat_takes_over_from_an_attempt_that_hung_after_signing(repeat_on: 
     same replica, which knows the claim; or on another, which learns it at its own claim)
     takes over and signs; the hung attempt, resumed, is refused and releases nothing."""
     cluster = Cluster()
-    cluster.results.gate_first = True
+    cluster.gated.gate_first = True
     request = cluster.signature_request()
 
     async def scenario() -> tuple[Reply, Reply]:
-        first = asyncio.ensure_future(cluster.replicas[0].process(request))
-        await cluster.results.waiting.wait()
-        repeat = await cluster.replicas[repeat_on].process(_again(request))
-        cluster.results.release.set()
+        first = asyncio.ensure_future(cluster.service(0).process(request))
+        await cluster.gated.waiting.wait()
+        repeat = await cluster.service(repeat_on).process(_again(request))
+        cluster.gated.release.set()
         return await first, repeat
 
     first, repeat = cluster.world.loop.run_until_complete(scenario())
@@ -178,15 +154,15 @@ def test_a_key_pair_change_taken_over_finds_its_own_change_made() -> None:
     replica finds the key pair deleted — by this very request — and answers as the
     deletion would have; the hung attempt releases nothing."""
     cluster = Cluster()
-    cluster.results.gate_first = True
+    cluster.gated.gate_first = True
     body = orjson.dumps({"key_pair": cluster.world.key_pair, "signer": {"id": "alice"}})
     request = cluster.world.request("key_pairs.delete", body)
 
     async def scenario() -> tuple[Reply, Reply]:
-        first = asyncio.ensure_future(cluster.replicas[0].process(request))
-        await cluster.results.waiting.wait()
-        repeat = await cluster.replicas[1].process(_again(request))
-        cluster.results.release.set()
+        first = asyncio.ensure_future(cluster.service(0).process(request))
+        await cluster.gated.waiting.wait()
+        repeat = await cluster.service(1).process(_again(request))
+        cluster.gated.release.set()
         return await first, repeat
 
     first, repeat = cluster.world.loop.run_until_complete(scenario())
@@ -210,10 +186,10 @@ def test_a_repeat_of_a_key_pair_creation_gets_the_same_key_pair() -> None:
 def test_a_result_that_could_not_be_stored_is_not_released_and_a_repeat_signs() -> None:
     cluster = Cluster()
     request = cluster.signature_request()
-    cluster.results.failing = True
+    cluster.gated.failing = True
     failed = cluster.process(0, request)
     assert _code(failed) == "ledger_unavailable"  # the signature was made and dropped
-    cluster.results.failing = False
+    cluster.gated.failing = False
     assert cluster.process(1, _again(request)).status == 200  # not sad_replayed
 
 
