@@ -215,6 +215,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             sad_use.forget_expired(int(time.time()))
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
+        await results.stop()
         await audit.close()
         if health is not None:
             await health.stop()

@@ -67,6 +67,13 @@ class StreamResultStore:
         self._rewind = False  # a result wanted now may lie behind the running pass
         self._kept: collections.OrderedDict[tuple[str, int], StoredResult] = collections.OrderedDict()
 
+    async def stop(self) -> None:
+        """Stop reading (at shutdown): repeats still waiting get ``ledger_unavailable``."""
+        if self._scanning is not None:
+            self._scanning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scanning
+
     async def put(self, request: str, attempt: int, result: StoredResult) -> None:
         body = orjson.dumps(
             {"status": result.status, "body": base64.b64encode(result.body).decode(), "trace": result.trace}
