@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from worker.domain.contract import (
+    HEADER_ANSWER_BY,
     HEADER_REPEAT,
     HEADER_REQUEST_JWS,
     HEADER_SAD,
@@ -48,6 +49,12 @@ def asyncapi(
             HEADER_SAD: {
                 "type": "string",
                 "description": "the SAD or SKAD (compact JWT), where the operation takes one",
+            },
+            HEADER_ANSWER_BY: {
+                "type": "integer",
+                "description": "optional: epoch milliseconds after which the caller no longer waits; the SAM "
+                "releases no result of the request after it (request_expired). The SDK sets it to when it "
+                "gives up, less a second",
             },
         },
     }

@@ -47,6 +47,7 @@ from joserfc.jwk import ECKey, RSAKey
 from worker.domain.authorization import RequestBinding, request_jws_payload
 from worker.domain.certification import assemble_certification_request, build_certification_request_info
 from worker.domain.contract import (
+    HEADER_ANSWER_BY,
     HEADER_REPEAT,
     HEADER_REQUEST_JWS,
     HEADER_SAD,
@@ -65,6 +66,9 @@ __all__ = ["TRANSIENT_CODES", "RawReply", "SamClient", "SamClientError", "SamReq
 TRANSIENT_CODES = frozenset({"audit_unavailable", "hsm_unavailable", "ledger_unavailable", "request_expired"})
 # seconds to wait for a better answer after a transient one, before sending again
 _RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0)
+# the SAM releases no result later than this before the client gives up: the reply must
+# still reach it, and the clocks of client and SAM may differ a little
+_ANSWER_MARGIN_SECONDS = 1.0
 
 
 class SamClientError(Exception):
@@ -156,6 +160,7 @@ class SamClient:
         self._node = 0  # index in ``urls`` of the node tried first
         self._connected = asyncio.Event()
         self._reconnecting: asyncio.Task[None] | None = None
+        self._closing_lost: asyncio.Task[None] | None = None  # kept: a task needs a reference
         self._closing = False
         self._pending: dict[str, asyncio.Queue[RawReply]] = {}
         # replies nobody waited for any more (a second answer, or one after its timeout),
@@ -208,6 +213,9 @@ class SamClient:
                 arguments["x-queue-type"] = "quorum"
             queue = await channel.declare_queue(self._reply_queue_name, durable=True, arguments=arguments)
             self._consumer_tag = await queue.consume(self._on_reply, no_ack=True)
+            # the broker cancels the consumer when the reply queue goes (deleted, say):
+            # replies would then be dropped unseen, so open everything anew
+            (await channel.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._on_reply_queue_lost)
             requests = await channel.get_exchange(REQUESTS_EXCHANGE, ensure=False)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -217,6 +225,12 @@ class SamClient:
         self._requests = requests
         connection.close_callbacks.add(self._on_connection_lost)
         self._connected.set()
+
+    def _on_reply_queue_lost(self, *_: object) -> None:
+        connection = self._connection
+        if connection is not None and not self._closing and not connection.is_closed:
+            # closing it is what starts a reconnection, which declares the queue again
+            self._closing_lost = asyncio.get_running_loop().create_task(connection.close())
 
     def _on_connection_lost(self, *_: object) -> None:
         self._connected.clear()
@@ -297,7 +311,12 @@ class SamClient:
         message_id = message_id or str(uuid.uuid4())
         if request_jws is None and sign:
             request_jws = self.sign_request(body, message_id, operation)
+        seconds = reply_timeout or self.timeout
         all_headers: dict[str, Any] = dict(headers or {})
+        if wait and HEADER_ANSWER_BY not in all_headers:
+            # when this client gives up on every copy: the SAM releases nothing after it
+            give_up = time.time() + seconds * (retries + 1) - _ANSWER_MARGIN_SECONDS
+            all_headers[HEADER_ANSWER_BY] = int(give_up * 1000)
         if request_jws is not None:
             all_headers[HEADER_REQUEST_JWS] = request_jws
         if sad is not None:
@@ -319,7 +338,7 @@ class SamClient:
             timestamp=time.time(),
             headers=all_headers,
         )
-        return await self._exchange(message, routing_key, reply_timeout or self.timeout, wait, retries)
+        return await self._exchange(message, routing_key, seconds, wait, retries)
 
     async def _exchange(
         self, message: aio_pika.Message, routing_key: str, seconds: float, wait: bool, retries: int
@@ -335,13 +354,21 @@ class SamClient:
         deadline = time.monotonic() + seconds * (retries + 1)
         try:
             for attempt in range(retries + 1):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 if attempt:
                     self.retried += 1
+                if wait:
+                    # a copy still queued when this client gives up expires there (and is
+                    # answered request_expired from sam.dead) instead of being signed
+                    message.expiration = left
                 await self._publish(message, routing_key, deadline, seconds, retrying=retries > 0)
                 if not wait:
                     return None
                 pause = _RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES) - 1)]
-                reply = await self._answer(replies, seconds, pause, last=attempt == retries)
+                wait_for = min(seconds, deadline - time.monotonic())
+                reply = await self._answer(replies, wait_for, pause, last=attempt == retries)
                 if reply is not None:
                     return reply
             raise SamTimeout(message.message_id, seconds)

@@ -150,7 +150,9 @@ class ErrorCode(Enum):
         "request gets it, if one was made).",
     )
     request_expired = _Code(
-        503, "The request expired in its queue (its expiration) before a worker took it; nothing was done."
+        503,
+        "The request expired in its queue (its expiration), or its caller had stopped waiting "
+        "(sam-answer-by), before a worker could answer it; no result was released.",
     )
     request_undeliverable = _Code(
         500, "No worker could finish the request up to the delivery limit; no result was released."

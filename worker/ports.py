@@ -61,6 +61,7 @@ class IncomingRequest:
     queue: str | None = None  # the queue class it was consumed from (None: not from a queue)
     returned: bool = False  # it carries a SAM reply's status or a dead-letter history
     dead_letter: str | None = None  # why it died in a request queue, when read from sam.dead
+    answer_by: object = None  # the sam-answer-by header, as decoded
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ class ResultStore(Protocol):
     Errors: ``SamError(ledger_unavailable)`` when the store does not answer in time."""
 
     async def put(self, request: str, attempt: int, result: StoredResult) -> None:
-        """Return once the result of ``attempt`` of ``request`` (its key) is durable."""
+        """Return once the result of ``attempt`` of ``request`` (``RequestIdentity.exact``)
+        is durable."""
         ...
 
     async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:

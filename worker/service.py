@@ -311,6 +311,7 @@ class SamService:
             undecodable=request.undecodable,
             queue=request.queue,
             returned=request.returned,
+            answer_by=request.answer_by,
         )
         admin = envelope.user_id is not None and self._configuration.admin_key(envelope.user_id) is not None
         trace = _Trace(
@@ -324,6 +325,7 @@ class SamService:
             if request.dead_letter is not None:  # never processed: answered as such, nothing runs
                 reply = await self._answer_dead_letter(envelope, request.body, request.dead_letter, trace)
             else:
+                self._check_still_awaited(envelope)
                 reply = await self._answer(self._authenticate(envelope, request.body, trace))
             detail = trace.note
         except SamError as exc:
@@ -364,6 +366,14 @@ class SamService:
         if operation in IDEMPOTENT:
             claim = _Claim(RequestIdentity.of(user, message_id, operation, body, envelope.sad))
         return _Caller(envelope, body, user, operation, trace, claim)
+
+    def _check_still_awaited(self, envelope: Envelope, dropping: bool = False) -> None:
+        """Refuse (``request_expired``) once the caller has stopped waiting
+        (``sam-answer-by``): a result released then would be a signature its caller
+        holds as a failure or an unknown. ``dropping``: a result made is dropped so."""
+        if envelope.answer_by_ms is not None and self._clock() * 1000 > envelope.answer_by_ms:
+            what = "; the result made was dropped" if dropping else ""
+            raise SamError(ErrorCode.request_expired, f"the caller stopped waiting (sam-answer-by){what}")
 
     # --- repeats ----------------------------------------------------------------------
 
@@ -430,13 +440,19 @@ class SamService:
         started = time.perf_counter()
         stored_at = int(self._clock())  # taken before the put: the result is in the stream after it
         stored = StoredResult(reply.status, reply.body, caller.trace.stored())
-        await self._results.put(claim.identity.key, claim.attempt, stored)
+        await self._results.put(claim.identity.exact, claim.attempt, stored)
+        # the last moment a result can still be kept from a caller that stopped waiting:
+        # once marked answered, repeats get it
+        self._check_still_awaited(caller.envelope, dropping=True)
         verdict = await self._sad_ledger.append(SadUseLog.answered(claim.identity, claim.attempt, stored_at))
         if self._metrics is not None:
             self._metrics.result_store_seconds.observe(time.perf_counter() - started)
         if isinstance(verdict, SamError):
             self._count_repeat(RepeatAnswer.taken_over)
             raise verdict
+        # said in the record, and in its "reply withheld" form if the record cannot be
+        # made durable: the caller may still get this result, through a repeat
+        caller.trace.note = f"result kept for repeats (attempt {claim.attempt})"
 
     def _count_repeat(self, answer: RepeatAnswer) -> None:
         if self._metrics is not None:
@@ -445,7 +461,7 @@ class SamService:
     async def _stored(self, identity: RequestIdentity, verdict: Claimed, trace: _Trace) -> Reply:
         assert verdict.answered_at is not None
         self._count_repeat(RepeatAnswer.stored_result)
-        result = await self._results.get(identity.key, verdict.attempt, verdict.answered_at)
+        result = await self._results.get(identity.exact, verdict.attempt, verdict.answered_at)
         trace.restore(result.trace)
         trace.note = f"a repeat: answered with the result of attempt {verdict.attempt}"
         return Reply(result.status, result.body, repeat=True)
@@ -477,7 +493,7 @@ class SamService:
         caller.trace.key_pair = key_pair.id
         if owned:
             lifecycle.owned_by(key_pair, caller.user)
-        request = caller.claim.identity.key if caller.claim is not None else None
+        request = caller.claim.identity.exact if caller.claim is not None else None
         refusal = self._key_events.refusal(
             key_pair.id, key_pair.revision, assigning=assigning, request=request
         )
@@ -503,7 +519,7 @@ class SamService:
         """Append the change to sam.key-events (the log's order decides races), then
         its mark to sam.sad-use, so every signature request spent after the reply waits
         until its worker has read the change (see ``SadUseLog``)."""
-        request = caller.claim.identity.key if caller.claim is not None else None
+        request = caller.claim.identity.exact if caller.claim is not None else None
         record = KeyEventLog.event(event, key_pair.id, key_pair.revision, key_pair.signer, request)
         verdict = await self._key_ledger.append(record)
         if verdict is None:

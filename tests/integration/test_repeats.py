@@ -137,3 +137,48 @@ async def test_a_worker_started_later_answers_a_repeat_with_the_original_result(
             await harness.stop_worker("worker-later")
     assert first is not None and first.status == 200
     assert again is not None and (again.status, again.body, again.repeat) == (200, first.body, True)
+
+
+async def test_a_request_the_sdk_gave_up_on_is_never_signed(
+    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+) -> None:
+    """No worker runs while the SDK waits and sends again; when one starts after the SDK
+    gave up, the copies still queued have expired there (and are answered
+    request_expired from sam.dead), so nothing is signed that the SSA holds as unknown."""
+    from worker.client import SamTimeout
+
+    message_id, body, sad = _request(harness, key_pair)
+    async with harness.without_shared_workers():
+        with pytest.raises(SamTimeout):
+            await ssa.send(
+                "signatures.create", body, sad=sad, message_id=message_id, reply_timeout=1.5, retries=1
+            )
+        await asyncio.sleep(1)
+        await asyncio.to_thread(harness.start_worker, "worker-after")
+        try:
+            for _ in range(60):
+                if [r for r in harness.audit_records() if r["request_id"] == message_id]:
+                    break
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(1)
+        finally:
+            await harness.stop_worker("worker-after")
+    records = [r for r in harness.audit_records() if r["request_id"] == message_id]
+    assert records and {r["error_code"] for r in records} == {"request_expired"}, records
+
+
+async def test_the_sdk_recovers_its_reply_queue_when_it_is_deleted(
+    harness: Harness, key_pair: dict[str, Any]
+) -> None:
+    """Without its reply queue every reply is dropped unseen: the SDK notices the broker
+    cancelling its consumer and opens everything anew."""
+    async with harness.client("ssa-1") as ssa:
+        harness.stack.rabbitmqctl("delete_queue", "-p", "sam", ssa._reply_queue_name)
+        for _ in range(40):
+            if ssa.reconnects:
+                break
+            await asyncio.sleep(0.25)
+        message_id, body, sad = _request(harness, key_pair)
+        reply = await ssa.send("signatures.create", body, sad=sad, message_id=message_id, reply_timeout=10)
+    assert ssa.reconnects >= 1
+    assert reply is not None and reply.status == 200

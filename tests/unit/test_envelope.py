@@ -85,6 +85,14 @@ def _code(**changes: Any) -> str:
         ({"sad": {"a": 1}}, "invalid_properties"),
         ({"sad": b"\xff.\xff.\xff"}, "invalid_properties"),
         ({"sad": JWS + NOT_UTF8}, "invalid_properties"),
+        # sam-answer-by: epoch milliseconds, an integer, or absent
+        ({"answer_by": 1_796_000_000_000}, "ok"),
+        ({"answer_by": True}, "invalid_properties"),
+        ({"answer_by": "1796000000000"}, "invalid_properties"),
+        ({"answer_by": 1_796_000_000.5}, "invalid_properties"),
+        ({"answer_by": 1_796_000_000}, "invalid_properties"),  # seconds, not milliseconds
+        ({"answer_by": -1}, "invalid_properties"),
+        ({"answer_by": 2**63}, "invalid_properties"),
         # the operation
         ({"operation": "key_pairs.explode"}, "unknown_operation"),
         ({"operation": "k" * 250}, "unknown_operation"),

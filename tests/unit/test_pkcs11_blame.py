@@ -83,3 +83,22 @@ def test_an_unwrap_failure_is_blamed_on_who_caused_it(
     # at most one fresh session, and the old one closed when the HSM was asked again
     assert token.opened - token.closed <= 1 and token.opened <= 2
     assert lost == ([True] if not reopens else [])
+
+
+class _KeylessSession:
+    """A token that answers, without the SAM's own keys (their objects were taken away)."""
+
+    def get_key(self, object_class: Any = None, label: str = "") -> Any:
+        raise pkcs11_errors.NoSuchKey()
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_hsm_without_the_sams_own_keys_makes_the_worker_restart() -> None:
+    """SoftHSM reads restored key objects only in a new process: a worker whose token
+    lost them must exit for a restart, not refuse every request from then on."""
+    lost: list[bool] = []
+    with pytest.raises(SamError) as refused:
+        Pkcs11Hsm(_KeylessSession, lambda: lost.append(True), "kek", "state", "audit", "factor")
+    assert refused.value.code is ErrorCode.hsm_unavailable and lost == [True]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 import uuid
 from typing import Any
 
@@ -203,3 +204,75 @@ def test_a_dead_letter_of_an_answered_request_gets_its_result() -> None:
     assert (dead.status, dead.body, dead.repeat) == (200, answered.body, True)
     other = cluster.signature_request(b"other")
     assert _code(cluster.process(0, _again(other, dead_letter="delivery_limit"))) == "request_undeliverable"
+
+
+def _forget_claims(cluster: Cluster) -> None:
+    """The claims' window passes (the request JWS and SAD are long expired)."""
+    for replica in (0, 1):
+        cluster.service(replica)._sad_use.forget_expired(2**40)
+
+
+def test_a_message_id_used_again_after_its_window_is_a_new_request_not_a_repeat() -> None:
+    """Once a claim is forgotten, the same message_id is a new request: it must not
+    inherit the first request's standing — not its key event (a second assignment of one
+    key pair, to another signer), not its stored result (a signature over another
+    document)."""
+    cluster = Cluster()
+    body = b'{"key_template": {"algorithm": "ECDSA", "named_curve": "secp256r1"}}'
+    created = orjson.loads(cluster.process(0, cluster.world.request("key_pairs.create", body)).body)[
+        "key_pair"
+    ]
+    message_id = str(uuid.uuid4())
+
+    def assign(signer: str) -> Reply:
+        document = {
+            "key_pair": created,
+            "signer": {"id": signer},
+            "subject": f"CN={signer}",
+            "authorization_server": "as-1",
+        }
+        return cluster.process(
+            0,
+            cluster.world.request("signers.key_pairs.assign", orjson.dumps(document), message_id=message_id),
+        )
+
+    assert assign("alice").status == 200
+    _forget_claims(cluster)
+    assert _code(assign("mallory")) == "key_pair_already_assigned"
+
+    reused = str(uuid.uuid4())
+    request_a = cluster.signature_request(b"document A", message_id=reused)
+    signed_a = cluster.process(0, request_a)
+    assert cluster.process(0, _again(request_a)).body == signed_a.body  # now kept by replica 0
+    _forget_claims(cluster)
+    request_b = cluster.signature_request(b"document B", message_id=reused)
+    signed_b = cluster.process(0, request_b)
+    again = cluster.process(0, _again(request_b))
+    assert (signed_a.status, signed_b.status, again.status) == (200, 200, 200)
+    assert again.repeat and again.body == signed_b.body != signed_a.body
+
+
+def test_no_result_is_released_once_the_caller_stopped_waiting() -> None:
+    """``sam-answer-by`` passed: refused before anything runs; passed while the attempt
+    was held up after signing: its result is dropped, not marked answered — and the
+    caller's later repeat takes the request over instead of being told it was replayed."""
+    cluster = Cluster()
+    late = _again(cluster.signature_request(), answer_by=int((time.time() - 1) * 1000))
+    records = len(cluster.sad_use.records)
+    assert _code(cluster.process(0, late)) == "request_expired"
+    assert len(cluster.sad_use.records) == records  # nothing claimed, no SAD spent
+
+    cluster.gated.gate_first = True
+    request = _again(cluster.signature_request(), answer_by=int((time.time() + 0.3) * 1000))
+
+    async def held_past_its_deadline() -> Reply:
+        first = asyncio.ensure_future(cluster.service(0).process(request))
+        await cluster.gated.waiting.wait()
+        await asyncio.sleep(0.5)
+        cluster.gated.release.set()
+        return await first
+
+    dropped = cluster.world.loop.run_until_complete(held_past_its_deadline())
+    assert _code(dropped) == "request_expired"
+    again = cluster.process(1, _again(request, answer_by=None))
+    assert again.status == 200 and not again.repeat

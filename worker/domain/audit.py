@@ -99,7 +99,8 @@ def withheld_reply(event: AuditEvent, why: str) -> AuditEvent:
         outcome=Outcome.failure,
         status=withheld.status,
         error_code=withheld.name,
-        detail=f"reply withheld: {why} (decided: {event.status} {event.error_code or 'ok'})",
+        detail=f"reply withheld: {why} (decided: {event.status} {event.error_code or 'ok'}"
+        + (f"; {event.detail})" if event.detail else ")"),
     )
 
 

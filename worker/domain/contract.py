@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 __all__ = [
+    "HEADER_ANSWER_BY",
     "HEADER_REPEAT",
     "HEADER_REQUEST_JWS",
     "HEADER_SAD",
@@ -57,6 +58,9 @@ HEADER_SAD = "sam-sad"
 HEADER_STATUS = "sam-status"
 # on a reply: true when it is the stored result of an earlier attempt of the same request
 HEADER_REPEAT = "sam-repeat"
+# on a request (optional): epoch milliseconds after which its caller no longer waits; the
+# SAM then releases no result of it (request_expired)
+HEADER_ANSWER_BY = "sam-answer-by"
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
 Pem = Annotated[str, StringConstraints(min_length=1, max_length=8192)]

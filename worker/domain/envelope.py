@@ -56,6 +56,7 @@ class Envelope:
     request_jws: str | None
     sad: str | None
     refusal: SamError | None
+    answer_by_ms: int | None = None  # when the caller stops waiting (``sam-answer-by``)
 
 
 def _text(value: object, pattern: re.Pattern[str]) -> str | None:
@@ -65,6 +66,17 @@ def _text(value: object, pattern: re.Pattern[str]) -> str | None:
         except UnicodeDecodeError:
             return None
     return value if isinstance(value, str) and pattern.fullmatch(value) else None
+
+
+def _epoch_ms(value: object) -> int | None:
+    # an AMQP integer (not a boolean), a time after 2000 and before 2300 in milliseconds
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 946_684_800_000 <= value < 10_413_792_000_000
+    ):
+        return value
+    return None
 
 
 def _token(value: object) -> str | None:
@@ -88,6 +100,7 @@ def check_envelope(
     undecodable: tuple[str, ...] = (),
     queue: str | None = None,
     returned: bool = False,
+    answer_by: object = None,
 ) -> Envelope:
     """Check each field for presence, type, length and charset; the first refusal, in
     this order: a field that was not UTF-8 anywhere in the message (``invalid_properties``),
@@ -113,6 +126,7 @@ def check_envelope(
         request_jws=_token(request_jws),
         sad=_token(sad),
         refusal=None,
+        answer_by_ms=_epoch_ms(answer_by),
     )
     raw = {
         "message_id": message_id,
@@ -122,6 +136,7 @@ def check_envelope(
         "content_type": content_type,
         "request_jws": request_jws,
         "sad": sad,
+        "answer_by": answer_by,
     }
     refusal = _first_refusal(checked, raw, undecodable, queue, returned)
     return checked if refusal is None else dataclasses.replace(checked, refusal=refusal)
@@ -160,6 +175,8 @@ def _first_refusal(
         return SamError(ErrorCode.invalid_properties, "sam-request-jws is not a compact JWS")
     if raw["sad"] is not None and checked.sad is None:
         return SamError(ErrorCode.invalid_properties, "sam-sad is not a compact JWS")
+    if raw["answer_by"] is not None and checked.answer_by_ms is None:
+        return SamError(ErrorCode.invalid_properties, "sam-answer-by is not an integer of epoch milliseconds")
     if checked.operation is None:
         return SamError(ErrorCode.unknown_operation, "the AMQP type names no operation")
     home = OPERATION_QUEUE[checked.operation].value

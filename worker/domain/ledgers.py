@@ -79,6 +79,14 @@ class RequestIdentity:
     key: str
     fingerprint: str
 
+    @property
+    def exact(self) -> str:
+        """Names this very request — caller, ``message_id`` and what was asked — where a
+        record must not be mistaken for that of another request with the same
+        ``message_id`` (its key events, its stored result), even after its claim is
+        forgotten."""
+        return _digest(self.key.encode(), self.fingerprint.encode())
+
     @classmethod
     def of(cls, user: str, message_id: str, operation: str, body: bytes, sad: str | None) -> RequestIdentity:
         body_digest = hashlib.sha256(body).digest()
@@ -166,7 +174,7 @@ class KeyPairHistory:
     revision: int
     signer: str | None
     deleted: bool
-    request: str | None = None  # the key of the request that made this revision
+    request: str | None = None  # the request that made this revision (``RequestIdentity.exact``)
 
 
 @dataclass
@@ -214,7 +222,8 @@ class KeyEventLog:
         self, key_pair: str, revision: int, *, assigning: bool = False, request: str | None = None
     ) -> SamError | None:
         """Why a copy of ``key_pair`` at ``revision`` may not be used, if it may not.
-        ``request``: the key of the request asking; the latest change, if that request
+        ``request``: the request asking (``RequestIdentity.exact``: the same caller,
+        ``message_id``, operation, body and SAD); the latest change, if that very request
         made it from this very revision, does not count against it."""
         known = self.history.get(key_pair)
         if known is None:

@@ -191,12 +191,24 @@ class Pkcs11Hsm:
                         raise
                 state_label, audit_label, factor_label = self._labels
                 get = self._session.get_key
-                self._resolved = _Keys(
-                    get(object_class=ObjectClass.PRIVATE_KEY, label=state_label),
-                    get(object_class=ObjectClass.PRIVATE_KEY, label=audit_label),
-                    get(object_class=ObjectClass.SECRET_KEY, label=factor_label) if factor_label else None,
-                    {},
-                )
+                try:
+                    self._resolved = _Keys(
+                        get(object_class=ObjectClass.PRIVATE_KEY, label=state_label),
+                        get(object_class=ObjectClass.PRIVATE_KEY, label=audit_label),
+                        get(object_class=ObjectClass.SECRET_KEY, label=factor_label)
+                        if factor_label
+                        else None,
+                        {},
+                    )
+                except pkcs11.NoSuchKey as exc:
+                    # The token answers without the SAM's own keys (its objects were taken
+                    # away): SoftHSM reads them again only in a new process, so this one
+                    # could only refuse everything — recovery is a clean restart.
+                    self._forget_session()
+                    self._on_lost()
+                    raise SamError(
+                        ErrorCode.hsm_unavailable, "the SAM's own keys are not in the HSM (NoSuchKey)"
+                    ) from exc
         return self._resolved
 
     def _kek(self, label: str) -> Any:

@@ -5,13 +5,22 @@ Every delivery the service processed is answered and then acked — refusals inc
 so a bad request is never redelivered. A delivery is rejected without requeue (to the
 dead-letter queue) only when the worker cannot process it at all.
 
-A delivery is settled only once its answer is confirmed by the broker. A reply that is
-not confirmed is published again (``REPLY_RETRY_PAUSES``); if it never is, the delivery
-goes back to its queue (nack with requeue) rather than being acked away: its next
-delivery is a repeat, answered with the stored result (``worker.service``), and the
-queue's delivery limit bounds the round trips — past it, the dead-letter path answers
-with the stored result too. Retrying the publish comes first because a requeue costs a
-whole pass through the pipeline and one more audit record.
+A reply that the broker does not confirm is published again (``REPLY_RETRY_PAUSES``).
+If it never is, what happens to the delivery depends on what the answer was:
+
+- a **result** (its request acted, and the result is stored for repeats) whose reply
+  timed out or was lost with the channel: the delivery goes back to its queue (nack with
+  requeue) rather than being acked away — its next delivery is a repeat, answered with the
+  stored result (``worker.service``), the queue's delivery limit bounds the round trips,
+  and past it the dead-letter path answers with the stored result too;
+- a result whose reply the caller's own queue **refused** (a nack: full, or set to reject
+  publishes) is acked: sending it again would meet the same refusal, and a repeat of the
+  request recovers the result;
+- a **refusal** is acked: nothing was released, and a repeat is decided again — so no
+  caller can make one unauthenticated message cost a worker several passes.
+
+Retrying the publish comes first because a requeue costs a whole pass through the
+pipeline and one more audit record.
 """
 
 from __future__ import annotations
@@ -21,12 +30,20 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from enum import Enum
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from worker.domain.contract import HEADER_REPEAT, HEADER_REQUEST_JWS, HEADER_SAD, HEADER_STATUS, QueueClass
+from worker.domain.contract import (
+    HEADER_ANSWER_BY,
+    HEADER_REPEAT,
+    HEADER_REQUEST_JWS,
+    HEADER_SAD,
+    HEADER_STATUS,
+    QueueClass,
+)
 from worker.ports import IncomingRequest, Reply
 from worker.transport.codec import undecodable as undecodable_value
 from worker.transport.topology import DEAD_LETTER_QUEUE
@@ -90,7 +107,14 @@ def to_request(message: AbstractIncomingMessage, queue: str | None) -> IncomingR
         # in sam.dead every message has its x-death
         returned=HEADER_STATUS in headers or ("x-death" in headers and not dead),
         dead_letter=_death_reason(headers) if dead else None,
+        answer_by=headers.get(HEADER_ANSWER_BY),
     )
+
+
+class _Sent(Enum):
+    confirmed = "confirmed"
+    refused = "refused"  # nacked: the caller's own queue would not take it
+    unconfirmed = "unconfirmed"  # no confirm came (timeout, channel or connection lost)
 
 
 class RequestConsumer:
@@ -154,11 +178,9 @@ class RequestConsumer:
                 log.exception("delivery %d could not be processed; dead-lettered", message.delivery_tag or 0)
                 await message.reject(requeue=False)
                 return
-            confirmed = reply.reply_to is None or await self._send_reply(reply)
-            # a dead letter is answered at most once (sam.dead has no delivery limit); any
-            # other delivery is not acked away: its next one is a repeat, which gets the
-            # stored result
-            if not confirmed and queue is not None:
+            sent = _Sent.confirmed if reply.reply_to is None else await self._send_reply(reply)
+            # a dead letter is answered at most once (sam.dead has no delivery limit)
+            if sent is _Sent.unconfirmed and reply.status < 400 and queue is not None:
                 with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
                     await message.nack(requeue=True)
                 return
@@ -168,8 +190,8 @@ class RequestConsumer:
             if not self.in_flight:
                 self._idle.set()
 
-    async def _send_reply(self, reply: Reply) -> bool:
-        """Publish the reply until the broker confirms it (True), or give up (False)."""
+    async def _send_reply(self, reply: Reply) -> _Sent:
+        """Publish the reply until the broker confirms it, or give up."""
         headers: dict[str, Any] = {HEADER_STATUS: reply.status}
         if reply.repeat:
             headers[HEADER_REPEAT] = True
@@ -180,7 +202,7 @@ class RequestConsumer:
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,  # survives a broker restart
         )
-        failure = ""
+        failure, sent = "", _Sent.unconfirmed
         for pause in (0.0, *REPLY_RETRY_PAUSES):
             await asyncio.sleep(pause)
             try:
@@ -189,13 +211,15 @@ class RequestConsumer:
                     await self._reply_channel.default_exchange.publish(
                         message, routing_key=reply.reply_to or "", mandatory=False
                     )
-                return True
+                return _Sent.confirmed
+            except aio_pika.exceptions.DeliveryError:
+                failure, sent = "refused by the queue", _Sent.refused
             except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                failure = type(exc).__name__
+                failure, sent = type(exc).__name__, _Sent.unconfirmed
         log.warning(
-            "reply to %s not confirmed after %d tries (%s): its request goes back to its queue",
+            "reply to %s not confirmed after %d tries (%s)",
             reply.reply_to,
             1 + len(REPLY_RETRY_PAUSES),
             failure,
         )
-        return False
+        return sent

@@ -65,7 +65,9 @@ class StreamResultStore:
         self._start = 0  # the time the running pass started at
         self._passed = 0.0  # the latest time stamped on a result the running pass read
         self._rewind = False  # a result wanted now may lie behind the running pass
-        self._kept: collections.OrderedDict[tuple[str, int], StoredResult] = collections.OrderedDict()
+        # by request, attempt and time: the same request sent again after its window is
+        # claimed anew, and its attempt 0 is not the earlier one's
+        self._kept: collections.OrderedDict[tuple[str, int, int], StoredResult] = collections.OrderedDict()
 
     async def stop(self) -> None:
         """Stop reading (at shutdown): repeats still waiting get ``ledger_unavailable``."""
@@ -99,9 +101,9 @@ class StreamResultStore:
 
     async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
         key = (request, attempt)
-        kept = self._kept.get(key)
+        kept = self._kept.get((request, attempt, stored_at))
         if kept is not None:
-            self._kept.move_to_end(key)
+            self._kept.move_to_end((request, attempt, stored_at))
             return kept
         wanted = self._wanted.get(key)
         if wanted is None:
@@ -123,7 +125,7 @@ class StreamResultStore:
             if self._wanted.get(key) is wanted and not wanted[1].done():
                 del self._wanted[key]  # given up on: the reader stops when nothing is wanted
                 self._wakeup.set()
-        self._kept[key] = result
+        self._kept[(request, attempt, stored_at)] = result
         if len(self._kept) > _KEPT:
             self._kept.popitem(last=False)
         return result
