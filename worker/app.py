@@ -8,7 +8,6 @@ import contextlib
 import datetime
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -209,10 +208,9 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, audit.reopen)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=60)
-            sad_use.forget_expired(int(time.time()))
+        # what sam.sad-use remembers is forgotten as its records' times pass (see
+        # SadUseLog), never by this worker's clock: replicas must hold the same claims
+        await stop.wait()
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
         await results.stop()

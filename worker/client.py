@@ -353,6 +353,7 @@ class SamClient:
         # time all attempts would take
         deadline = time.monotonic() + seconds * (retries + 1)
         try:
+            held: RawReply | None = None  # a transient refusal: the answer if nothing better comes
             for attempt in range(retries + 1):
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -366,11 +367,17 @@ class SamClient:
                 await self._publish(message, routing_key, deadline, seconds, retrying=retries > 0)
                 if not wait:
                     return None
+                last = attempt == retries
+                # The last copy is waited for up to the deadline, whatever came before: until
+                # then (sam-answer-by) the SAM may still release a result of any copy.
+                wait_for = deadline - time.monotonic() if last else min(seconds, deadline - time.monotonic())
                 pause = _RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES) - 1)]
-                wait_for = min(seconds, deadline - time.monotonic())
-                reply = await self._answer(replies, wait_for, pause, last=attempt == retries)
+                reply, transient = await self._answer(replies, wait_for, pause, last)
                 if reply is not None:
                     return reply
+                held = transient or held
+            if held is not None:
+                return held
             raise SamTimeout(message.message_id, seconds)
         finally:
             self._pending.pop(correlation_id, None)
@@ -378,25 +385,29 @@ class SamClient:
     @staticmethod
     async def _answer(
         replies: asyncio.Queue[RawReply], seconds: float, pause: float, last: bool
-    ) -> RawReply | None:
-        """The answer among the replies coming within ``seconds``, or None: send again.
-        After a transient refusal, a better answer (an earlier copy's) is waited for
-        ``pause`` seconds before sending again; on the ``last`` try it is the answer."""
+    ) -> tuple[RawReply | None, RawReply | None]:
+        """The answer among the replies coming within ``seconds`` (or None: send again, or
+        give up), and the last transient refusal seen. After a transient refusal a better
+        answer (an earlier copy's) is waited for ``pause`` seconds before sending again;
+        on the ``last`` try, for all of ``seconds``."""
         end = time.monotonic() + seconds
+        transient: RawReply | None = None
         while (left := end - time.monotonic()) > 0:
             try:
                 reply = await asyncio.wait_for(replies.get(), left)
             except TimeoutError:
-                return None
+                break
             if reply.status < 400:
-                return reply
+                return reply, None
             if reply.code == "request_taken_over":
                 continue  # a copy whose result was dropped: the repeat's answer counts
-            if reply.code in TRANSIENT_CODES and not last:
-                end = min(end, time.monotonic() + pause)
+            if reply.code in TRANSIENT_CODES:
+                transient = reply
+                if not last:
+                    end = min(end, time.monotonic() + pause)
                 continue
-            return reply
-        return None
+            return reply, None
+        return None, transient
 
     async def _publish(
         self, message: aio_pika.Message, routing_key: str, deadline: float, seconds: float, retrying: bool
@@ -408,7 +419,10 @@ class SamClient:
                 if not self._connected.is_set():  # a node went away: wait while the client moves
                     await asyncio.wait_for(self._connected.wait(), max(deadline - time.monotonic(), 0.01))
                 assert self._requests is not None
-                await self._requests.publish(message, routing_key=routing_key, mandatory=True)
+                # bounded: a hung broker must not hold the caller past its deadline (a copy
+                # it takes later is refused by its sam-answer-by)
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                    await self._requests.publish(message, routing_key=routing_key, mandatory=True)
                 return
             except TimeoutError:
                 raise SamTimeout(message.message_id or "", seconds) from None

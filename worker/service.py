@@ -386,11 +386,12 @@ class SamService:
         if claim is None:
             return await handler(caller)
         try:
-            known = self._sad_use.request(claim.identity)
+            now = int(self._clock())
+            known = self._sad_use.request(claim.identity, now)
             if known is not None:
                 if known.fingerprint != claim.identity.fingerprint:
                     raise SamError(ErrorCode.request_id_reused)
-                answer = self._sad_use.answer_of(claim.identity)
+                answer = self._sad_use.answer_of(claim.identity, now)
                 if answer is not None:  # answered is final: no need to ask the log again
                     return await self._stored(claim.identity, answer, caller.trace)
                 # A repeat of a request this worker knows is claimed: taken over now, before
@@ -418,10 +419,11 @@ class SamService:
         spent = sad is None or self._sad_use.spent(sad.iss, sad.jti, claim.identity)
         if claim.attempt is not None and spent:
             return
-        exp = int(self._clock()) + self._static.limits.request_max_age_seconds
-        record = SadUseLog.claim(claim.identity, exp)
+        now = int(self._clock())
+        exp = now + self._static.limits.request_max_age_seconds
+        record = SadUseLog.claim(claim.identity, now, exp)
         if sad is not None:
-            record = SadUseLog.claim(claim.identity, max(exp, sad.exp), sad.iss, sad.jti)
+            record = SadUseLog.claim(claim.identity, now, max(exp, sad.exp), sad.iss, sad.jti)
         verdict = await self._sad_ledger.append(record)
         if isinstance(verdict, SamError):
             raise verdict
@@ -444,7 +446,9 @@ class SamService:
         # the last moment a result can still be kept from a caller that stopped waiting:
         # once marked answered, repeats get it
         self._check_still_awaited(caller.envelope, dropping=True)
-        verdict = await self._sad_ledger.append(SadUseLog.answered(claim.identity, claim.attempt, stored_at))
+        verdict = await self._sad_ledger.append(
+            SadUseLog.answered(claim.identity, claim.attempt, stored_at, int(self._clock()))
+        )
         if self._metrics is not None:
             self._metrics.result_store_seconds.observe(time.perf_counter() - started)
         if isinstance(verdict, SamError):
@@ -475,7 +479,7 @@ class SamService:
         user, operation, message_id = envelope.user_id, envelope.operation, envelope.message_id
         if user is not None and message_id is not None and operation in IDEMPOTENT:
             identity = RequestIdentity.of(user, message_id, str(operation), body, envelope.sad)
-            answer = self._sad_use.answer_of(identity)
+            answer = self._sad_use.answer_of(identity, int(self._clock()))
             if answer is not None:
                 return await self._stored(identity, answer, trace)
         raise _dead_letter_refusal(reason)

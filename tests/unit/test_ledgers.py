@@ -113,6 +113,7 @@ _A = RequestIdentity.of("ssa-1", "m-1", "signatures.create", b"body", "sad")
 _A_OTHER_BODY = RequestIdentity.of("ssa-1", "m-1", "signatures.create", b"other", "sad")
 _B = RequestIdentity.of("ssa-1", "m-2", "signatures.create", b"body", "sad")
 _FAR = 2**40
+_NOW = 1_796_000_000
 
 
 def _verdict(verdict: object) -> object:
@@ -125,37 +126,47 @@ def _verdict(verdict: object) -> object:
     ("records", "expected"),
     [
         # a first claim owns the request; its answered mark is accepted once
-        ([SadUseLog.claim(_A, _FAR, "as-1", "j")], [Claimed(0)]),
-        ([SadUseLog.claim(_A, _FAR, "as-1", "j"), SadUseLog.answered(_A, 0, 7)], [Claimed(0), None]),
+        ([SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j")], [Claimed(0)]),
+        (
+            [SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j"), SadUseLog.answered(_A, 0, 7, _NOW)],
+            [Claimed(0), None],
+        ),
         # a repeat after the answer is told where the answer is
         (
-            [SadUseLog.claim(_A, _FAR, "as-1", "j"), SadUseLog.answered(_A, 0, 7), SadUseLog.claim(_A, _FAR)],
+            [
+                SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j"),
+                SadUseLog.answered(_A, 0, 7, _NOW),
+                SadUseLog.claim(_A, _NOW, _FAR),
+            ],
             [Claimed(0), None, Claimed(0, 7)],
         ),
         # a repeat before any answer takes over; the first attempt's mark is then refused
         (
             [
-                SadUseLog.claim(_A, _FAR, "as-1", "j"),
-                SadUseLog.claim(_A, _FAR, "as-1", "j"),
-                SadUseLog.answered(_A, 0, 7),
-                SadUseLog.answered(_A, 1, 8),
-                SadUseLog.answered(_A, 1, 9),
+                SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j"),
+                SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j"),
+                SadUseLog.answered(_A, 0, 7, _NOW),
+                SadUseLog.answered(_A, 1, 8, _NOW),
+                SadUseLog.answered(_A, 1, 9, _NOW),
             ],
             [Claimed(0), Claimed(1), "request_taken_over", None, "request_taken_over"],
         ),
         # the SAD of one request, in another's claim, is a replay; a reused message_id is refused
         (
-            [SadUseLog.claim(_A, _FAR, "as-1", "j"), SadUseLog.claim(_B, _FAR, "as-1", "j")],
+            [SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j"), SadUseLog.claim(_B, _NOW, _FAR, "as-1", "j")],
             [Claimed(0), "sad_replayed"],
         ),
         (
-            [SadUseLog.claim(_A, _FAR), SadUseLog.claim(_A_OTHER_BODY, _FAR)],
+            [SadUseLog.claim(_A, _NOW, _FAR), SadUseLog.claim(_A_OTHER_BODY, _NOW, _FAR)],
             [Claimed(0), "request_id_reused"],
         ),
         # a jti spent before claims existed is spent for every request
-        ([SadUseLog.use("as-1", "j", _FAR), SadUseLog.claim(_A, _FAR, "as-1", "j")], [None, "sad_replayed"]),
+        (
+            [SadUseLog.use("as-1", "j", _FAR), SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j")],
+            [None, "sad_replayed"],
+        ),
         # an answered mark for a request never claimed, or unreadable records
-        ([SadUseLog.answered(_A, 0, 7)], ["request_taken_over"]),
+        ([SadUseLog.answered(_A, 0, 7, _NOW)], ["request_taken_over"]),
         ([{"claim": _A.key}], ["internal_error"]),
         ([{"answered": _A.key, "attempt": "x", "at": 1}], ["internal_error"]),
     ],
@@ -170,10 +181,11 @@ def test_request_claims_decide_one_answering_attempt(
 def test_claims_are_forgotten_with_their_window() -> None:
     log = SadUseLog(clock_skew=30)
     now = int(time.time())
-    log.apply(SadUseLog.claim(_A, now + 60, "as-1", "j"))
-    assert log.request(_A) is not None and log.spent("as-1", "j", _A)
+    log.apply(SadUseLog.claim(_A, now, now + 60, "as-1", "j"))
+    assert log.request(_A, now) is not None and log.spent("as-1", "j", _A)
+    assert log.request(_A, now + 200) is None  # past its window, though not forgotten yet
     log.forget_expired(now + 200)
-    assert (log.request(_A), log.used, log.spent_by) == (None, {}, {})
+    assert (log.requests, log.used, log.spent_by) == ({}, {}, {})
 
 
 def test_a_key_event_repeated_by_its_own_request_is_no_conflict() -> None:
@@ -185,3 +197,20 @@ def test_a_key_event_repeated_by_its_own_request_is_no_conflict() -> None:
     assert other is not None and other.code.name == "key_pair_deleted"
     refused = log.refusal("kp-1", 2, request="req-2")
     assert refused is not None and refused.code.name == "key_pair_deleted"
+
+
+def test_replicas_forget_claims_as_the_log_says_not_as_their_clocks_do() -> None:
+    """A claim past its window is forgotten when a record of a later time is applied, on
+    every replica alike, whatever each one's own clock did meanwhile: two replicas give a
+    reused message_id the same verdict. A repeat claim does not extend the window, so a
+    replica started later (replaying from a horizon) counts attempts as the others do."""
+    early, late = SadUseLog(clock_skew=30), SadUseLog(clock_skew=30)
+    first = SadUseLog.claim(_A, _NOW, _NOW + 20, "as-1", "j-1")
+    repeat = SadUseLog.claim(_A, _NOW + 15, _NOW + 35)
+    early.forget_expired(_NOW + 10_000)  # one replica's sweep runs early: it changes nothing now
+    for log in (early, late):
+        assert [log.apply(first), log.apply(repeat)] == [Claimed(0), Claimed(1)]
+    inside = SadUseLog.claim(_A_OTHER_BODY, _NOW + 45, _NOW + 65)  # within first's window + skew
+    after = SadUseLog.claim(_A_OTHER_BODY, _NOW + 60, _NOW + 80, "as-1", "j-2")  # past it
+    verdicts = [[_verdict(log.apply(inside)), _verdict(log.apply(after))] for log in (early, late)]
+    assert verdicts == [["request_id_reused", Claimed(0)]] * 2

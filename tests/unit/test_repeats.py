@@ -140,14 +140,16 @@ def test_a_repeat_takes_over_from_an_attempt_that_died_after_its_claim() -> None
     identity = RequestIdentity.of(
         "ssa-1", str(request.message_id), "signatures.create", request.body, str(request.sad)
     )
-    cluster.sad_use.records.append(SadUseLog.claim(identity, 2**40))  # the dead attempt's claim
+    cluster.sad_use.records.append(
+        SadUseLog.claim(identity, int(time.time()), 2**40)
+    )  # the dead attempt's claim
     reply = cluster.process(1, _again(request))
     assert reply.status == 200 and not reply.repeat  # not sad_replayed: the same request
     log = SadUseLog(30)
     for record in cluster.sad_use.records:
         log.apply(record)
     # the dead attempt, had it lived on, could not answer now
-    assert log.apply(SadUseLog.answered(identity, 0, 0)).code.name == "request_taken_over"  # type: ignore[union-attr]
+    assert log.apply(SadUseLog.answered(identity, 0, 0, int(time.time()))).code.name == "request_taken_over"  # type: ignore[union-attr]
 
 
 def test_a_key_pair_change_taken_over_finds_its_own_change_made() -> None:

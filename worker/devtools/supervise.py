@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         status = child.wait()
         if stopping or status == 0:
             sys.exit(status)
-        delay = 1.0 if time.monotonic() - started > 60 else delay
+        # A worker that served a while (past its start-up, ~2-5 s) lost something and
+        # may start at once; one that keeps failing at start backs off (1 s … 30 s), each
+        # start costing about a second of CPU. Waiting on a backoff left from an earlier
+        # outage kept workers down long after the HSM was back.
+        delay = 1.0 if time.monotonic() - started > 10 else delay
         print(
             f"supervise: worker exited with {status}; starting it again in {delay:.0f} s",
             file=sys.stderr,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -258,6 +259,12 @@ class SadUseLog:
     ``answered`` mark of an earlier one is refused (``request_taken_over``), so of all the
     copies of a request exactly one answers with a result, whichever worker hung or died.
 
+    **Forgetting follows the log.** Claims and marks carry their appender's time (``t``),
+    and what is past its window is forgotten when a record of a later time is applied —
+    not by each worker's own clock — so every replica, including one started later (it
+    replays from a horizon that covers every window), holds the same claims and gives
+    every record the same verdict. A repeat claim does not extend its request's window.
+
     **Key-event marks.** A key pair change is confirmed to its caller only after a mark
     with its key-events offset is in ``sam.sad-use`` too. A signature request spends its
     ``jti`` in this stream, after any such mark, so reading it back tells the worker which
@@ -270,6 +277,8 @@ class SadUseLog:
     spent_by: dict[str, str] = field(default_factory=dict)  # "iss jti" -> request key
     requests: dict[str, RequestClaim] = field(default_factory=dict)  # request key -> claim
     key_events_required: int = -1
+    # (exp, "jti" | "request", key), to forget in order of expiry as the log's time passes
+    _expiring: list[tuple[int, str, str]] = field(default_factory=list)
 
     @staticmethod
     def use(issuer: str, jti: str, exp: int) -> dict[str, Any]:
@@ -278,17 +287,18 @@ class SadUseLog:
 
     @staticmethod
     def claim(
-        request: RequestIdentity, exp: int, issuer: str | None = None, jti: str | None = None
+        request: RequestIdentity, now: int, exp: int, issuer: str | None = None, jti: str | None = None
     ) -> dict[str, Any]:
-        record: dict[str, Any] = {"claim": request.key, "fp": request.fingerprint, "exp": exp}
+        """``now``: the appender's time; ``exp``: until when a repeat is recognised."""
+        record: dict[str, Any] = {"claim": request.key, "fp": request.fingerprint, "t": now, "exp": exp}
         if jti is not None:
             record |= {"iss": issuer, "jti": jti}
         return record
 
     @staticmethod
-    def answered(request: RequestIdentity, attempt: int, at: int) -> dict[str, Any]:
+    def answered(request: RequestIdentity, attempt: int, at: int, now: int) -> dict[str, Any]:
         """The mark that ``attempt``'s result is stored (``at``: when, to find it)."""
-        return {"answered": request.key, "attempt": attempt, "at": at}
+        return {"answered": request.key, "attempt": attempt, "at": at, "t": now}
 
     @staticmethod
     def key_events_mark(position: int) -> dict[str, Any]:
@@ -304,16 +314,19 @@ class SadUseLog:
         """Whether ``request``'s own claim spent ``jti`` from ``issuer``."""
         return self.spent_by.get(f"{issuer} {jti}") == request.key
 
-    def answer_of(self, request: RequestIdentity) -> Claimed | None:
-        """Where the answer to ``request`` is, if an attempt of this very request answered."""
-        known = self.requests.get(request.key)
+    def answer_of(self, request: RequestIdentity, now: int) -> Claimed | None:
+        """Where the answer to ``request`` is, if an attempt of this very request answered
+        and its window is not past at ``now``."""
+        known = self.request(request, now)
         if known is None or known.answered_at is None or known.fingerprint != request.fingerprint:
             return None
         return Claimed(known.attempt, known.answered_at)
 
-    def request(self, request: RequestIdentity) -> RequestClaim | None:
-        """What this replica has applied of ``request``'s claims."""
-        return self.requests.get(request.key)
+    def request(self, request: RequestIdentity, now: int) -> RequestClaim | None:
+        """What this replica has applied of ``request``'s claims, if its window is not past
+        at ``now`` (the log may not have forgotten it yet)."""
+        known = self.requests.get(request.key)
+        return known if known is not None and known.exp > now - self.clock_skew else None
 
     def __len__(self) -> int:
         """How many uses and claims are remembered (the window the lifetimes bound)."""
@@ -327,6 +340,8 @@ class SadUseLog:
             self.key_events_required = max(self.key_events_required, position)
             return None
         try:
+            if isinstance(data.get("t"), int):
+                self._forget_up_to(int(data["t"]))
             if "claim" in data:
                 return self._claim(data)
             if "answered" in data:
@@ -337,8 +352,23 @@ class SadUseLog:
         key = f"{data.get('iss')} {data.get('jti')}"
         if key in self.used:
             return SamError(ErrorCode.sad_replayed)
-        self.used[key] = exp
+        self._use(key, exp)
         return None
+
+    def _use(self, key: str, exp: int) -> None:
+        self.used[key] = max(exp, self.used.get(key, exp))
+        heapq.heappush(self._expiring, (self.used[key], "jti", key))
+
+    def _forget_up_to(self, now: int) -> None:
+        """Forget what no record of time ``now`` or later can refer to any more."""
+        horizon = now - self.clock_skew
+        while self._expiring and self._expiring[0][0] <= horizon:
+            exp, kind, key = heapq.heappop(self._expiring)
+            if kind == "jti" and self.used.get(key) == exp:
+                del self.used[key]
+                self.spent_by.pop(key, None)
+            elif kind == "request" and key in self.requests and self.requests[key].exp == exp:
+                del self.requests[key]
 
     def _claim(self, data: Mapping[str, Any]) -> Verdict:
         request, fingerprint, exp = str(data["claim"]), str(data["fp"]), int(data["exp"])
@@ -349,12 +379,14 @@ class SadUseLog:
         if known is not None and known.fingerprint != fingerprint:
             return SamError(ErrorCode.request_id_reused)
         if spent is not None:
-            self.used[spent] = max(exp, self.used.get(spent, exp))
+            self._use(spent, exp)
             self.spent_by[spent] = request
         if known is None:
             self.requests[request] = RequestClaim(fingerprint, exp)
+            heapq.heappush(self._expiring, (exp, "request", request))
             return Claimed(0)
-        known.exp = max(known.exp, exp)
+        # a repeat does not extend the window: it is its first claim's, which every
+        # replica, one started later too, has read
         if known.answered_at is not None:
             return Claimed(known.attempt, known.answered_at)
         known.attempt += 1
@@ -368,9 +400,5 @@ class SadUseLog:
         return None
 
     def forget_expired(self, now: int) -> None:
-        """Drop what can no longer be repeated or replayed: its SAD or its request JWS
-        would be refused as expired."""
-        horizon = now - self.clock_skew
-        self.used = {key: exp for key, exp in self.used.items() if exp > horizon}
-        self.spent_by = {key: request for key, request in self.spent_by.items() if key in self.used}
-        self.requests = {key: claim for key, claim in self.requests.items() if claim.exp > horizon}
+        """Forget what is past its window at ``now`` — as a record of that time would."""
+        self._forget_up_to(now)
