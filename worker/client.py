@@ -372,7 +372,9 @@ class SamClient:
                 # then (sam-answer-by) the SAM may still release a result of any copy.
                 wait_for = deadline - time.monotonic() if last else min(seconds, deadline - time.monotonic())
                 pause = _RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES) - 1)]
-                reply, transient = await self._answer(replies, wait_for, pause, last)
+                # a transient refusal of the only copy is the answer: no other copy can
+                # still release anything; with earlier copies out, one of them might
+                reply, transient = await self._answer(replies, wait_for, pause, last, alone=attempt == 0)
                 if reply is not None:
                     return reply
                 held = transient or held
@@ -384,12 +386,12 @@ class SamClient:
 
     @staticmethod
     async def _answer(
-        replies: asyncio.Queue[RawReply], seconds: float, pause: float, last: bool
+        replies: asyncio.Queue[RawReply], seconds: float, pause: float, last: bool, alone: bool
     ) -> tuple[RawReply | None, RawReply | None]:
         """The answer among the replies coming within ``seconds`` (or None: send again, or
         give up), and the last transient refusal seen. After a transient refusal a better
         answer (an earlier copy's) is waited for ``pause`` seconds before sending again;
-        on the ``last`` try, for all of ``seconds``."""
+        on the ``last`` try, for all of ``seconds`` — unless it is the ``alone`` copy."""
         end = time.monotonic() + seconds
         transient: RawReply | None = None
         while (left := end - time.monotonic()) > 0:
@@ -401,7 +403,7 @@ class SamClient:
                 return reply, None
             if reply.code == "request_taken_over":
                 continue  # a copy whose result was dropped: the repeat's answer counts
-            if reply.code in TRANSIENT_CODES:
+            if reply.code in TRANSIENT_CODES and not (last and alone):
                 transient = reply
                 if not last:
                     end = min(end, time.monotonic() + pause)

@@ -402,14 +402,17 @@ async def test_sigkill_mid_batch(harness: Harness, signing: Signing, audit_dir: 
     records = records_in(files)
     confirmed = {request_id for request_id, reply in replies if reply.status == 200}
     assert confirmed, [r.json() for _, r in replies][:3]
-    # one result made per request; a redelivery of one answered before the kill is a repeat,
-    # answered with that result and recorded as such (the first reply may never have left)
+    # At most one result made per request, and every answer recorded. A redelivery of one
+    # answered before the kill is a repeat, answered with that result and recorded as such;
+    # the record of its making may have died in the batch the kill cut (its reply never
+    # left then: the repeat's record is the one of the answer the caller got).
+    answered = Counter(r["request_id"] for r in records if r["status"] == 200)
     made = Counter(
         r["request_id"]
         for r in records
         if r["status"] == 200 and not (r.get("detail") or "").startswith("a repeat")
     )
-    assert all(made[request_id] == 1 for request_id in confirmed)
+    assert all(made[request_id] <= 1 and answered[request_id] >= 1 for request_id in confirmed)
     # redelivered requests are answered with their result, not refused as replays
     assert {reply.status for _, reply in replies} == {200}
 
