@@ -199,6 +199,11 @@ class _Caller:
         return self.envelope.sad
 
     @property
+    def exact_request(self) -> str | None:
+        """``RequestIdentity.exact`` of an acting request (what its key events name)."""
+        return self.claim.identity.exact if self.claim is not None else None
+
+    @property
     def sad_given(self) -> bool:
         return self.envelope.sad is not None
 
@@ -497,9 +502,8 @@ class SamService:
         caller.trace.key_pair = key_pair.id
         if owned:
             lifecycle.owned_by(key_pair, caller.user)
-        request = caller.claim.identity.exact if caller.claim is not None else None
         refusal = self._key_events.refusal(
-            key_pair.id, key_pair.revision, assigning=assigning, request=request
+            key_pair.id, key_pair.revision, assigning=assigning, request=caller.exact_request
         )
         if refusal is not None:
             raise refusal
@@ -523,8 +527,9 @@ class SamService:
         """Append the change to sam.key-events (the log's order decides races), then
         its mark to sam.sad-use, so every signature request spent after the reply waits
         until its worker has read the change (see ``SadUseLog``)."""
-        request = caller.claim.identity.exact if caller.claim is not None else None
-        record = KeyEventLog.event(event, key_pair.id, key_pair.revision, key_pair.signer, request)
+        record = KeyEventLog.event(
+            event, key_pair.id, key_pair.revision, key_pair.signer, caller.exact_request
+        )
         verdict = await self._key_ledger.append(record)
         if verdict is None:
             verdict = await self._sad_ledger.append(SadUseLog.key_events_mark(self._key_ledger.position))

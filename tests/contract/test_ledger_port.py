@@ -8,21 +8,17 @@ the suites about two replicas run over the other two."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aio_pika
 import pytest
 
-from worker.cli.sam import ClientProfile
+from tests.contract import bench_stream
 from worker.devtools.stack import Stack
 from worker.domain.ledgers import KeyEvent, KeyEventLog
 from worker.errors import ErrorCode, SamError
 from worker.fakes import MemoryLedger, ReplicaLedger, SharedStream
 from worker.ports import Ledger
-from worker.settings import TlsFiles
-from worker.transport.amqp import tls_context
 from worker.transport.ledger import StreamLedger
 
 TIMEOUT = 1.0
@@ -30,34 +26,27 @@ Replica = Callable[[KeyEventLog], Awaitable[Ledger]]
 
 
 async def _stream_replicas(stack: Stack) -> AsyncIterator[tuple[Replica, Callable[[], Awaitable[int]]]]:
-    profile = ClientProfile.model_validate_json(stack.profile("bench").read_text())
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
-    connection = await aio_pika.connect(profile.url, ssl_context=tls_context(tls))
-    name = f"bench.contract-{uuid.uuid4()}"
-    setup = await connection.channel()
-    await setup.declare_queue(name, durable=True, arguments={"x-queue-type": "stream"})
-    started: list[StreamLedger] = []
+    async with bench_stream(stack, "ledger") as (connection, setup, name):
+        started: list[StreamLedger] = []
 
-    async def replica(reducer: KeyEventLog) -> Ledger:
-        consume = await connection.channel()
-        await consume.set_qos(prefetch_count=100)
-        publish = await connection.channel(publisher_confirms=True)
-        ledger = StreamLedger(name, reducer, consume, publish, TIMEOUT)
-        await ledger.start()
-        started.append(ledger)
-        return ledger
+        async def replica(reducer: KeyEventLog) -> Ledger:
+            consume = await connection.channel()
+            await consume.set_qos(prefetch_count=100)
+            publish = await connection.channel(publisher_confirms=True)
+            ledger = StreamLedger(name, reducer, consume, publish, TIMEOUT)
+            await ledger.start()
+            started.append(ledger)
+            return ledger
 
-    async def messages() -> int:
-        queue = await setup.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count or 0
+        async def messages() -> int:
+            queue = await setup.declare_queue(name, passive=True)
+            return queue.declaration_result.message_count or 0
 
-    try:
-        yield replica, messages
-    finally:
-        for ledger in started:
-            await ledger.stop()
-        await setup.queue_delete(name)
-        await connection.close()
+        try:
+            yield replica, messages
+        finally:
+            for ledger in started:
+                await ledger.stop()
 
 
 Log = tuple[str, Replica, Callable[[], Awaitable[int]]]

@@ -7,39 +7,26 @@ says so (``ledger_unavailable``) rather than pretending."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 
-from worker.cli.sam import ClientProfile
+from tests.contract import bench_stream
 from worker.devtools.stack import Stack
 from worker.errors import ErrorCode, SamError
 from worker.fakes import MemoryResults
 from worker.ports import ResultStore, StoredResult
-from worker.settings import TlsFiles
-from worker.transport.amqp import tls_context
 from worker.transport.results import StreamResultStore
 
 TIMEOUT = 2.0
 
 
 async def _stream_store(stack: Stack) -> AsyncIterator[ResultStore]:
-    profile = ClientProfile.model_validate_json(stack.profile("bench").read_text())
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
-    connection = await aio_pika.connect(profile.url, ssl_context=tls_context(tls))
-    name = f"bench.contract-results-{uuid.uuid4()}"
-    setup = await connection.channel()
-    await setup.declare_queue(name, durable=True, arguments={"x-queue-type": "stream"})
-    publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    read = await connection.channel()
-    await read.set_qos(prefetch_count=200)
-    try:
+    async with bench_stream(stack, "results") as (connection, _, name):
+        publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        read = await connection.channel()
+        await read.set_qos(prefetch_count=200)
         yield StreamResultStore(publish, read, TIMEOUT, stream=name)
-    finally:
-        await setup.queue_delete(name)
-        await connection.close()
 
 
 @pytest.fixture(params=["memory", pytest.param("stream", marks=pytest.mark.integration)])

@@ -15,6 +15,7 @@ a replay by the log, and the one attempt that may answer with a result is decide
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import heapq
 from collections.abc import Mapping
@@ -71,6 +72,11 @@ def _digest(*parts: bytes) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
 
 
+def _spent_key(issuer: object, jti: object) -> str:
+    """How ``SadUseLog`` names a ``jti`` (per issuer)."""
+    return f"{issuer} {jti}"
+
+
 @dataclass(frozen=True)
 class RequestIdentity:
     """Who asked what, as the log remembers it: ``key`` names the request (caller and
@@ -80,7 +86,7 @@ class RequestIdentity:
     key: str
     fingerprint: str
 
-    @property
+    @functools.cached_property
     def exact(self) -> str:
         """Names this very request — caller, ``message_id`` and what was asked — where a
         record must not be mistaken for that of another request with the same
@@ -205,8 +211,11 @@ class KeyEventLog:
         except (KeyError, TypeError, ValueError):
             return SamError(ErrorCode.internal_error, "unreadable key event")
         known = self.history.get(key_pair)
-        made_by_request = known is not None and request is not None and known.request == request
-        if made_by_request and known is not None and known.revision == revision:
+        if (
+            request is not None
+            and known is not None
+            and (known.request, known.revision) == (request, revision)
+        ):
             return None  # this request made the change before: a repeat of it, nothing new
         refusal = self.refusal(key_pair, revision - 1, assigning=event is KeyEvent.assigned)
         if refusal is not None:
@@ -304,15 +313,14 @@ class SadUseLog:
     def key_events_mark(position: int) -> dict[str, Any]:
         return {"key_events": position}
 
-    def seen(self, issuer: str, jti: str, request: RequestIdentity | None = None) -> bool:
+    def seen(self, issuer: str, jti: str, request: RequestIdentity) -> bool:
         """Whether this replica has already applied a use of ``jti`` from ``issuer`` by
         another request than ``request``."""
-        key = f"{issuer} {jti}"
-        return key in self.used and (request is None or self.spent_by.get(key) != request.key)
+        return _spent_key(issuer, jti) in self.used and not self.spent(issuer, jti, request)
 
     def spent(self, issuer: str, jti: str, request: RequestIdentity) -> bool:
         """Whether ``request``'s own claim spent ``jti`` from ``issuer``."""
-        return self.spent_by.get(f"{issuer} {jti}") == request.key
+        return self.spent_by.get(_spent_key(issuer, jti)) == request.key
 
     def answer_of(self, request: RequestIdentity, now: int) -> Claimed | None:
         """Where the answer to ``request`` is, if an attempt of this very request answered
@@ -341,7 +349,7 @@ class SadUseLog:
             return None
         try:
             if isinstance(data.get("t"), int):
-                self._forget_up_to(int(data["t"]))
+                self.forget_expired(int(data["t"]))
             if "claim" in data:
                 return self._claim(data)
             if "answered" in data:
@@ -349,7 +357,7 @@ class SadUseLog:
             exp = int(data.get("exp", 0))
         except (KeyError, TypeError, ValueError):
             return SamError(ErrorCode.internal_error, "unreadable SAD-use record")
-        key = f"{data.get('iss')} {data.get('jti')}"
+        key = _spent_key(data.get("iss"), data.get("jti"))
         if key in self.used:
             return SamError(ErrorCode.sad_replayed)
         self._use(key, exp)
@@ -359,8 +367,9 @@ class SadUseLog:
         self.used[key] = max(exp, self.used.get(key, exp))
         heapq.heappush(self._expiring, (self.used[key], "jti", key))
 
-    def _forget_up_to(self, now: int) -> None:
-        """Forget what no record of time ``now`` or later can refer to any more."""
+    def forget_expired(self, now: int) -> None:
+        """Forget what no record of time ``now`` or later can refer to any more — what a
+        record of that time does when it is applied."""
         horizon = now - self.clock_skew
         while self._expiring and self._expiring[0][0] <= horizon:
             exp, kind, key = heapq.heappop(self._expiring)
@@ -372,7 +381,7 @@ class SadUseLog:
 
     def _claim(self, data: Mapping[str, Any]) -> Verdict:
         request, fingerprint, exp = str(data["claim"]), str(data["fp"]), int(data["exp"])
-        spent = f"{data.get('iss')} {data.get('jti')}" if data.get("jti") is not None else None
+        spent = _spent_key(data.get("iss"), data.get("jti")) if data.get("jti") is not None else None
         if spent is not None and spent in self.used and self.spent_by.get(spent) != request:
             return SamError(ErrorCode.sad_replayed)
         known = self.requests.get(request)
@@ -398,7 +407,3 @@ class SadUseLog:
             return SamError(ErrorCode.request_taken_over)
         known.answered_at = at
         return None
-
-    def forget_expired(self, now: int) -> None:
-        """Forget what is past its window at ``now`` — as a record of that time would."""
-        self._forget_up_to(now)

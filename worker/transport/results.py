@@ -100,10 +100,10 @@ class StreamResultStore:
             ) from exc
 
     async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
-        key = (request, attempt)
-        kept = self._kept.get((request, attempt, stored_at))
+        key, kept_as = (request, attempt), (request, attempt, stored_at)
+        kept = self._kept.get(kept_as)
         if kept is not None:
-            self._kept.move_to_end((request, attempt, stored_at))
+            self._kept.move_to_end(kept_as)
             return kept
         wanted = self._wanted.get(key)
         if wanted is None:
@@ -125,7 +125,7 @@ class StreamResultStore:
             if self._wanted.get(key) is wanted and not wanted[1].done():
                 del self._wanted[key]  # given up on: the reader stops when nothing is wanted
                 self._wakeup.set()
-        self._kept[(request, attempt, stored_at)] = result
+        self._kept[kept_as] = result
         if len(self._kept) > _KEPT:
             self._kept.popitem(last=False)
         return result
