@@ -188,6 +188,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
 
         metrics.ready.set_function(lambda: float(all(readiness().values())))
         metrics.in_flight.set_function(lambda: consumer.in_flight)
+        metrics.consumer_prefetch.set(settings.prefetch)
         metrics.config_version.set_function(lambda: configuration.state.version)
         metrics.key_events_position.set_function(lambda: ledgers["key_events"].position)
         metrics.sad_use_entries.set_function(lambda: len(sad_use))

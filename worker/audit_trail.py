@@ -36,7 +36,8 @@ writing — never confirmed to a caller) is moved to a ``<log>.cut-<time>`` file
 it (not matched by ``<log>.jsonl*``), and the chain continues from the last checkpoint,
 in the file or, after a rotation, in the ``.head`` file beside it. SIGHUP (``reopen``)
 closes the files so the next batch opens them anew (logrotate ``create``, no
-``copytruncate``).
+``copytruncate``); each batch also checks that its file is still the one at the path,
+so a rotation without a signal loses nothing either.
 """
 
 from __future__ import annotations
@@ -692,6 +693,9 @@ class AuditTrail:
     def _write(self, state: _Log, data: bytes, where: _Written, written: Callable[[], None]) -> None:
         """In the I/O thread: append a whole batch and fsync it, or leave the file as it
         was. ``written`` is called between the two."""
+        if state.handle is not None and not self._still_current(state):
+            state.handle.close()
+            state.handle = None
         if state.handle is None:
             fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             state.handle = os.fdopen(fd, "ab", buffering=0)
@@ -707,6 +711,21 @@ class AuditTrail:
             state.handle = None  # opened anew for the next batch
             handle.close()
             raise
+
+    @staticmethod
+    def _still_current(state: _Log) -> bool:
+        """Whether the open handle is still the file at the log's path. logrotate moves
+        the file and then asks for a reopen (SIGHUP); should that signal not come (a
+        postrotate that failed, an operator's own rotation), the next batch still goes
+        to the new file instead of into one that will be compressed and removed. One
+        stat per batch; a batch that races the rename itself lands in the moved file,
+        which ``delaycompress`` leaves alone until the next rotation."""
+        try:
+            at_path = os.stat(state.path)
+        except OSError:
+            return False
+        opened = os.fstat(state.handle.fileno())
+        return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
 
     @staticmethod
     def _cut(where: _Written) -> None:

@@ -13,7 +13,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 from worker.domain.contract import Operation
 
-__all__ = ["Metrics", "RepeatAnswer", "operation_label"]
+__all__ = ["HsmOperation", "Metrics", "RepeatAnswer", "operation_label"]
+
+
+class HsmOperation(StrEnum):
+    """What the HSM was asked to do (the ``operation`` label of ``sam_hsm_*``)."""
+
+    generate = "generate"
+    unwrap_sign_destroy = "unwrap_sign_destroy"
+    rewrap = "rewrap"
+    factor = "factor"
+    seal = "seal"
+    audit_checkpoint = "audit_checkpoint"
 
 
 class RepeatAnswer(StrEnum):
@@ -67,6 +78,10 @@ class Metrics:
             registry=registry,
         )
         self.hsm_errors = Counter("sam_hsm_errors", "HSM calls that failed", ["operation"], registry=registry)
+        # A labelled series exists only from its first increment, and increase() needs a
+        # sample before it: started at 0, the first error of an operation raises SamHsmErrors.
+        for hsm_operation in HsmOperation:
+            self.hsm_errors.labels(hsm_operation)
         self.result_store_seconds = Histogram(
             "sam_result_store_seconds",
             "Keeping an acting request's result for its repeats: the sam.results confirm, then the "
@@ -111,6 +126,12 @@ class Metrics:
             registry=registry,
         )
         self.in_flight = Gauge("sam_in_flight_requests", "Requests being processed", registry=registry)
+        self.consumer_prefetch = Gauge(
+            "sam_consumer_prefetch",
+            "Deliveries each request consumer may hold unacknowledged (SAM_PREFETCH): in-flight "
+            "requests near it for long mean a queue class this worker cannot keep up with",
+            registry=registry,
+        )
         self.config_version = Gauge(
             "sam_config_version", "Dynamic configuration version in force", registry=registry
         )

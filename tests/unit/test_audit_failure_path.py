@@ -382,3 +382,23 @@ async def test_a_hung_write_at_shutdown_does_not_keep_the_process(tmp_path: Path
     assert len(side) == 1 and b"hung" in side[0].read_bytes()
     with contextlib.suppress(OSError):  # let the hung open return
         os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("rotation", ["moved", "removed"])
+async def test_a_rotation_without_a_reopen_signal_loses_nothing(rig: Rig, rotation: str) -> None:
+    """The file moved away (or deleted) and no SIGHUP follows — a postrotate that failed:
+    the next batch goes to a new file at the path, not after the moved one (which
+    logrotate would compress and remove) nor into a deleted inode."""
+    assert await rig.record("before") == 200
+    moved = rig.path.with_name("service.jsonl-1")
+    if rotation == "moved":
+        rig.path.rename(moved)
+    else:
+        rig.path.unlink()
+    assert await rig.record("after") == 200
+    await rig.trail.close()
+    assert b'"after"' in rig.path.read_bytes()
+    if rotation == "moved":
+        assert b'"after"' not in moved.read_bytes() and b'"before"' in moved.read_bytes()
+        lines = moved.read_bytes().splitlines() + rig.path.read_bytes().splitlines()
+        _verified(rig, "file", lines)

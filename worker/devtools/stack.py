@@ -113,6 +113,9 @@ def fill_filesystem(filler: Path) -> None:
             handle.write(b"\0" * 65536)
 
 
+LOOPBACK_DISTRIBUTION = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+
 def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file: Path | None) -> str:
     """The security core of every node's rabbitmq.conf: TLS only (1.2+), peer certificates
     required, EXTERNAL authentication by certificate CN, a bounded message size, topology
@@ -295,6 +298,11 @@ class Stack:
             RABBITMQ_DIST_PORT=str(self.node_dist_port(node)),
             ERL_EPMD_PORT=str(self.epmd_port),
             ERL_EPMD_ADDRESS="127.0.0.1",
+            # the distribution port (any peer with the cookie may run code on the node)
+            # binds to every address unless told: loopback, for the node and for the CLI
+            # tools' own short-lived nodes
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=LOOPBACK_DISTRIBUTION,
+            RABBITMQ_CTL_ERL_ARGS=LOOPBACK_DISTRIBUTION,
             RABBITMQ_MNESIA_BASE=str(folder / "mnesia"),
             RABBITMQ_LOG_BASE=str(folder / "log"),
             RABBITMQ_CONFIG_FILE=str(folder / "rabbitmq.conf"),
@@ -568,8 +576,14 @@ class Stack:
         env: dict[str, str] | None = None,
         metrics_port: int | None = None,
         supervised: bool = False,
+        user: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start one worker; ``env`` adds variables (``SAM_*`` overrides, ``SOFTHSM2_CONF``)."""
+        """Start one worker; ``env`` adds variables (``SAM_*`` overrides, ``SOFTHSM2_CONF``).
+
+        ``user``: run it as that account (needs root), as a deployment does. It may read
+        anything (CAP_DAC_READ_SEARCH, so the stack's private folders and this checkout
+        need not be opened up) but write only what the account owns: the audit folder
+        and token store passed in ``env`` must be its own."""
         ready = self.path("run", f"{instance}.ready")
         ready.unlink(missing_ok=True)
         command = [
@@ -587,6 +601,20 @@ class Stack:
             env = {**(env or {}), "SAM_METRICS_PORT": str(metrics_port)}
         if supervised:  # started again after a non-zero exit, like systemd Restart=on-failure
             command = [sys.executable, "-m", "worker.devtools.supervise", "--", *command]
+        if user is not None:
+            ready = self.path("run", user, f"{instance}.ready")
+            ready.parent.mkdir(exist_ok=True)
+            shutil.chown(ready.parent, user, user)
+            command[command.index("--ready-file") + 1] = str(ready)
+            command = [
+                "setpriv",
+                f"--reuid={user}",
+                f"--regid={user}",
+                "--clear-groups",
+                "--inh-caps=+dac_read_search",
+                "--ambient-caps=+dac_read_search",
+                *command,
+            ]
         log = self.path("logs", f"{instance}.log").open("ab")
         process = subprocess.Popen(
             command,
@@ -598,12 +626,14 @@ class Stack:
         )
         self.path("run", f"{instance}.pid").write_text(str(process.pid))
         if wait:
-            self.wait_ready(instance, process)
+            self.wait_ready(instance, process, ready=ready)
         return process
 
-    def wait_ready(self, instance: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    def wait_ready(
+        self, instance: str, process: subprocess.Popen[bytes], timeout: float = 300, ready: Path | None = None
+    ) -> None:
         # a long-lived stack replays a long sam.key-events stream at start (README: limits)
-        ready = self.path("run", f"{instance}.ready")
+        ready = ready or self.path("run", f"{instance}.ready")
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if process.poll() is not None:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from worker.domain.algorithms import KeySpec, SignatureScheme
 from worker.errors import SamError
-from worker.metrics import Metrics
+from worker.metrics import HsmOperation, Metrics
 from worker.ports import GeneratedKeyPair, Hsm, WrappedKey
 
 __all__ = ["InstrumentedHsm"]
@@ -23,7 +23,7 @@ class InstrumentedHsm:
         self._metrics = metrics
 
     @contextmanager
-    def _timed(self, operation: str, mechanism: str) -> Iterator[None]:
+    def _timed(self, operation: HsmOperation, mechanism: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
@@ -38,27 +38,27 @@ class InstrumentedHsm:
         return self._inner.current_kek_label
 
     def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
-        with self._timed("generate", spec.description):
+        with self._timed(HsmOperation.generate, spec.description):
             return self._inner.generate_key_pair(spec)
 
     def sign_with_wrapped_key(
         self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
     ) -> list[bytes]:
-        with self._timed("unwrap_sign_destroy", str(scheme.mechanism)):
+        with self._timed(HsmOperation.unwrap_sign_destroy, str(scheme.mechanism)):
             return self._inner.sign_with_wrapped_key(key, scheme, inputs)
 
     def rewrap(self, key: WrappedKey) -> WrappedKey:
-        with self._timed("rewrap", key.wrap_mechanism):
+        with self._timed(HsmOperation.rewrap, key.wrap_mechanism):
             return self._inner.rewrap(key)
 
     def factor_mac(self, data: bytes) -> bytes:
-        with self._timed("factor", "SHA256_HMAC"):
+        with self._timed(HsmOperation.factor, "SHA256_HMAC"):
             return self._inner.factor_mac(data)
 
     def sign_with_state_key(self, data: bytes) -> bytes:
-        with self._timed("seal", "ECDSA"):
+        with self._timed(HsmOperation.seal, "ECDSA"):
             return self._inner.sign_with_state_key(data)
 
     def sign_audit_digest(self, digest: bytes) -> bytes:
-        with self._timed("audit_checkpoint", "ECDSA"):
+        with self._timed(HsmOperation.audit_checkpoint, "ECDSA"):
             return self._inner.sign_audit_digest(digest)

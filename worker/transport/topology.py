@@ -20,6 +20,9 @@ __all__ = [
     "REQUESTS_EXCHANGE",
     "RESULTS_STREAM",
     "SAD_USE_STREAM",
+    "SIEM_QUEUE_EXPIRES_MS",
+    "SIEM_QUEUE_MAX_BYTES",
+    "SIEM_QUEUE_POLICY",
     "VHOST",
     "definitions",
     "reply_queue_prefix",
@@ -48,6 +51,14 @@ RESULTS_RETENTION = SAD_USE_RETENTION
 # the longest a SAD or a request JWS may live for the retention above to cover its repeats
 REPEAT_WINDOW_SECONDS = 3600
 DELIVERY_LIMIT = 3
+# A SIEM's own queues on sam.audit (named "<siem user>.<anything>") are capped by an
+# operator policy, which the queue's own arguments can lower but never raise: at most this
+# many bytes of entries wait (the oldest go first — the SIEM sees a gap and reads it back
+# from the archive), and a queue nobody has consumed from or declared for this long is
+# deleted with its bindings. Both are far inside the archive's 30 days.
+SIEM_QUEUE_POLICY = "sam-siem-queues"
+SIEM_QUEUE_MAX_BYTES = 256 * 1024 * 1024
+SIEM_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
 
 
 def _queue(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +158,24 @@ def definitions(
         # the echo baseline of ops/bench: its own queues only, replies via amq.default
         own = "^" + re.escape(f"{bench}.") + ".*$"
         permissions.append(_permission(bench, configure=own, write=f"{own}|^amq\\.default$", read=own))
+    parameters = []
+    if siems:
+        parameters.append(
+            {
+                "vhost": VHOST,
+                "component": "operator_policy",
+                "name": SIEM_QUEUE_POLICY,
+                "value": {
+                    "pattern": "^(" + "|".join(re.escape(s) for s in siems) + ")\\.",
+                    "apply-to": "queues",
+                    "priority": 0,
+                    "definition": {
+                        "max-length-bytes": SIEM_QUEUE_MAX_BYTES,
+                        "expires": SIEM_QUEUE_EXPIRES_MS,
+                    },
+                },
+            }
+        )
     return {
         "rabbit_version": "3.10.8",
         "users": users,
@@ -156,7 +185,7 @@ def definitions(
         "exchanges": exchanges,
         "bindings": bindings,
         "policies": [],
-        "parameters": [],
+        "parameters": parameters,
         "global_parameters": [],
         "topic_permissions": [],
     }

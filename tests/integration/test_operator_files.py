@@ -1,0 +1,262 @@
+"""Operator files run by their real tools, as shipped: logrotate with
+``ops/logrotate/sam-worker`` (only its folder substituted) against a worker that runs as
+the unit's ``sam`` account, under load; the dev stack's listeners, all on loopback; and
+the SIEM's side of the broker as docs/INTEGRATION.md describes it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Harness
+from tests.integration.test_audit_trail import Signing, records_in, signing, verify
+from worker.cli.sam import ClientProfile
+from worker.client import RawReply
+from worker.settings import TlsFiles
+from worker.transport.amqp import connect
+from worker.transport.topology import (
+    AUDIT_EXCHANGE,
+    SIEM_QUEUE_EXPIRES_MS,
+    SIEM_QUEUE_MAX_BYTES,
+    SIEM_QUEUE_POLICY,
+    VHOST,
+)
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["signing"]  # the module's signing key pair, shared with the audit trail tests
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCOUNT = "sam"  # the unit's User= and the logrotate file's `create` owner
+ROTATIONS = 4
+# What the shipped postrotate runs; the stand-in below checks it gets exactly this.
+POSTROTATE_CALL = "kill --kill-whom=main --signal=HUP sam-worker@*.service"
+
+
+@pytest.fixture(scope="module")
+def account() -> pwd.struct_passwd:
+    """The system account the unit runs the worker as, made as the unit's comment says
+    (CI runs as root on a machine of its own)."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(ACCOUNT)
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root to create the {ACCOUNT!r} account")
+    subprocess.run(
+        ["useradd", "--system", "--user-group", "--home-dir", "/nonexistent", "--no-create-home",
+         "--shell", "/usr/sbin/nologin", ACCOUNT],
+        check=True,
+    )  # fmt: skip
+    return pwd.getpwnam(ACCOUNT)
+
+
+def systemctl_stand_in(folder: Path, pid: int) -> Path:
+    """A ``systemctl`` first on logrotate's PATH: there is no systemd here, so this does
+    what ``systemctl kill --kill-whom=main`` does to the one instance, and only when
+    called exactly as the shipped postrotate calls it; every call is logged."""
+    folder.mkdir()
+    script = folder / "systemctl"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {folder / "calls"}\n'
+        f'[ "$*" = "{POSTROTATE_CALL}" ] || exit 1\n'
+        f"exec kill -HUP {pid}\n"
+    )
+    script.chmod(0o755)
+    return folder
+
+
+def content(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+@contextlib.asynccontextmanager
+async def worker_as(harness: Harness, instance: str, audit_dir: Path, user: str) -> AsyncIterator[int]:
+    async with harness.without_shared_workers():
+        process = await asyncio.to_thread(
+            harness.start_worker, instance, env={"SAM_AUDIT_DIR": str(audit_dir)}, user=user
+        )
+        try:
+            yield process.pid
+        finally:
+            if instance in harness.workers:
+                await harness.stop_worker(instance)
+
+
+async def test_shipped_logrotate_file_rotates_a_non_root_worker_under_load(
+    harness: Harness, signing: Signing, account: pwd.struct_passwd, tmp_path: Path
+) -> None:
+    audit_dir, instance = tmp_path / "sam-worker", "worker-as-sam"
+    audit_dir.mkdir(mode=0o750)
+    os.chown(audit_dir, account.pw_uid, account.pw_gid)  # systemd's LogsDirectory= does this
+    shipped = (ROOT / "ops" / "logrotate" / "sam-worker").read_text()
+    config = tmp_path / "logrotate.conf"
+    config.write_text(shipped.replace("AUDIT_DIR", str(audit_dir)))
+    current = audit_dir / instance / "service.jsonl"
+    replies: list[tuple[str, RawReply]] = []
+    # each rotated file as it was once the worker had written into the new file: from then
+    # on, nothing may be added to it (it is compressed next time, then only kept)
+    frozen: dict[str, bytes] = {}
+    async with worker_as(harness, instance, audit_dir, account.pw_name) as pid:
+        stand_in = systemctl_stand_in(tmp_path / "bin", pid)
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                replies.extend(await asyncio.gather(*(signing.send() for _ in range(6))))
+
+        loader = asyncio.create_task(load())
+        try:
+            for _ in range(ROTATIONS):
+                await written_into(current)
+                await asyncio.sleep(1.1)  # dated names carry seconds: one rotation a second
+                result = await asyncio.to_thread(
+                    subprocess.run,
+                    ["logrotate", "-f", "-s", str(tmp_path / "logrotate.state"), str(config)],
+                    env={**os.environ, "PATH": f"{stand_in}:{os.environ['PATH']}"},
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                assert result.returncode == 0, result.stdout + result.stderr
+                new = current.stat()
+                # the bug this file had: a root-owned new file the worker could not open
+                assert (new.st_uid, new.st_gid, new.st_mode & 0o777) == (
+                    account.pw_uid,
+                    account.pw_gid,
+                    0o640,
+                ), new
+                await written_into(current)
+                for moved in current.parent.glob("service.jsonl-*"):
+                    frozen.setdefault(moved.name.removesuffix(".gz"), content(moved))
+        finally:
+            stop.set()
+            await loader
+    calls = (stand_in / "calls").read_text().splitlines()
+    assert calls == [POSTROTATE_CALL] * ROTATIONS
+    rotated = sorted(current.parent.glob("service.jsonl-*"))
+    assert len(rotated) == ROTATIONS, rotated
+    assert all(re.fullmatch(r"service\.jsonl-\d{8}-\d{10}(\.gz)?", p.name) for p in rotated), rotated
+    assert sum(p.suffix == ".gz" for p in rotated) == ROTATIONS - 1  # delaycompress
+    for path in rotated:
+        assert content(path) == frozen[path.name.removesuffix(".gz")], f"written into {path.name}"
+    files = [current, *rotated]
+    result = verify(harness, files)
+    assert result.returncode == 0, result.stdout
+    assert len(replies) > 30
+    assert all(reply.status == 200 for _, reply in replies), [
+        r.json() for _, r in replies if r.status != 200
+    ][:3]
+    per_request = Counter(r["request_id"] for r in records_in(files))
+    assert all(per_request[request_id] == 1 for request_id, _ in replies)
+    assert set(per_request) == {request_id for request_id, _ in replies}
+
+
+async def written_into(path: Path, seconds: float = 20) -> None:
+    """Until the worker has written a batch into ``path`` (logrotate leaves an empty file
+    alone: ``notifempty``)."""
+    deadline = time.monotonic() + seconds
+    while not has_content(path):
+        assert time.monotonic() < deadline, f"nothing written into {path}"
+        await asyncio.sleep(0.05)
+
+
+def has_content(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def listening_sockets(pids: set[int], ports: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket the processes listen on, or that listens
+    on one of ``ports`` (epmd is started by the node and lives on its own) — from ``ss``."""
+    listed = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in listed.splitlines():
+        fields = line.split()
+        local, users = fields[3], " ".join(fields[5:])
+        address, _, port = local.rpartition(":")
+        for pid in map(int, re.findall(r"pid=(\d+)", users)):
+            if pid in pids or int(port) in ports:
+                found.append((address.strip("[]"), int(port), pid))
+    return found
+
+
+def test_every_listener_of_the_dev_stack_is_on_loopback(harness: Harness) -> None:
+    """The README says the dev node is on 127.0.0.1: AMQPS, epmd and the Erlang
+    distribution port (which accepts any peer holding the cookie) included, and the
+    workers' /metrics."""
+    if shutil.which("ss") is None:
+        pytest.fail("ss (iproute2) is needed to list listening sockets")
+    stack = harness.stack
+    pids = {int(stack.node_pid_file(1).read_text())} | {p.pid for p in harness.workers.values()}
+    children = subprocess.run(
+        ["pgrep", "-P", ",".join(map(str, pids))], capture_output=True, text=True, check=False
+    ).stdout.split()
+    pids |= set(map(int, children))
+    sockets = listening_sockets(pids, {stack.epmd_port})
+    ports = {port for _, port, _ in sockets}
+    assert {stack.node_amqps_port(1), stack.node_dist_port(1), stack.epmd_port} <= ports, sockets
+    exposed = [s for s in sockets if s[0] not in ("127.0.0.1", "::1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+async def test_siem_queues_are_capped_and_bind_with_hash(harness: Harness, signing: Signing) -> None:
+    """The SIEM contract of docs/INTEGRATION.md: a SIEM's own queue is capped by the
+    operator policy whatever it asks for (an abandoned queue cannot fill the broker), and
+    operation names have dots, so a binding needs ``#`` — ``service.*.failure`` gets
+    nothing, ``service.#.failure`` gets the failure records."""
+    profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
+    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
+    connection = await connect(profile.url, tls)
+    names = {
+        pattern: f"siem-1.contract-{uuid.uuid4().hex[:8]}"
+        for pattern in ("service.*.failure", "service.#.failure")
+    }
+    try:
+        channel = await connection.channel()
+        queues = {}
+        for pattern, name in names.items():
+            queues[pattern] = queue = await channel.declare_queue(
+                name, durable=True, arguments={"x-queue-type": "quorum", "x-max-length-bytes": 10 * 2**30}
+            )
+            await queue.bind(AUDIT_EXCHANGE, routing_key=pattern)
+        for name in names.values():
+            # rabbitmqctl 3.10 lists no effective policy: ask the node (its own API)
+            lookup = f'rabbit_amqqueue:lookup(rabbit_misc:r(<<"{VHOST}">>, queue, <<"{name}">>))'
+            policies = "{amqqueue:get_operator_policy(Q), rabbit_policy:effective_definition(Q)}"
+            shown = await asyncio.to_thread(
+                harness.stack.rabbitmqctl, "eval", f"{{ok, Q}} = {lookup}, {policies}."
+            )
+            compact = re.sub(r"\s+", "", shown.stdout)
+            assert f'{{name,<<"{SIEM_QUEUE_POLICY}">>}}' in compact, shown.stdout
+            effective = compact.rpartition("#{")[2]  # the effective definition, last
+            # the cap holds whatever the queue asked for (10 GiB): the lower of the two wins
+            assert f'<<"max-length-bytes">>=>{SIEM_QUEUE_MAX_BYTES}' in effective, shown.stdout
+            assert f'<<"expires">>=>{SIEM_QUEUE_EXPIRES_MS}' in effective, shown.stdout
+        refused = await signing.ssa.send("signatures.create", b"{}", message_id=str(uuid.uuid4()))
+        assert refused is not None and refused.status == 400
+        deadline = time.monotonic() + 10
+        message = None
+        while message is None and time.monotonic() < deadline:
+            message = await queues["service.#.failure"].get(no_ack=True, fail=False)
+            await asyncio.sleep(0.1)
+        assert message is not None, "service.#.failure got no failure record"
+        assert message.routing_key == "service.signatures.create.failure"
+        assert await queues["service.*.failure"].get(no_ack=True, fail=False) is None
+    finally:
+        with contextlib.suppress(Exception):
+            channel = await connection.channel()
+            for name in names.values():
+                await channel.queue_delete(name)
+        await connection.close()
