@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PORT_BASE
 from tests.integration.conftest import Harness
 from tests.integration.test_audit_trail import Signing, records_in, signing, verify
 from worker.cli.sam import ClientProfile
@@ -42,6 +43,7 @@ __all__ = ["signing"]  # the module's signing key pair, shared with the audit tr
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "sam"  # the unit's User= and the logrotate file's `create` owner
 ROTATIONS = 4
+METRICS_PORT = PORT_BASE + 42  # test_operations' workers serve on + 40, test_metrics_exposed's on + 41
 # What the shipped postrotate runs; the stand-in below checks it gets exactly this.
 POSTROTATE_CALL = "kill --kill-whom=main --signal=HUP sam-worker@*.service"
 
@@ -192,23 +194,35 @@ def listening_sockets(pids: set[int], ports: set[int]) -> list[tuple[str, int, i
     return found
 
 
-def test_every_listener_of_the_dev_stack_is_on_loopback(harness: Harness) -> None:
+async def test_every_listener_of_the_dev_stack_is_on_loopback(harness: Harness) -> None:
     """The README says the dev node is on 127.0.0.1: AMQPS, epmd and the Erlang
-    distribution port (which accepts any peer holding the cookie) included, and the
-    workers' /metrics."""
+    distribution port (which accepts any peer holding the cookie) included, and a
+    worker's /metrics as the stack starts it."""
     if shutil.which("ss") is None:
         pytest.fail("ss (iproute2) is needed to list listening sockets")
+    stack = harness.stack
+    await asyncio.to_thread(harness.start_worker, "worker-listening", metrics_port=METRICS_PORT)
+    try:
+        sockets = await asyncio.to_thread(stack_sockets, harness)
+    finally:
+        await harness.stop_worker("worker-listening")
+    ports = {port for _, port, _ in sockets}
+    assert {stack.node_amqps_port(1), stack.node_dist_port(1), stack.epmd_port, METRICS_PORT} <= ports, (
+        sockets
+    )
+    exposed = [s for s in sockets if s[0] not in ("127.0.0.1", "::1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def stack_sockets(harness: Harness) -> list[tuple[str, int, int]]:
+    """What the node (and its children), epmd and the workers listen on."""
     stack = harness.stack
     pids = {int(stack.node_pid_file(1).read_text())} | {p.pid for p in harness.workers.values()}
     children = subprocess.run(
         ["pgrep", "-P", ",".join(map(str, pids))], capture_output=True, text=True, check=False
     ).stdout.split()
     pids |= set(map(int, children))
-    sockets = listening_sockets(pids, {stack.epmd_port})
-    ports = {port for _, port, _ in sockets}
-    assert {stack.node_amqps_port(1), stack.node_dist_port(1), stack.epmd_port} <= ports, sockets
-    exposed = [s for s in sockets if s[0] not in ("127.0.0.1", "::1")]
-    assert not exposed, f"listening beyond loopback: {exposed}"
+    return listening_sockets(pids, {stack.epmd_port})
 
 
 async def test_siem_queues_are_capped_and_bind_with_hash(harness: Harness, signing: Signing) -> None:
