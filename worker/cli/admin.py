@@ -138,7 +138,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
         for path in args.files:
             yield from _lines(path)
 
-    report = verify_entries(every_line(), key)
+    report = verify_entries(every_line(), key, transport_copies=args.transport_copies)
     for problem in report.problems:
         print(f"BAD {problem}")
     for chain, summary in sorted(report.chains.items()):
@@ -157,7 +157,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
             f"pending {side}: {waiting} records of withheld replies, not chained yet "
             "(unsigned; the worker's next start chains them)"
         )
-    print(f"{report.entries} entries, {len(report.problems)} problems")
+    redelivered = f", {report.redelivered} lines delivered twice" if report.redelivered else ""
+    print(f"{report.entries} entries, {len(report.problems)} problems{redelivered}")
     return 0 if report.ok else 1
 
 
@@ -235,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     verify.add_argument("--infrastructure", type=Path, help="sam_infrastructure.json (for the audit key)")
     verify.add_argument("--key", type=Path, help="the audit public key (PEM) from `audit export-key`")
+    verify.add_argument(
+        "--transport-copies",
+        action="store_true",
+        help="files received over an at-least-once transport (rsyslog): a line delivered twice, "
+        "byte for byte, is counted, not reported",
+    )
     verify.add_argument("files", type=Path, nargs="+")
     verify.set_defaults(run=_audit_verify)
     export = audit_sub.add_parser("export-key", help="print the audit public key an auditor needs (PEM)")

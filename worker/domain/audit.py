@@ -242,6 +242,7 @@ class VerifyReport:
     chains: dict[str, ChainSummary] = field(default_factory=dict)
     problems: list[ChainProblem] = field(default_factory=list)
     retracted: set[str] = field(default_factory=set)  # where the entries of retracted batches are
+    redelivered: int = 0  # lines that were an earlier line of their file again (transport copies)
 
     @property
     def ok(self) -> bool:
@@ -265,7 +266,10 @@ def _signature_ok(public_key: ec.EllipticCurvePublicKey, digest: bytes, sig: str
 
 
 def verify_entries(
-    lines: Iterable[tuple[str, int, bytes]], public_key: ec.EllipticCurvePublicKey
+    lines: Iterable[tuple[str, int, bytes]],
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    transport_copies: bool = False,
 ) -> VerifyReport:
     """Verify (source, line number, raw line) triples from any number of files, in any
     order: entries are grouped by chain and put in sequence order, then every hash,
@@ -276,9 +280,16 @@ def verify_entries(
     no problem: each entry names its predecessor's hash, so the order that matters is
     the chain's, and a missing, altered or inserted entry still shows as a gap, a broken
     link or a fork. A sequence number twice within one file is reported (``repeated``),
-    and so is a line that is not byte for byte what the trail writes (``noncanonical``)."""
+    and so is a line that is not byte for byte what the trail writes (``noncanonical``).
+
+    ``transport_copies``: the files came over an at-least-once transport (rsyslog's
+    forwarding sends a line twice when it is stopped while the receiver is unreachable).
+    A line that is byte for byte an earlier line of its own file is then a second
+    delivery of that line, not a second entry: it is counted (``redelivered``), not
+    reported. Any other line with that sequence number still is."""
     report = VerifyReport()
     chains: dict[str, dict[int, list[_Seen]]] = defaultdict(lambda: defaultdict(list))
+    delivered: set[tuple[str, bytes]] = set()  # (source, SHA-256 of the line)
     for source, number, raw in lines:
         if not raw.strip():
             continue
@@ -294,6 +305,12 @@ def verify_entries(
                 ChainProblem("?", "unreadable", None, where, "not an audit entry (torn or foreign line)")
             )
             continue
+        if transport_copies:
+            line = (source, hashlib.sha256(raw.rstrip(b"\n")).digest())
+            if line in delivered:
+                report.redelivered += 1
+                continue
+            delivered.add(line)
         if orjson.dumps(entry) != raw.rstrip(b"\n") or not _in_written_order(entry):
             # The trail writes each entry as orjson writes it; anything else (a name twice,
             # which parsers resolve differently, escapes or spacing that dodge a grep) is
