@@ -150,6 +150,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             settings.audit_timeout_seconds,
             metrics,
             feed=feed_audit,
+            on_hung=lost("the audit trail's file I/O is hung"),
         )
         audit.start()
         results_channel = await connection.channel()  # read only when a repeat comes

@@ -50,6 +50,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -94,6 +95,7 @@ PROBE_BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)
 FEED_QUIET = 10.0  # seconds of success before a feed outage counts as over
 MIN_TRY = 0.05  # a caller with less time left than this is not worth a checkpoint signature
 GRACE = 1.0  # how long a caller whose bound passed waits for a try in flight to settle it
+HUNG_MIN_SECONDS = 30.0  # a file operation hung this long (at least; 10 bounds) ends the process
 
 
 class ArchiveRefused(Exception):
@@ -119,6 +121,11 @@ def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str], set[str
             retracts = [str(h) for h in saved.get("retracts", [])]
     if not path.exists():
         return head, retracts, read_back
+    if not stat.S_ISREG(path.stat().st_mode):
+        # a FIFO would hang this read for good, before the worker ever serves
+        raise SamError(
+            ErrorCode.audit_unavailable, f"the audit file {path} is not a regular file: move it away"
+        )
     keep, in_file = 0, None
     batch_read_back: set[str] = set()
     with path.open("rb") as handle:
@@ -284,6 +291,7 @@ class _IoThread(concurrent.futures.Executor):
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
         self._jobs = queue.SimpleQueue()
+        self.running_since: float | None = None  # monotonic start of the job in hand
         self._thread = threading.Thread(target=self._run, name="audit-io", daemon=True)
         self._thread.start()
 
@@ -297,10 +305,13 @@ class _IoThread(concurrent.futures.Executor):
             future, call = job
             if not future.set_running_or_notify_cancel():
                 continue
+            self.running_since = time.monotonic()
             try:
                 future.set_result(call())
             except BaseException as exc:  # handed to whoever awaits the job
                 future.set_exception(exc)
+            finally:
+                self.running_since = None
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
@@ -328,8 +339,16 @@ class AuditTrail:
         metrics: Metrics | None = None,
         feed: Callable[[bytes, str], Awaitable[None]] | None = None,
         backoff: tuple[tuple[float, ...], tuple[float, ...]] = (BACKOFF, PROBE_BACKOFF),
+        on_hung: Callable[[], None] | None = None,
+        hung_after: float | None = None,
     ) -> None:
         self._metrics = metrics
+        # A file operation that never returns (a FIFO put at the path, a dead NFS server)
+        # leaves every later batch waiting behind it: past this, ``on_hung`` is called once
+        # (the worker exits for a restart) rather than answering 503 for ever.
+        self._on_hung = on_hung
+        self._hung_after = hung_after if hung_after is not None else max(HUNG_MIN_SECONDS, 10 * timeout)
+        self._watcher: asyncio.Task[None] | None = None
         self._node = node
         self._instance = instance
         self._sign = sign_digest
@@ -391,6 +410,22 @@ class AuditTrail:
         self._flusher = loop.create_task(self._flush_forever())
         if self._feed is not None:
             self._feeder = loop.create_task(self._feed_forever())
+        if self._on_hung is not None:
+            self._watcher = loop.create_task(self._watch_io(self._on_hung))
+
+    async def _watch_io(self, on_hung: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._hung_after / 10))
+            since = self._io.running_since
+            if since is not None and time.monotonic() - since > self._hung_after:
+                log.critical(
+                    "audit: a file operation has not returned for %.0f s (a FIFO or a hung file system "
+                    "at %s?)",
+                    time.monotonic() - since,
+                    ", ".join(str(state.path) for state in self._logs.values()),
+                )
+                on_hung()
+                return
 
     def reopen(self) -> None:
         """Close the files now, so the next batch opens them anew (logrotate moved them).
@@ -814,6 +849,8 @@ class AuditTrail:
             self._feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feeder
+        if self._watcher is not None:
+            self._watcher.cancel()
         self._keep_unwritten_withheld()
         self._io.submit(self._close_files)
         self._io.shutdown(wait=True, timeout=self._timeout)

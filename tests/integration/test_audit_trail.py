@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,12 +27,9 @@ import orjson
 import pytest
 
 from tests.integration.conftest import EC_SHA256, Harness
-from worker.cli.sam import ClientProfile
 from worker.client import RawReply, SamClient
 from worker.devtools.stack import fill_filesystem, verify_audit
-from worker.settings import TlsFiles
-from worker.transport.amqp import connect
-from worker.transport.topology import AUDIT_EXCHANGE
+from worker.transport.topology import VHOST, siem_queue
 
 pytestmark = pytest.mark.integration
 
@@ -257,71 +255,23 @@ async def read_archive(harness: Harness, since: datetime.datetime) -> list[dict[
 
 
 async def test_a_siem_queue_cannot_veto_signing(harness: Harness, signing: Signing, audit_dir: Path) -> None:
-    """A SIEM declares a queue that rejects every publish (``x-max-length 0``,
-    ``reject-publish``) and binds it to sam.audit. Signing goes on: the archive's confirm
-    alone counts. What the SIEM's queue missed it reads back from the archive."""
-    profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
-    connection = await connect(profile.url, tls)
-    channel = await connection.channel()
-    name = f"siem-1.full-{uuid.uuid4().hex[:8]}"
-    arguments = {"x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"}
+    """The SIEM's queue on sam.audit rejects every publish (a policy: ``max-length 0``,
+    ``reject-publish``, as a full queue with that overflow would). Signing goes on: the
+    archive's confirm alone counts. What the SIEM's queue missed it reads back from the
+    archive."""
+    stack = harness.stack
+    definition = '{"max-length": 0, "overflow": "reject-publish"}'
     try:
         async with own_worker(harness, "worker-vetoed", audit_dir):
             since = datetime.datetime.now(datetime.UTC)
-            queue = await channel.declare_queue(name, arguments=arguments)
-            await queue.bind(AUDIT_EXCHANGE, routing_key="#")
+            stack.rabbitmqctl("set_policy", "-p", VHOST, "--apply-to", "queues", "siem-rejects",
+                              f"^{re.escape(siem_queue('siem-1'))}$", definition)  # fmt: skip
             sent = [await signing.send() for _ in range(10)]
             assert [reply.status for _, reply in sent] == [200] * 10
-            await channel.queue_delete(name)
-        archived = Counter(r["request_id"] for r in await read_archive(harness, since))
-        assert all(archived[request_id] == 1 for request_id, _ in sent)
     finally:
-        await connection.close()
-
-
-async def test_siem_queue_churn_does_not_touch_the_worker(
-    harness: Harness, signing: Signing, audit_dir: Path
-) -> None:
-    """A SIEM that keeps declaring quorum queues bound to sam.audit and deleting them:
-    RabbitMQ 3.10 may then crash the channel that publishes the feed, and with it its
-    connection (541). That connection is the feed's own, so the worker keeps serving —
-    no restart, no refusal, every request recorded once."""
-    profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
-    connection = await connect(profile.url, tls)
-    channel = await connection.channel()
-    stop = asyncio.Event()
-
-    async def churn() -> None:
-        while not stop.is_set():
-            names = [f"siem-1.churn-{uuid.uuid4().hex[:8]}" for _ in range(20)]
-            for name in names:
-                queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-                await queue.bind(AUDIT_EXCHANGE, routing_key="#")
-            await asyncio.sleep(0.3)
-            for name in names:
-                await channel.queue_delete(name)
-
-    instance = "worker-churned"
-    try:
-        async with own_worker(harness, instance, audit_dir):
-            process = harness.workers[instance]
-            churner = asyncio.create_task(churn())
-            sending = []
-            started = time.monotonic()
-            while time.monotonic() - started < 12:  # 20 signatures a second, not waiting
-                sending.append(asyncio.create_task(signing.send()))
-                await asyncio.sleep(0.05)
-            replies = await asyncio.gather(*sending)
-            stop.set()
-            await churner
-            assert process.poll() is None, "the worker lost its connection"
-        assert [reply.status for _, reply in replies] == [200] * len(replies)
-        files = sorted((audit_dir / instance).glob("*.jsonl"))
-        assert_one_truthful_record(files, {request_id: reply.status for request_id, reply in replies})
-    finally:
-        await connection.close()
+        stack.rabbitmqctl("clear_policy", "-p", VHOST, "siem-rejects", check=False)
+    archived = Counter(r["request_id"] for r in await read_archive(harness, since))
+    assert all(archived[request_id] == 1 for request_id, _ in sent)
 
 
 async def test_sigkill_mid_batch(harness: Harness, signing: Signing, audit_dir: Path) -> None:
@@ -361,7 +311,10 @@ async def test_sigkill_mid_batch(harness: Harness, signing: Signing, audit_dir: 
 
 
 async def test_siem_tail_verifies_what_it_prints(harness: Harness, signing: Signing) -> None:
-    queue = f"siem-1.test-{uuid.uuid4().hex[:8]}"
+    """``audit tail`` reads the SIEM's own queue, which the definitions declare and bind
+    (the SIEM may do neither), verifying each entry as it prints it."""
+    queue = siem_queue("siem-1")
+    harness.stack.rabbitmqctl("purge_queue", "-p", VHOST, queue)  # what earlier tests left
     tail = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -370,8 +323,6 @@ async def test_siem_tail_verifies_what_it_prints(harness: Harness, signing: Sign
         "tail",
         "--profile",
         str(harness.stack.profile("siem-1")),
-        "--queue",
-        queue,
         "--infrastructure",
         str(harness.stack.infrastructure_file),
         "--idle-timeout",
@@ -379,15 +330,8 @@ async def test_siem_tail_verifies_what_it_prints(harness: Harness, signing: Sign
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        for _ in range(100):
-            if queue in harness.stack.rabbitmqctl("list_queues", "-p", "sam", "name", "-q").stdout:
-                break
-            await asyncio.sleep(0.1)
-        sent = [await signing.send() for _ in range(10)]
-        stdout, stderr = await asyncio.wait_for(tail.communicate(), 30)
-    finally:
-        harness.stack.rabbitmqctl("delete_queue", "-p", "sam", queue, check=False)
+    sent = [await signing.send() for _ in range(10)]
+    stdout, stderr = await asyncio.wait_for(tail.communicate(), 30)
     assert tail.returncode == 0, stderr.decode()
     entries = [orjson.loads(line) for line in stdout.splitlines()]
     printed = {e.get("request_id") for e in entries}

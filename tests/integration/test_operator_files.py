@@ -19,7 +19,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aio_pika
+import aiormq
 import pytest
+from aio_pika.abc import AbstractChannel
 
 from tests.conftest import PORT_BASE
 from tests.integration.conftest import Harness
@@ -30,10 +33,11 @@ from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import (
     AUDIT_EXCHANGE,
-    SIEM_QUEUE_EXPIRES_MS,
     SIEM_QUEUE_MAX_BYTES,
+    SIEM_QUEUE_MAX_LENGTH,
     SIEM_QUEUE_POLICY,
     VHOST,
+    siem_queue,
 )
 
 pytestmark = pytest.mark.integration
@@ -225,52 +229,82 @@ def stack_sockets(harness: Harness) -> list[tuple[str, int, int]]:
     return listening_sockets(pids, {stack.epmd_port})
 
 
-async def test_siem_queues_are_capped_and_bind_with_hash(harness: Harness, signing: Signing) -> None:
-    """The SIEM contract of docs/INTEGRATION.md: a SIEM's own queue is capped by the
-    operator policy whatever it asks for (an abandoned queue cannot fill the broker), and
-    operation names have dots, so a binding needs ``#`` — ``service.*.failure`` gets
-    nothing, ``service.#.failure`` gets the failure records."""
-    profile = ClientProfile.model_validate_json(harness.stack.profile("siem-1").read_text())
+async def test_a_siem_reads_its_queue_and_the_archive_and_declares_nothing(
+    harness: Harness, signing: Signing
+) -> None:
+    """The SIEM contract of docs/INTEGRATION.md §6. The definitions declare the SIEM's
+    queue, bound to sam.audit with ``#``, and cap it with the operator policy (an abandoned
+    queue cannot fill the broker). The SIEM reads it; it may declare no queue (no stream
+    beyond every cap), no exchange to publish into without bound, bind nothing, publish
+    nowhere."""
+    stack = harness.stack
+    queue_name = siem_queue("siem-1")
+    lookup = f'rabbit_amqqueue:lookup(rabbit_misc:r(<<"{VHOST}">>, queue, <<"{queue_name}">>))'
+    policies = "{amqqueue:get_operator_policy(Q), rabbit_policy:effective_definition(Q)}"
+    # rabbitmqctl 3.10 lists no effective policy: ask the node (its own API)
+    shown = await asyncio.to_thread(stack.rabbitmqctl, "eval", f"{{ok, Q}} = {lookup}, {policies}.")
+    compact = re.sub(r"\s+", "", shown.stdout)
+    assert f'{{name,<<"{SIEM_QUEUE_POLICY}">>}}' in compact, shown.stdout
+    effective = compact.rpartition("#{")[2]  # the effective definition, last
+    assert f'<<"max-length-bytes">>=>{SIEM_QUEUE_MAX_BYTES}' in effective, shown.stdout
+    assert f'<<"max-length">>=>{SIEM_QUEUE_MAX_LENGTH}' in effective, shown.stdout
+
+    profile = ClientProfile.model_validate_json(stack.profile("siem-1").read_text())
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     connection = await connect(profile.url, tls)
-    names = {
-        pattern: f"siem-1.contract-{uuid.uuid4().hex[:8]}"
-        for pattern in ("service.*.failure", "service.#.failure")
-    }
     try:
+
+        async def own_queue(channel: AbstractChannel) -> None:
+            await channel.declare_queue("siem-1.mine", arguments={"x-queue-type": "classic"})
+
+        async def own_stream(channel: AbstractChannel) -> None:
+            await channel.declare_queue("siem-1.stream", durable=True, arguments={"x-queue-type": "stream"})
+
+        async def own_exchange(channel: AbstractChannel) -> None:
+            await channel.declare_exchange("siem-1.fanout", aio_pika.ExchangeType.FANOUT)
+
+        async def binding(channel: AbstractChannel) -> None:
+            queue = await channel.declare_queue(queue_name, passive=True)
+            await queue.bind(AUDIT_EXCHANGE, routing_key="service.#")
+
+        async def into_its_queue(channel: AbstractChannel) -> None:
+            await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue_name)
+
+        async def into_the_feed(channel: AbstractChannel) -> None:
+            exchange = await channel.get_exchange(AUDIT_EXCHANGE, ensure=False)
+            await exchange.publish(aio_pika.Message(b"x"), routing_key="service.x.success")
+
+        attempts = [own_queue, own_stream, own_exchange, binding, into_its_queue, into_the_feed]
+        refused = []
+        for attempt in attempts:
+            channel = await connection.channel(publisher_confirms=True)
+            try:
+                await attempt(channel)
+            except aiormq.exceptions.ChannelAccessRefused:
+                refused.append(attempt.__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        assert refused == [attempt.__name__ for attempt in attempts]
+
+        # and reads what the definitions bound for it: a refusal's record, by its key
+        await asyncio.to_thread(stack.rabbitmqctl, "purge_queue", "-p", VHOST, queue_name)
+        request_id = str(uuid.uuid4())
+        reply = await signing.ssa.send("signatures.create", b"{}", message_id=request_id)
+        assert reply is not None and reply.status == 400
         channel = await connection.channel()
-        queues = {}
-        for pattern, name in names.items():
-            queues[pattern] = queue = await channel.declare_queue(
-                name, durable=True, arguments={"x-queue-type": "quorum", "x-max-length-bytes": 10 * 2**30}
-            )
-            await queue.bind(AUDIT_EXCHANGE, routing_key=pattern)
-        for name in names.values():
-            # rabbitmqctl 3.10 lists no effective policy: ask the node (its own API)
-            lookup = f'rabbit_amqqueue:lookup(rabbit_misc:r(<<"{VHOST}">>, queue, <<"{name}">>))'
-            policies = "{amqqueue:get_operator_policy(Q), rabbit_policy:effective_definition(Q)}"
-            shown = await asyncio.to_thread(
-                harness.stack.rabbitmqctl, "eval", f"{{ok, Q}} = {lookup}, {policies}."
-            )
-            compact = re.sub(r"\s+", "", shown.stdout)
-            assert f'{{name,<<"{SIEM_QUEUE_POLICY}">>}}' in compact, shown.stdout
-            effective = compact.rpartition("#{")[2]  # the effective definition, last
-            # the cap holds whatever the queue asked for (10 GiB): the lower of the two wins
-            assert f'<<"max-length-bytes">>=>{SIEM_QUEUE_MAX_BYTES}' in effective, shown.stdout
-            assert f'<<"expires">>=>{SIEM_QUEUE_EXPIRES_MS}' in effective, shown.stdout
-        refused = await signing.ssa.send("signatures.create", b"{}", message_id=str(uuid.uuid4()))
-        assert refused is not None and refused.status == 400
-        deadline = time.monotonic() + 10
-        message = None
-        while message is None and time.monotonic() < deadline:
-            message = await queues["service.#.failure"].get(no_ack=True, fail=False)
-            await asyncio.sleep(0.1)
-        assert message is not None, "service.#.failure got no failure record"
-        assert message.routing_key == "service.signatures.create.failure"
-        assert await queues["service.*.failure"].get(no_ack=True, fail=False) is None
+        queue = await channel.declare_queue(queue_name, passive=True)
+        deadline, keys = time.monotonic() + 10, set()
+        while time.monotonic() < deadline:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.1)
+                continue
+            keys.add(message.routing_key)
+            if request_id.encode() in message.body:
+                assert message.routing_key == "service.signatures.create.failure"
+                break
+        else:
+            pytest.fail(f"no record of the refusal in {queue_name}; routing keys seen: {keys}")
     finally:
-        with contextlib.suppress(Exception):
-            channel = await connection.channel()
-            for name in names.values():
-                await channel.queue_delete(name)
         await connection.close()

@@ -402,3 +402,58 @@ async def test_a_rotation_without_a_reopen_signal_loses_nothing(rig: Rig, rotati
         assert b'"after"' not in moved.read_bytes() and b'"before"' in moved.read_bytes()
         lines = moved.read_bytes().splitlines() + rig.path.read_bytes().splitlines()
         _verified(rig, "file", lines)
+
+
+async def test_a_file_operation_hung_for_good_ends_the_process(tmp_path: Path) -> None:
+    """A FIFO nobody will ever open for reading: every later batch waits behind the hung
+    open, so past ``hung_after`` the trail asks for a restart (``on_hung``, once) instead
+    of answering audit_unavailable for ever; the next start refuses the FIFO at once
+    rather than hanging in its own read of the file."""
+    broker = Broker()
+    hung: list[float] = []
+    trail = AuditTrail(
+        "node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, broker.to_archive, 0.3,
+        on_hung=lambda: hung.append(time.monotonic()), hung_after=1.0,
+    )  # fmt: skip
+    trail.start()
+    path = tmp_path / "w" / "service.jsonl"
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    trail.reopen()
+    event = AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id="hung")
+    started = time.monotonic()
+    with pytest.raises(SamError):
+        await trail.record(event)
+    for _ in range(40):
+        if hung:
+            break
+        await asyncio.sleep(0.1)
+    assert len(hung) == 1 and 1.0 <= hung[0] - started < 3.5, hung
+    await asyncio.sleep(1.5)
+    assert len(hung) == 1  # once
+    await trail.close()
+    with pytest.raises(SamError, match="not a regular file"):
+        AuditTrail("node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, broker.to_archive, 0.3)
+    with contextlib.suppress(OSError):  # let the hung open return
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+
+
+async def test_a_sink_that_keeps_returning_is_not_hung(rig: Rig) -> None:
+    """Only one operation that does not return counts: a trail busy for longer than the
+    limit in all, one batch after another, never calls ``on_hung``."""
+    hung: list[float] = []
+    trail = AuditTrail(
+        "node-1", "slow", rig.path.parent.parent, SoftwareHsm().sign_audit_digest, rig.broker.to_archive, 2.0,
+        on_hung=lambda: hung.append(time.monotonic()), hung_after=0.5,
+    )  # fmt: skip
+    trail.start()
+    try:
+        for n in range(8):
+            event = AuditEvent(
+                AuditLog.service, "signatures.create", Outcome.success, 200, request_id=f"s{n}"
+            )
+            await trail.record(event)
+            await asyncio.sleep(0.1)
+    finally:
+        await trail.close()
+    assert hung == []

@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         "tail", help="follow sam.audit as a SIEM: verify and print entries (JSON lines)"
     )
     tail.add_argument("--profile", type=Path, required=True, help="client profile of the SIEM user")
-    tail.add_argument("--queue", help="queue to bind to sam.audit (default <user>.audit)")
+    tail.add_argument(
+        "--queue", help="the SIEM's queue on sam.audit, declared by the operator (default <user>.audit)"
+    )
     tail.add_argument("--infrastructure", type=Path)
     tail.add_argument("--key", type=Path)
     tail.add_argument("--count", type=int, help="stop after this many entries")

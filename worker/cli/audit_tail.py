@@ -1,9 +1,10 @@
 """``sam-admin audit tail`` and ``sam-admin audit archive``: the SIEM side of the audit
 trail.
 
-``tail`` binds a queue of the SIEM user's own to ``sam.audit`` (routing key ``#``),
-verifies every entry as it arrives (hash, link to the previous entry of its chain,
-checkpoint signature) and prints it as a JSON line; problems go to standard error.
+``tail`` reads the SIEM user's queue on ``sam.audit`` (``<user>.audit``, which the
+broker definitions declare and bind with ``#``), verifies every entry as it arrives
+(hash, link to the previous entry of its chain, checkpoint signature) and prints it as a
+JSON line; problems go to standard error.
 
 ``archive`` reads ``sam.audit.archive`` — the stream that holds every committed batch —
 from an offset or a point in time: how a SIEM whose queue missed entries (it was full,
@@ -29,7 +30,7 @@ from worker.cli.sam import ClientProfile
 from worker.domain.audit import ChainFollower, verify_entries
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
-from worker.transport.topology import AUDIT_ARCHIVE_STREAM, AUDIT_EXCHANGE
+from worker.transport.topology import AUDIT_ARCHIVE_STREAM, AUDIT_EXCHANGE, siem_queue
 
 __all__ = ["read_archive", "tail"]
 
@@ -41,9 +42,10 @@ async def tail(
     count: int | None,
     idle_timeout: float | None,
 ) -> int:
-    """Follow ``sam.audit`` through ``queue_name`` (default ``<user>.audit``), verifying and
-    printing each entry, until ``count`` entries or ``idle_timeout`` seconds without one;
-    returns 1 if any entry failed verification."""
+    """Follow ``sam.audit`` through ``queue_name`` (default ``<user>.audit``; it must exist:
+    SIEMs declare nothing), verifying and printing each entry, until ``count`` entries or
+    ``idle_timeout`` seconds without one; returns 1 if any entry failed verification, 2 if
+    the queue cannot be read."""
     tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     follower = ChainFollower(key)
     seen, failures = 0, 0
@@ -51,10 +53,17 @@ async def tail(
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=256)
-        queue = await channel.declare_queue(
-            queue_name or f"{profile.user_id}.audit", durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await queue.bind(AUDIT_EXCHANGE, routing_key="#")
+        name = queue_name or siem_queue(profile.user_id)
+        try:
+            # the operator's definitions declare and bind it; a SIEM may do neither
+            queue = await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed as closed:
+            print(
+                f"sam-admin: queue {name!r} cannot be read ({closed}): the broker definitions declare "
+                f"one per SIEM user, bound to {AUDIT_EXCHANGE} (worker.transport.topology)",
+                file=sys.stderr,
+            )
+            return 2
         async with queue.iterator() as messages:
             while count is None or seen < count:
                 try:

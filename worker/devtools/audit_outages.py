@@ -15,9 +15,9 @@ answered, how many records it has (must be exactly one) and whether its status i
 one its caller got.
 
 Kinds: ``disk-full`` (tmpfs filled), ``unopenable`` (a directory where the file must be
-opened, then SIGHUP), ``hung`` (a FIFO nobody reads, then SIGHUP), ``siem-rejects`` (a
-SIEM queue with ``x-max-length 0`` / ``reject-publish`` bound to ``sam.audit``: now no
-failure at all), ``no-route`` (``sam.audit.archive`` deleted), ``broker-gone`` (the
+opened, then SIGHUP), ``hung`` (a FIFO nobody reads, then SIGHUP), ``siem-rejects`` (the
+SIEM's queue on ``sam.audit`` made to reject every publish by a policy, ``max-length 0`` /
+``reject-publish``: now no failure at all), ``no-route`` (``sam.audit.archive`` deleted), ``broker-gone`` (the
 broker stopped; the worker exits 75 and its supervisor starts it again; the SSA cannot
 send either). A nack of the archive itself cannot be caused from outside any more (a
 stream has no overflow setting); the unit tests play it (``test_audit_failure_path``).
@@ -52,12 +52,11 @@ from worker.client import SamClient, SamTimeout
 from worker.devtools.authorization_server import DevAuthorizationServer
 from worker.devtools.chaos import certified_key_pair, signature_request
 from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
-from worker.settings import TlsFiles
-from worker.transport.amqp import connect
-from worker.transport.topology import AUDIT_EXCHANGE
+from worker.transport.topology import VHOST, siem_queue
 
 __all__ = ["KINDS", "OutageFigures", "main", "run"]
 
+SIEM_REJECTS = "sam-outage-siem-rejects"
 KINDS = ("disk-full", "unopenable", "hung", "siem-rejects", "no-route", "broker-gone")
 INSTANCE = "worker-1"
 RATE = 2.0  # requests per second during an outage
@@ -162,12 +161,10 @@ class _Sender:
 class _Breakage:
     """How each kind is caused and undone, on the stack's worker."""
 
-    def __init__(self, stack: Stack, siem: Any) -> None:
+    def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.folder = stack.path("audit", INSTANCE)
         self.service = self.folder / "service.jsonl"
-        self._siem = siem  # a channel of the SIEM user
-        self._siem_queue = ""
 
     def _hup(self) -> None:
         supervisor = int(self.stack.path("run", f"{INSTANCE}.pid").read_text())
@@ -192,10 +189,11 @@ class _Breakage:
             os.mkfifo(self.service)
             self._hup()
         elif kind == "siem-rejects":
-            self._siem_queue = f"siem-1.full-{uuid.uuid4().hex[:8]}"
-            arguments = {"x-queue-type": "classic", "x-max-length": 0, "x-overflow": "reject-publish"}
-            queue = await self._siem.declare_queue(self._siem_queue, arguments=arguments)
-            await queue.bind(AUDIT_EXCHANGE, routing_key="#")
+            pattern = f"^{re.escape(siem_queue('siem-1'))}$"
+            definition = '{"max-length": 0, "overflow": "reject-publish"}'
+            self.stack.rabbitmqctl(
+                "set_policy", "-p", VHOST, "--apply-to", "queues", SIEM_REJECTS, pattern, definition
+            )
         elif kind == "no-route":
             self.stack.rabbitmqctl("delete_queue", "-p", "sam", "sam.audit.archive")
         elif kind == "broker-gone":
@@ -221,7 +219,7 @@ class _Breakage:
             await asyncio.to_thread(reader.join, 10)
             hung.unlink(missing_ok=True)
         elif kind == "siem-rejects":
-            await self._siem.queue_delete(self._siem_queue)
+            self.stack.rabbitmqctl("clear_policy", "-p", VHOST, SIEM_REJECTS)
         elif kind == "no-route":
             self.stack.rabbitmqctl("import_definitions", str(self.stack.path("rabbitmq", "definitions.json")))
         elif kind == "broker-gone":
@@ -312,12 +310,7 @@ async def run(seconds: float = 60, kinds: tuple[str, ...] = KINDS, port_base: in
         client = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text()).client()
         await client.connect()
         sender = _Sender(stack, client, await certified_key_pair(stack, client, "outage"))
-        siem_profile = ClientProfile.model_validate_json(stack.profile("siem-1").read_text())
-        tls = TlsFiles(
-            ca_file=siem_profile.ca_file, cert_file=siem_profile.cert_file, key_file=siem_profile.key_file
-        )
-        siem = await connect(siem_profile.url, tls)
-        breakage = _Breakage(stack, await siem.channel())
+        breakage = _Breakage(stack)
         results, everything = [], {}
         for kind in kinds:
             if kind == "disk-full" and not mounted:
@@ -327,7 +320,6 @@ async def run(seconds: float = 60, kinds: tuple[str, ...] = KINDS, port_base: in
             results.append(figures.as_dict())
             everything.update(figures.request_ids)
             print(json.dumps(figures.as_dict()), flush=True)
-        await siem.close()
         await client.close()
         stack.down()
         files = sorted(p for p in stack.path("audit").glob("*/service.jsonl*") if p.is_file())

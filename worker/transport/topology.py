@@ -20,12 +20,13 @@ __all__ = [
     "REQUESTS_EXCHANGE",
     "RESULTS_STREAM",
     "SAD_USE_STREAM",
-    "SIEM_QUEUE_EXPIRES_MS",
     "SIEM_QUEUE_MAX_BYTES",
+    "SIEM_QUEUE_MAX_LENGTH",
     "SIEM_QUEUE_POLICY",
     "VHOST",
     "definitions",
     "reply_queue_prefix",
+    "siem_queue",
 ]
 
 VHOST = "sam"
@@ -51,14 +52,22 @@ RESULTS_RETENTION = SAD_USE_RETENTION
 # the longest a SAD or a request JWS may live for the retention above to cover its repeats
 REPEAT_WINDOW_SECONDS = 3600
 DELIVERY_LIMIT = 3
-# A SIEM's own queues on sam.audit (named "<siem user>.<anything>") are capped by an
-# operator policy, which the queue's own arguments can lower but never raise: at most this
-# many bytes of entries wait (the oldest go first — the SIEM sees a gap and reads it back
-# from the archive), and a queue nobody has consumed from or declared for this long is
-# deleted with its bindings. Both are far inside the archive's 30 days.
+# Each SIEM user reads one queue the operator declares for it, "<siem user>.audit", bound
+# to sam.audit with "#", and the archive; it may declare, bind and publish nothing. (A SIEM
+# that may bind its own queues needs write on them, and RabbitMQ's write permission does
+# not tell queues from exchanges: it could publish without bound into an exchange of its
+# own, and streams it declared escape every queue limit.) An operator policy, which queue
+# arguments can lower but never raise, caps what waits in any queue named after a SIEM:
+# once the cap is reached the oldest entries go — the SIEM's verifier sees a gap and reads
+# it back from the archive — so a SIEM that stops reading cannot fill the broker.
 SIEM_QUEUE_POLICY = "sam-siem-queues"
 SIEM_QUEUE_MAX_BYTES = 256 * 1024 * 1024
-SIEM_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
+SIEM_QUEUE_MAX_LENGTH = 1_000_000  # entries are small; bounds the per-message overhead too
+
+
+def siem_queue(siem: str) -> str:
+    """The queue the definitions declare for a SIEM user on sam.audit."""
+    return f"{siem}.audit"
 
 
 def _queue(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +134,11 @@ def definitions(
         _exchange(AUDIT_EXCHANGE, "topic"),
         _exchange(DEAD_LETTER_EXCHANGE, "fanout"),
     ]
+    # the arguments `sam-admin audit tail` declared these queues with before the
+    # definitions did, so that importing them onto an existing broker succeeds
+    queues += [_queue(siem_queue(siem), {"x-queue-type": "quorum"}) for siem in siems]
     bindings = [_binding(REQUESTS_EXCHANGE, q.queue_name, q.value) for q in QueueClass]
+    bindings += [_binding(AUDIT_EXCHANGE, siem_queue(siem), "#") for siem in siems]
     bindings += [_binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, "")]
     users = [
         {"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
@@ -147,12 +160,9 @@ def definitions(
         own = "^" + re.escape(reply_queue_prefix(caller)) + ".*$"
         permissions.append(_permission(caller, configure=own, write=_exact(REQUESTS_EXCHANGE), read=own))
     for siem in siems:
-        own = "^" + re.escape(f"{siem}.") + ".*$"
+        # its queue on sam.audit, and the archive to read back what the queue missed
         permissions.append(
-            # its own queues on sam.audit, and the archive to read back what they missed
-            _permission(
-                siem, configure=own, write=own, read=f"{own}|{_exact(AUDIT_EXCHANGE, AUDIT_ARCHIVE_STREAM)}"
-            )
+            _permission(siem, configure="^$", write="^$", read=_exact(siem_queue(siem), AUDIT_ARCHIVE_STREAM))
         )
     for bench in benchmarks or []:
         # the echo baseline of ops/bench: its own queues only, replies via amq.default
@@ -171,7 +181,7 @@ def definitions(
                     "priority": 0,
                     "definition": {
                         "max-length-bytes": SIEM_QUEUE_MAX_BYTES,
-                        "expires": SIEM_QUEUE_EXPIRES_MS,
+                        "max-length": SIEM_QUEUE_MAX_LENGTH,
                     },
                 },
             }
