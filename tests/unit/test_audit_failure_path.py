@@ -362,11 +362,12 @@ async def test_withheld_records_wait_for_the_sink_without_any_caller(rig: Rig) -
     assert len(rig.signatures) <= 5  # before, the failed try, a probe or two, the commit
 
 
-async def test_a_hung_write_at_shutdown_does_not_keep_the_process(tmp_path: Path) -> None:
-    """The I/O thread is a daemon: a write hung for good cannot keep the worker from
-    exiting; the withheld record goes to a side file."""
-    broker = Broker()
-    trail = AuditTrail("node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, broker.to_archive, 0.3)
+async def _stuck_on_a_fifo(tmp_path: Path, broker: Broker, **options: Any) -> tuple[AuditTrail, Path]:
+    """A trail whose file is a FIFO nobody reads: its first request is refused (503) at
+    the bound while the open hangs in the I/O thread."""
+    trail = AuditTrail(
+        "node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, broker.to_archive, 0.3, **options
+    )
     trail.start()
     path = tmp_path / "w" / "service.jsonl"
     path.unlink(missing_ok=True)
@@ -375,6 +376,13 @@ async def test_a_hung_write_at_shutdown_does_not_keep_the_process(tmp_path: Path
     event = AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id="hung")
     with pytest.raises(SamError):
         await trail.record(event)
+    return trail, path
+
+
+async def test_a_hung_write_at_shutdown_does_not_keep_the_process(tmp_path: Path) -> None:
+    """The I/O thread is a daemon: a write hung for good cannot keep the worker from
+    exiting; the withheld record goes to a side file."""
+    trail, path = await _stuck_on_a_fifo(tmp_path, Broker())
     started = time.monotonic()
     await trail.close()
     assert time.monotonic() - started < 2
@@ -409,21 +417,11 @@ async def test_a_file_operation_hung_for_good_ends_the_process(tmp_path: Path) -
     open, so past ``hung_after`` the trail asks for a restart (``on_hung``, once) instead
     of answering audit_unavailable for ever; the next start refuses the FIFO at once
     rather than hanging in its own read of the file."""
-    broker = Broker()
-    hung: list[float] = []
-    trail = AuditTrail(
-        "node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, broker.to_archive, 0.3,
-        on_hung=lambda: hung.append(time.monotonic()), hung_after=1.0,
-    )  # fmt: skip
-    trail.start()
-    path = tmp_path / "w" / "service.jsonl"
-    path.unlink(missing_ok=True)
-    os.mkfifo(path)
-    trail.reopen()
-    event = AuditEvent(AuditLog.service, "signatures.create", Outcome.success, 200, request_id="hung")
+    broker, hung = Broker(), []
     started = time.monotonic()
-    with pytest.raises(SamError):
-        await trail.record(event)
+    trail, path = await _stuck_on_a_fifo(
+        tmp_path, broker, on_hung=lambda: hung.append(time.monotonic()), hung_after=1.0
+    )
     for _ in range(40):
         if hung:
             break
