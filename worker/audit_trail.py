@@ -108,24 +108,32 @@ def audit_file(audit_dir: Path, instance: str, audit_log: AuditLog) -> Path:
     return audit_dir / instance / f"{audit_log}.jsonl"
 
 
+def _regular_file_at(path: Path) -> bool:
+    """Whether a regular file is at ``path`` (False: nothing is). Anything else — a FIFO,
+    whose open would hang this start for good, a device, a folder — stops the start,
+    named, for the operator to move away."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise SamError(ErrorCode.audit_unavailable, f"{path} is not a regular file: move it away")
+    return True
+
+
 def _recover(path: Path, head_file: Path) -> tuple[ChainHead, list[str], set[str]]:
     """Cut an incomplete last batch off ``path``; return where the chain stands, the
     checkpoints still to retract (see the module docstring) and which side-file lines
     the file's committed records were read back from (``_read_back_unwritten``)."""
     head, retracts = ChainHead(), []
     read_back: set[str] = set()
-    if head_file.exists():
+    if _regular_file_at(head_file):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             saved = orjson.loads(head_file.read_bytes())
             head = ChainHead(int(saved["seq"]), str(saved["hash"]))
             retracts = [str(h) for h in saved.get("retracts", [])]
-    if not path.exists():
+    if not _regular_file_at(path):
         return head, retracts, read_back
-    if not stat.S_ISREG(path.stat().st_mode):
-        # a FIFO would hang this read for good, before the worker ever serves
-        raise SamError(
-            ErrorCode.audit_unavailable, f"the audit file {path} is not a regular file: move it away"
-        )
     keep, in_file = 0, None
     batch_read_back: set[str] = set()
     with path.open("rb") as handle:
@@ -289,20 +297,24 @@ class _IoThread(concurrent.futures.Executor):
     cannot keep the process from exiting."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any], str] | None]
         self._jobs = queue.SimpleQueue()
         self.running_since: float | None = None  # monotonic start of the job in hand
+        self.running = ""  # and what it is
         self._thread = threading.Thread(target=self._run, name="audit-io", daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put((future, lambda: fn(*args, **kwargs)))
+        what = getattr(fn, "__name__", "a file job").lstrip("_")
+        if args and isinstance(args[0], _Log):
+            what += f" ({args[0].path.name})"
+        self._jobs.put((future, lambda: fn(*args, **kwargs), what))
         return future
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, call = job
+            future, call, self.running = job
             if not future.set_running_or_notify_cancel():
                 continue
             self.running_since = time.monotonic()
@@ -419,10 +431,11 @@ class AuditTrail:
             since = self._io.running_since
             if since is not None and time.monotonic() - since > self._hung_after:
                 log.critical(
-                    "audit: a file operation has not returned for %.0f s (a FIFO or a hung file system "
-                    "at %s?)",
+                    "audit: a file operation (%s) has not returned for %.0f s: a FIFO or a hung file "
+                    "system in %s?",
+                    self._io.running,
                     time.monotonic() - since,
-                    ", ".join(str(state.path) for state in self._logs.values()),
+                    next(iter(self._logs.values())).path.parent,
                 )
                 on_hung()
                 return
@@ -777,9 +790,14 @@ class AuditTrail:
     def _save_head(state: _Log, head: ChainHead, retracts: list[str]) -> None:
         """Where the chain stands, for a restart after the file was rotated away. Only
         a hint (the file itself is the truth), so a failure here fails nothing."""
+        temporary = state.head_file.with_suffix(".head.tmp")
         with contextlib.suppress(OSError):
-            temporary = state.head_file.with_suffix(".head.tmp")
-            temporary.write_bytes(orjson.dumps({"seq": head.seq, "hash": head.hash, "retracts": retracts}))
+            # never blocks nor follows a link: a FIFO put there would hang the I/O thread
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOFOLLOW
+            with os.fdopen(os.open(temporary, flags, 0o640), "wb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    return
+                handle.write(orjson.dumps({"seq": head.seq, "hash": head.hash, "retracts": retracts}))
             os.replace(temporary, state.head_file)
 
     # --- side files of records that could not be chained ----------------------------------
@@ -794,13 +812,14 @@ class AuditTrail:
         left alone, for the operator."""
         for side in sorted(state.path.parent.glob(f"{state.path.stem}.unwritten-*")):
             try:
+                _regular_file_at(side)
                 lines = side.read_bytes().splitlines()
                 records = [
                     (_unwritten_record(line, side, number), f"{side.name}:{number}")
                     for number, line in enumerate(lines, 1)
                     if line.strip()
                 ]
-            except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            except (OSError, SamError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
                 log.error("audit: %s left as it is: not readable as records (%s)", side, type(exc).__name__)
                 continue
             waiting = [record for record, where in records if where not in chained]

@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -455,3 +456,32 @@ async def test_a_sink_that_keeps_returning_is_not_hung(rig: Rig) -> None:
     finally:
         await trail.close()
     assert hung == []
+
+
+async def test_fifos_beside_the_log_neither_hang_nor_stop_the_trail(tmp_path: Path) -> None:
+    """What else the trail opens, a FIFO in its place: the head file stops the start,
+    named (its open would hang the start for good); a side file is left alone, logged;
+    the head file's temporary, written after every commit, is skipped — batches go on."""
+    broker, folder = Broker(), tmp_path / "w"
+    folder.mkdir()
+
+    def trail() -> AuditTrail:
+        return AuditTrail("node-1", "w", tmp_path, SoftwareHsm().sign_audit_digest, broker.to_archive, 1.0)
+
+    os.mkfifo(folder / "service.head")
+    with pytest.raises(SamError, match=r"service\.head is not a regular file"):
+        trail()
+    (folder / "service.head").unlink()
+    os.mkfifo(folder / "service.unwritten-1")
+    os.mkfifo(folder / "service.head.tmp")
+    running = trail()
+    running.start()
+    try:
+        for n in range(3):
+            event = AuditEvent(
+                AuditLog.service, "signatures.create", Outcome.success, 200, request_id=f"r{n}"
+            )
+            await asyncio.wait_for(running.record(event), 5)
+    finally:
+        await running.close()
+    assert stat.S_ISFIFO((folder / "service.unwritten-1").stat().st_mode)  # left for the operator

@@ -137,6 +137,12 @@ def rabbitmq_config(listener: str, ca_file: Path, server: Path, definitions_file
             # messages (refused unread as message_too_large) would need gigabytes. A request
             # is at most 256 KiB of body; audit and ledger batches stay far below 16 MiB.
             "max_message_size = 16777216",
+            # A client can make RabbitMQ 3.10 log a crash report of hundreds of KB per
+            # connection (a stream consumer whose x-stream-offset has a type it does not
+            # expect): the log must not be able to fill the disk, whose alarm would block
+            # every publisher.
+            "log.file.rotation.size = 10485760",
+            "log.file.rotation.count = 5",
             *([f"load_definitions = {definitions_file}"] if definitions_file else []),
             "",
         ]
