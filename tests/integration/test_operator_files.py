@@ -13,10 +13,11 @@ import pwd
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -101,10 +102,22 @@ async def worker_as(harness: Harness, instance: str, audit_dir: Path, user: str)
                 await harness.stop_worker(instance)
 
 
+@pytest.fixture
+def log_folder() -> Iterator[Path]:
+    """A folder as /var/log is: open to every account on the way down (logrotate works
+    in it as ``sam``: its ``su``), unlike pytest's own temporary folders."""
+    folder = Path(tempfile.mkdtemp(prefix="sam-test-log-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 async def test_shipped_logrotate_file_rotates_a_non_root_worker_under_load(
-    harness: Harness, signing: Signing, account: pwd.struct_passwd, tmp_path: Path
+    harness: Harness, signing: Signing, account: pwd.struct_passwd, tmp_path: Path, log_folder: Path
 ) -> None:
-    audit_dir, instance = tmp_path / "sam-worker", "worker-as-sam"
+    audit_dir, instance = log_folder / "sam-worker", "worker-as-sam"
     audit_dir.mkdir(mode=0o750)
     os.chown(audit_dir, account.pw_uid, account.pw_gid)  # systemd's LogsDirectory= does this
     shipped = (ROOT / "ops" / "logrotate" / "sam-worker").read_text()

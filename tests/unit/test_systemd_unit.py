@@ -84,6 +84,7 @@ def test_the_unit_and_the_logrotate_file_agree() -> None:
     ]
     user, group = unit["User"][0], unit["Group"][0]
     assert f"create 0640 {user} {group}" in directives and "copytruncate" not in directives
+    assert f"su {user} {group}" in directives  # logrotate works in the folder as its owner
     assert "dateext" in directives  # no renaming of thousands of files at each rotation
     # the audit folder: systemd makes /var/log/<LogsDirectory> for the account, the worker
     # writes there, logrotate looks there
