@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.stack/venv"
-APT_PACKAGES=(rabbitmq-server softhsm2 openssl python3-venv logrotate poppler-utils prometheus rsyslog rsyslog-gnutls systemd iproute2 docker-compose)
+APT_PACKAGES=(rabbitmq-server softhsm2 openssl python3-venv logrotate poppler-utils prometheus rsyslog rsyslog-relp systemd iproute2 docker-compose)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi

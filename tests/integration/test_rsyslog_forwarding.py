@@ -1,20 +1,26 @@
 """rsyslog forwarding as shipped: a real rsyslogd with ``ops/rsyslog/sam-worker.conf``
-reads a worker's audit files and forwards them over mutual TLS to a real rsyslogd with
-``ops/rsyslog/siem-receiver.conf``, both with only their placeholders substituted and
-certificates of the dev PKI. Restarted under load, the sender delivers every line once,
-byte for byte, and the received copy verifies; the receiver takes nobody else's lines."""
+reads a worker's audit files and forwards them over RELP with mutual TLS to a real
+rsyslogd with ``ops/rsyslog/siem-receiver.conf``, both with only their placeholders
+substituted and certificates of the dev PKI. Restarted under load, the sender delivers
+every line once, in order, byte for byte; restarted under load, the receiver loses none
+(what it had not acknowledged comes again, byte for byte); the longest line arrives
+whole; each received copy verifies; the receiver takes nobody else's lines."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -103,7 +109,7 @@ class Configs:
 
 def rsyslogd() -> str:
     found = shutil.which("rsyslogd")
-    assert found, "no rsyslogd: rsyslog and rsyslog-gnutls are in ops/lib.sh's APT_PACKAGES"
+    assert found, "no rsyslogd: rsyslog and rsyslog-relp are in ops/lib.sh's APT_PACKAGES"
     return found
 
 
@@ -135,11 +141,17 @@ class Rsyslogd:
                 stderr=subprocess.STDOUT,
             )
 
+    def stall(self) -> None:
+        """SIGSTOP: it reads nothing more, like a receiver that falls behind, until stopped."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
     def stop(self) -> None:
         """SIGTERM, as systemd stops it, and wait for it to save its state and exit."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
+        self.process.send_signal(signal.SIGCONT)  # a stalled one goes on, to its stop
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
@@ -178,6 +190,53 @@ async def arrived(
         await asyncio.sleep(0.2)
 
 
+@contextlib.asynccontextmanager
+async def under_load(signing: Signing, admin: SamClient) -> AsyncIterator[list[RawReply]]:
+    """Signature requests eight at a time, and an admin request after each eight (a line
+    of the admin log too), until the block ends; the replies."""
+    replies: list[RawReply] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            replies.extend(reply for _, reply in await asyncio.gather(*(signing.send() for _ in range(8))))
+            await admin.get_configuration()
+
+    loader = asyncio.create_task(load())
+    try:
+        yield replies
+    finally:
+        stop.set()
+        await loader
+
+
+def differences(sent: list[bytes], received: list[bytes]) -> tuple[Counter[bytes], Counter[bytes]]:
+    """The lines sent that did not arrive (as often as sent), and those that arrived more
+    often than sent or were never sent."""
+    return Counter(sent) - Counter(received), Counter(received) - Counter(sent)
+
+
+def verify_transport_copies(harness: Harness, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    """``sam-admin audit verify --transport-copies``: a line delivered twice, byte for byte,
+    is counted, not reported (``verify_audit`` verifies a worker's own files, without it)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli.admin",
+            "audit",
+            "verify",
+            "--infrastructure",
+            str(harness.stack.infrastructure_file),
+            "--transport-copies",
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("name", ["sam-worker.conf", "siem-receiver.conf"])
 def test_rsyslogd_accepts_the_shipped_config(own_pki: DevPki, tmp_path: Path, name: str) -> None:
     """``rsyslogd -N1``: every parameter is known to this rsyslog (a misspelt one is an
@@ -191,6 +250,37 @@ def test_rsyslogd_accepts_the_shipped_config(own_pki: DevPki, tmp_path: Path, na
     assert "error" not in result.stderr.lower(), result.stderr
 
 
+def test_the_longest_line_arrives_byte_for_byte(own_pki: DevPki, tmp_path: Path) -> None:
+    """A record of limits.max_digests_per_request at its maximum (10000 digests, some 680
+    KB) and lines with what framing or escaping could change (UTF-8, a backslash, a quote)
+    arrive as written, in order: nothing cut at a size limit, escaped or given a space."""
+    configs = Configs(own_pki, tmp_path, tmp_path / "audit", PROBE_PORT)
+    digests = ",".join(f'"{i:064x}"' for i in range(10000))
+    lines = [
+        b'{"type":"record","seq":1,"detail":"Zo\xc3\xab \\\\ \\" \xe2\x82\xac"}',
+        b'{"type":"record","seq":2,"dtbs_sha256":[' + digests.encode() + b"]}",
+        b'{"type":"record","seq":3}',
+    ]
+    assert len(lines[1]) > 670_000
+    (configs.audit_dir / "worker-long").mkdir()
+    (configs.audit_dir / "worker-long" / "service.jsonl").write_bytes(
+        b"".join(line + b"\n" for line in lines)
+    )
+    receiver, sender = Rsyslogd("receiver", configs.receiver), Rsyslogd("sender", configs.sender)
+    try:
+        receiver.start()
+        receiver.wait_listening(PROBE_PORT)
+        sender.start()
+        received = asyncio.run(arrived(configs, {"service": lines, "admin": []}, seconds=10))
+    finally:
+        sender.stop()
+        receiver.stop()
+    assert received["service"] == lines, (
+        [len(line) for line in received["service"]],
+        f"{sender.log[-3000:]}\n{receiver.log[-3000:]}",
+    )
+
+
 async def test_every_line_arrives_once_across_a_sender_restart_and_verifies(
     harness: Harness, signing: Signing, admin: SamClient, tmp_path: Path
 ) -> None:
@@ -198,34 +288,22 @@ async def test_every_line_arrives_once_across_a_sender_restart_and_verifies(
     configs = Configs(harness.stack.pki, tmp_path, tmp_path / "audit", RECEIVER_PORT)
     receiver, sender = Rsyslogd("receiver", configs.receiver), Rsyslogd("sender", configs.sender)
     files = {log: configs.audit_dir / instance / f"{log}.jsonl" for log in LOGS}
-    replies: list[RawReply] = []
     try:
         receiver.start()
         await asyncio.to_thread(receiver.wait_listening, RECEIVER_PORT)
         async with own_worker(harness, instance, configs.audit_dir):
             sender.start()  # after the worker's first lines: a file first seen is read from its start
-            stop = asyncio.Event()
-
-            async def load() -> None:
-                while not stop.is_set():
-                    replies.extend(
-                        reply for _, reply in await asyncio.gather(*(signing.send() for _ in range(8)))
-                    )
-                    await admin.get_configuration()  # a line of the admin log too
-
-            loader = asyncio.create_task(load())
-            await asyncio.sleep(3)
-            await asyncio.to_thread(sender.stop)
-            received_before = len(configs.received_lines("service"))
-            written_at_stop = len(lines_of(files["service"]))
-            # where imfile goes on from after the restart (else it would read the files again)
-            assert list(configs.work_dir.glob("imfile-state:*")), sender.log
-            await asyncio.sleep(0.5)
-            written_at_start = len(lines_of(files["service"]))
-            sender.start()
-            await asyncio.sleep(2)
-            stop.set()
-            await loader
+            async with under_load(signing, admin) as replies:
+                await asyncio.sleep(3)
+                await asyncio.to_thread(sender.stop)
+                received_before = len(configs.received_lines("service"))
+                written_at_stop = len(lines_of(files["service"]))
+                # where imfile goes on from after the restart (else it would read the files again)
+                assert list(configs.work_dir.glob("imfile-state:*")), sender.log
+                await asyncio.sleep(0.5)
+                written_at_start = len(lines_of(files["service"]))
+                sender.start()
+                await asyncio.sleep(2)
         # the worker has stopped: its files are final
         sent = {log: lines_of(path) for log, path in files.items()}
         received = await arrived(configs, sent)
@@ -243,16 +321,14 @@ async def test_every_line_arrives_once_across_a_sender_restart_and_verifies(
     for log in LOGS:
         # every line of the worker's file arrived exactly once, byte for byte (nothing lost,
         # re-read after the restart, cut at a size limit, escaped or given a leading space)
-        missing, extra = (
-            Counter(sent[log]) - Counter(received[log]),
-            Counter(received[log]) - Counter(sent[log]),
-        )
+        missing, extra = differences(sent[log], received[log])
         assert not missing and not extra, (
             f"{log}: {sum(missing.values())} missing, {sum(extra.values())} extra\n"
             f"{sender.log[-3000:]}\n{receiver.log[-3000:]}"
         )
-        # and no second copy came late
-        assert Counter(late[log]) == Counter(sent[log]), f"{log}: delivered twice"
+        # in the order written, and no second copy came late
+        assert received[log] == sent[log], f"{log}: out of order"
+        assert late[log] == sent[log], f"{log}: delivered twice"
     # the received copy verifies on its own: chains complete, every checkpoint signed
     copies = sorted(configs.received.glob("*/*.jsonl"))
     result = verify(harness, copies)
@@ -260,11 +336,101 @@ async def test_every_line_arrives_once_across_a_sender_restart_and_verifies(
     assert f"/{instance}/service:" in result.stdout and f"/{instance}/admin:" in result.stdout, result.stdout
 
 
-def _send_over_tls(
+async def test_every_line_arrives_across_a_receiver_restart_and_verifies(
+    harness: Harness, signing: Signing, admin: SamClient, tmp_path: Path
+) -> None:
+    """The receiver stopped (SIGTERM) and started again under load, while the sender
+    catches up with what the worker wrote before it started. Lines must be on their way at
+    the stop, or there is nothing to lose: so the receiver first falls behind for half a
+    second (SIGSTOP), as a busy one does, while the sender goes on sending. Every line
+    arrives, the first copies in the order written; a line that arrives again is byte for
+    byte a line sent, which ``audit verify --transport-copies`` counts, and the copy
+    verifies."""
+    instance = "worker-rsyslog-receiver"
+    configs = Configs(harness.stack.pki, tmp_path, tmp_path / "audit", RECEIVER_PORT)
+    receiver, sender = Rsyslogd("receiver", configs.receiver), Rsyslogd("sender", configs.sender)
+    files = {log: configs.audit_dir / instance / f"{log}.jsonl" for log in LOGS}
+    try:
+        receiver.start()
+        await asyncio.to_thread(receiver.wait_listening, RECEIVER_PORT)
+        async with own_worker(harness, instance, configs.audit_dir), under_load(signing, admin) as replies:
+            await asyncio.sleep(2)  # lines for the sender to catch up with
+            sender.start()
+            deadline = time.monotonic() + 10
+            while not configs.received_lines("service"):
+                assert time.monotonic() < deadline, f"nothing forwarded\n{sender.log}\n{receiver.log}"
+                await asyncio.sleep(0.01)
+            receiver.stall()
+            written_at_stall = len(lines_of(files["service"]))
+            await asyncio.sleep(0.5)
+            written_at_stop = len(lines_of(files["service"]))
+            await asyncio.to_thread(receiver.stop)
+            received_before = len(configs.received_lines("service"))
+            await asyncio.sleep(1)
+            written_at_start = len(lines_of(files["service"]))
+            receiver.start()
+            await asyncio.to_thread(receiver.wait_listening, RECEIVER_PORT)
+            await asyncio.sleep(2)
+        sent = {log: lines_of(path) for log, path in files.items()}
+        received = await arrived(configs, sent, seconds=25)
+    finally:
+        sender.stop()
+        receiver.stop()
+
+    assert len(replies) > 50 and all(r.status == 200 for r in replies), [r.json() for r in replies[:3]]
+    # lines had arrived before the stall, lines were written during it (the sender sent
+    # them to a receiver that read nothing) and while no receiver was running
+    assert received_before > 0 and written_at_stall < written_at_stop < written_at_start, (
+        received_before,
+        written_at_stall,
+        written_at_stop,
+        written_at_start,
+    )
+    assert sent["admin"], "no admin line: the admin log's path through both configs is untested"
+    copies = 0
+    for log in LOGS:
+        missing, extra = differences(sent[log], received[log])
+        assert not missing, (
+            f"{log}: {sum(missing.values())} of {len(sent[log])} lines lost across the receiver's "
+            f"restart\n{sender.log[-3000:]}\n{receiver.log[-3000:]}"
+        )
+        # what arrived again is a line sent, byte for byte, nothing else; and the first
+        # copies came in the order written
+        assert set(extra) <= set(sent[log]), f"{log}: lines that were never sent arrived"
+        assert list(dict.fromkeys(received[log])) == sent[log], f"{log}: out of order"
+        copies += sum(extra.values())
+    result = verify_transport_copies(harness, sorted(configs.received.glob("*/*.jsonl")))
+    assert result.returncode == 0 and "BAD " not in result.stdout, result.stdout
+    assert f"/{instance}/service:" in result.stdout and f"/{instance}/admin:" in result.stdout, result.stdout
+    assert not copies or f", {copies} lines delivered twice" in result.stdout, (copies, result.stdout)
+
+
+RELP_FRAME = re.compile(rb"(\d+) (\w+) (\d+)[ \n]")
+
+
+def _relp_frame(txnr: int, command: bytes, data: bytes) -> bytes:
+    return b"%d %s %d %s\n" % (txnr, command, len(data), data)
+
+
+def _read_relp_frame(tls: ssl.SSLSocket) -> tuple[int, bytes, bytes]:
+    """The next RELP frame the receiver sends: transaction number, command, data."""
+    buffer = b""
+    while True:
+        header = RELP_FRAME.match(buffer)
+        if header and len(buffer) >= header.end() + int(header[3]):
+            return int(header[1]), header[2], buffer[header.end() : header.end() + int(header[3])]
+        chunk = tls.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"the receiver hung up after {buffer!r}")
+        buffer += chunk
+
+
+def _send_over_relp(
     pki: DevPki, port: int, line: bytes, client: str | None, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
-) -> Exception | None:
-    """Send ``line`` as the sender does (RFC 5424, octet-counted) as ``client`` (no
-    certificate if ``None``), over TLS ``version`` only; what failed, if anything did."""
+) -> tuple[int, bytes, bytes] | Exception:
+    """Open a RELP session as the sender does, as ``client`` (no certificate if
+    ``None``) over TLS ``version`` only, and send ``line`` in an RFC 5424 message; the
+    receiver's answer to it, or what failed."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(pki.ca_file)
     with warnings.catch_warnings():
@@ -279,42 +445,64 @@ def _send_over_tls(
             socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
             context.wrap_socket(raw, server_hostname=RECEIVER_NAME) as tls,
         ):
-            tls.sendall(b"%d %s" % (len(message), message))
+            tls.sendall(_relp_frame(1, b"open", b"relp_version=0\nrelp_software=probe\ncommands=syslog"))
+            txnr, command, data = _read_relp_frame(tls)
+            if (txnr, command) != (1, b"rsp") or not data.startswith(b"200 "):
+                return ConnectionError(f"session not opened: {txnr} {command!r} {data!r}")
+            tls.sendall(_relp_frame(2, b"syslog", message))
+            return _read_relp_frame(tls)
     except OSError as exc:  # ssl.SSLError is one
         return exc
-    return None
+
+
+ACKNOWLEDGED = (2, b"rsp", b"200 OK")
 
 
 def test_the_receiver_takes_lines_only_from_permitted_senders_over_tls_1_2_or_later(
     own_pki: DevPki, tmp_path: Path
 ) -> None:
+    """A line is acknowledged (RELP ``200 OK``) and written only when it comes from a
+    client certificate of CA_FILE, issued for a TLS client, with a permitted name, over
+    TLS 1.2 or 1.3. Each refusal comes before any line is taken, so the sender knows."""
     pki = own_pki
     configs = Configs(pki, tmp_path, tmp_path / "audit", PROBE_PORT)
     pki.issue("rsyslog-intruder")  # a client certificate of the same CA, not permitted
+    # the same CA, the permitted name, but a TLS server certificate
+    server_side = DevPki(tmp_path / "pki-server-side")
+    shutil.copytree(pki.root, server_side.root, ignore=shutil.ignore_patterns(SENDER))
+    server_side.issue(SENDER, server=True)
     receiver = Rsyslogd("receiver", configs.receiver)
     try:
         receiver.start()
         receiver.wait_listening(PROBE_PORT)
-        # TLS 1.1 with a permitted certificate: the receiver hangs up in the handshake (not
-        # this client refusing to offer it: that would be another error)
-        refused = _send_over_tls(pki, PROBE_PORT, b'{"probe":"tls1.1"}', SENDER, ssl.TLSVersion.TLSv1_1)
-        assert isinstance(refused, (ssl.SSLEOFError, ConnectionResetError)), refused
-        # no client certificate, or one whose name is not permitted (permittedPeer): rsyslog
-        # judges the peer once the handshake is done, so sending may seem to succeed; only
-        # what arrives tells
-        _send_over_tls(pki, PROBE_PORT, b'{"probe":"anonymous"}', None)
-        _send_over_tls(pki, PROBE_PORT, b'{"probe":"intruder"}', "rsyslog-intruder")
-        # the control: the permitted sender gets through, over TLS 1.2 and 1.3
-        assert _send_over_tls(pki, PROBE_PORT, b'{"probe":"sender-1.2"}', SENDER) is None
-        assert (
-            _send_over_tls(pki, PROBE_PORT, b'{"probe":"sender-1.3"}', SENDER, ssl.TLSVersion.TLSv1_3) is None
-        )
-        deadline = time.monotonic() + 10
-        while len(configs.received_lines("service")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)  # for anything refused that would, wrongly, come after
+        probes = {
+            "tls1.1": _send_over_relp(pki, PROBE_PORT, b'{"probe":"tls1.1"}', SENDER, ssl.TLSVersion.TLSv1_1),
+            "anonymous": _send_over_relp(pki, PROBE_PORT, b'{"probe":"anonymous"}', None),
+            "intruder": _send_over_relp(pki, PROBE_PORT, b'{"probe":"intruder"}', "rsyslog-intruder"),
+            "server-cert": _send_over_relp(server_side, PROBE_PORT, b'{"probe":"server-cert"}', SENDER),
+            "sender-1.2": _send_over_relp(pki, PROBE_PORT, b'{"probe":"sender-1.2"}', SENDER),
+            "sender-1.3": _send_over_relp(
+                pki, PROBE_PORT, b'{"probe":"sender-1.3"}', SENDER, ssl.TLSVersion.TLSv1_3
+            ),
+        }
+        time.sleep(0.5)  # for anything refused that would, wrongly, be written after all
     finally:
         receiver.stop()
+    # TLS 1.1 is refused in the handshake for its version (tls.tlsCfgCmd MinProtocol;
+    # OpenSSL's defaults alone would answer internal_error), not by this client: it
+    # offers TLS 1.1
+    assert isinstance(probes["tls1.1"], ssl.SSLError) and "PROTOCOL_VERSION" in str(probes["tls1.1"]), probes
+    # no client certificate: the handshake fails; a server certificate: its purpose is
+    # checked (OpenSSL's, as rsyslog's gnutls driver did with CheckExtendedKeyPurpose)
+    assert isinstance(probes["anonymous"], ssl.SSLError), probes
+    assert isinstance(probes["server-cert"], ssl.SSLError) and "UNSUPPORTED_CERTIFICATE" in str(
+        probes["server-cert"]
+    ), probes
+    # a name not permitted: the handshake completes, then the receiver closes the session
+    # (serverclose) instead of opening it
+    assert isinstance(probes["intruder"], ConnectionError), probes
+    # the control: the permitted sender gets through, over TLS 1.2 and 1.3
+    assert probes["sender-1.2"] == probes["sender-1.3"] == ACKNOWLEDGED, (probes, receiver.log)
     assert sorted(configs.received_lines("service")) == [
         b'{"probe":"sender-1.2"}',
         b'{"probe":"sender-1.3"}',
