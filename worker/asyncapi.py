@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from worker import __version__
 from worker.domain.contract import (
     HEADER_ANSWER_BY,
     HEADER_REPEAT,
@@ -176,7 +177,7 @@ def asyncapi(
         "asyncapi": "3.0.0",
         "info": {
             "title": "sam-worker",
-            "version": "0.1.0",
+            "version": __version__,
             "description": "Signature Activation Module over RabbitMQ: Server Signing Applications "
             "publish requests signed with their registered key, the SAM answers on reply_to and "
             "streams audit entries. "

@@ -1,0 +1,46 @@
+"""The wheel as a Python user gets it, built here from the checkout: one version (the
+package's), the license file and the type-information marker inside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_wheel_carries_one_version_the_license_and_py_typed(tmp_path: Path) -> None:
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("sam_worker-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = Parser().parsestr(archive.read(metadata_name).decode())
+        license_files = [n for n in names if n.endswith("/licenses/LICENSE")]
+        assert license_files, sorted(n for n in names if "dist-info" in n)
+        assert "Apache License" in archive.read(license_files[0]).decode()
+    assert metadata["Version"] == worker.__version__
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert "worker/py.typed" in names
+    assert wheel.name.startswith(f"sam_worker-{worker.__version__}-")
