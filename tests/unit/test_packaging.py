@@ -3,6 +3,7 @@ package's), the license file and the type-information marker inside."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_wheel_carries_one_version_the_license_and_py_typed(tmp_path: Path) -> None:
+    # built from a copy of what the wheel is made of: setuptools leaves a build/ folder in
+    # the tree it builds, which a later build would take stale files from
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "worker", source / "worker", ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run(
         [
             sys.executable,
@@ -25,7 +33,7 @@ def test_the_wheel_carries_one_version_the_license_and_py_typed(tmp_path: Path) 
             "--quiet",
             "--wheel-dir",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
