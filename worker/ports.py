@@ -173,7 +173,7 @@ class Hsm(Protocol):
     """What the service needs of the cryptographic module.
 
     Calls are synchronous: SoftHSM runs without locking under python-pkcs11 and
-    measurements (DESIGN.md §4) showed inline calls on the event-loop thread, one
+    measurements on SoftHSM2 showed inline calls on the event-loop thread, one
     session per process, beat executor threads.
 
     Errors: ``SamError`` only — ``hsm_unavailable`` when the module fails, is away or

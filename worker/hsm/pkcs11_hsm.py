@@ -1,7 +1,7 @@
 """The ``Hsm`` port over PKCS#11 (python-pkcs11; SoftHSM2 by default).
 
-One session per process, used from the event-loop thread only (DESIGN.md §4: SoftHSM
-runs without locking under python-pkcs11). Provisioning the SAM's own keys lives in
+One session per process, used from the event-loop thread only (SoftHSM2 runs without
+locking under python-pkcs11). Provisioning the SAM's own keys lives in
 ``provisioning``, SoftHSM's process-level workarounds in ``softhsm``, and the one
 translation of python-pkcs11's exceptions in ``pkcs11_errors``.
 """

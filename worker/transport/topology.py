@@ -1,4 +1,4 @@
-"""Broker topology (DESIGN.md §2) in one place, and the RabbitMQ definitions that
+"""Broker topology (README: *The message contract*) in one place, and the RabbitMQ definitions that
 declare it with least-privilege users."""
 
 from __future__ import annotations
