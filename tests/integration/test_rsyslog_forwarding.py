@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import warnings
 from collections import Counter
@@ -30,6 +29,7 @@ from tests.integration.conftest import Harness
 from tests.integration.test_audit_trail import Signing, own_worker, signing, verify
 from worker.client import RawReply, SamClient
 from worker.devtools.pki import DevPki
+from worker.devtools.stack import verify_audit
 
 pytestmark = pytest.mark.integration
 
@@ -216,27 +216,6 @@ def differences(sent: list[bytes], received: list[bytes]) -> tuple[Counter[bytes
     return Counter(sent) - Counter(received), Counter(received) - Counter(sent)
 
 
-def verify_transport_copies(harness: Harness, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    """``sam-admin audit verify --transport-copies``: a line delivered twice, byte for byte,
-    is counted, not reported (``verify_audit`` verifies a worker's own files, without it)."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker.cli.admin",
-            "audit",
-            "verify",
-            "--infrastructure",
-            str(harness.stack.infrastructure_file),
-            "--transport-copies",
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("name", ["sam-worker.conf", "siem-receiver.conf"])
 def test_rsyslogd_accepts_the_shipped_config(own_pki: DevPki, tmp_path: Path, name: str) -> None:
     """``rsyslogd -N1``: every parameter is known to this rsyslog (a misspelt one is an
@@ -281,13 +260,21 @@ def test_the_longest_line_arrives_byte_for_byte(own_pki: DevPki, tmp_path: Path)
     )
 
 
+def forwarding(
+    harness: Harness, tmp_path: Path, instance: str
+) -> tuple[Configs, Rsyslogd, Rsyslogd, dict[str, Path]]:
+    """Both shipped files for this test, the two rsyslogd's (not started) and the files
+    of ``instance`` that the sender reads."""
+    configs = Configs(harness.stack.pki, tmp_path, tmp_path / "audit", RECEIVER_PORT)
+    receiver, sender = Rsyslogd("receiver", configs.receiver), Rsyslogd("sender", configs.sender)
+    return configs, receiver, sender, {log: configs.audit_dir / instance / f"{log}.jsonl" for log in LOGS}
+
+
 async def test_every_line_arrives_once_across_a_sender_restart_and_verifies(
     harness: Harness, signing: Signing, admin: SamClient, tmp_path: Path
 ) -> None:
     instance = "worker-rsyslog"
-    configs = Configs(harness.stack.pki, tmp_path, tmp_path / "audit", RECEIVER_PORT)
-    receiver, sender = Rsyslogd("receiver", configs.receiver), Rsyslogd("sender", configs.sender)
-    files = {log: configs.audit_dir / instance / f"{log}.jsonl" for log in LOGS}
+    configs, receiver, sender, files = forwarding(harness, tmp_path, instance)
     try:
         receiver.start()
         await asyncio.to_thread(receiver.wait_listening, RECEIVER_PORT)
@@ -347,9 +334,7 @@ async def test_every_line_arrives_across_a_receiver_restart_and_verifies(
     byte a line sent, which ``audit verify --transport-copies`` counts, and the copy
     verifies."""
     instance = "worker-rsyslog-receiver"
-    configs = Configs(harness.stack.pki, tmp_path, tmp_path / "audit", RECEIVER_PORT)
-    receiver, sender = Rsyslogd("receiver", configs.receiver), Rsyslogd("sender", configs.sender)
-    files = {log: configs.audit_dir / instance / f"{log}.jsonl" for log in LOGS}
+    configs, receiver, sender, files = forwarding(harness, tmp_path, instance)
     try:
         receiver.start()
         await asyncio.to_thread(receiver.wait_listening, RECEIVER_PORT)
@@ -399,7 +384,8 @@ async def test_every_line_arrives_across_a_receiver_restart_and_verifies(
         assert set(extra) <= set(sent[log]), f"{log}: lines that were never sent arrived"
         assert list(dict.fromkeys(received[log])) == sent[log], f"{log}: out of order"
         copies += sum(extra.values())
-    result = verify_transport_copies(harness, sorted(configs.received.glob("*/*.jsonl")))
+    received_files = sorted(configs.received.glob("*/*.jsonl"))
+    result = verify_audit(harness.stack.infrastructure_file, received_files, transport_copies=True)
     assert result.returncode == 0 and "BAD " not in result.stdout, result.stdout
     assert f"/{instance}/service:" in result.stdout and f"/{instance}/admin:" in result.stdout, result.stdout
     assert not copies or f", {copies} lines delivered twice" in result.stdout, (copies, result.stdout)

@@ -190,8 +190,11 @@ def create_sam_keys(conf: Path, pin_file: Path, node: str, out: Path) -> None:
     )
 
 
-def verify_audit(infrastructure: Path, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    """``sam-admin audit verify`` over ``files``."""
+def verify_audit(
+    infrastructure: Path, files: list[Path], *, transport_copies: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``sam-admin audit verify`` over ``files`` (``--transport-copies``: copies received
+    over an at-least-once transport, whose byte-identical second deliveries are counted)."""
     return subprocess.run(
         [
             sys.executable,
@@ -201,6 +204,7 @@ def verify_audit(infrastructure: Path, files: list[Path]) -> subprocess.Complete
             "verify",
             "--infrastructure",
             str(infrastructure),
+            *(["--transport-copies"] if transport_copies else []),
             *map(str, files),
         ],
         capture_output=True,
