@@ -297,24 +297,33 @@ class _IoThread(concurrent.futures.Executor):
     cannot keep the process from exiting."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any], str] | None]
+        self._jobs: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ]
         self._jobs = queue.SimpleQueue()
         self.running_since: float | None = None  # monotonic start of the job in hand
-        self.running = ""  # and what it is
+        self._running: tuple[Callable[..., Any], tuple[Any, ...]] | None = None  # and what it is
         self._thread = threading.Thread(target=self._run, name="audit-io", daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        what = getattr(fn, "__name__", "a file job").lstrip("_")
+        self._jobs.put((future, lambda: fn(*args, **kwargs), (fn, args)))
+        return future
+
+    def running(self) -> str:
+        """What the job in hand is (described only when asked: a hung job's message)."""
+        if self._running is None:
+            return "none"
+        fn, args = self._running
+        what = str(getattr(fn, "__name__", "a file job")).lstrip("_")
         if args and isinstance(args[0], _Log):
             what += f" ({args[0].path.name})"
-        self._jobs.put((future, lambda: fn(*args, **kwargs), what))
-        return future
+        return what
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, call, self.running = job
+            future, call, self._running = job
             if not future.set_running_or_notify_cancel():
                 continue
             self.running_since = time.monotonic()
@@ -433,7 +442,7 @@ class AuditTrail:
                 log.critical(
                     "audit: a file operation (%s) has not returned for %.0f s: a FIFO or a hung file "
                     "system in %s?",
-                    self._io.running,
+                    self._io.running(),
                     time.monotonic() - since,
                     next(iter(self._logs.values())).path.parent,
                 )

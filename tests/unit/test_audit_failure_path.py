@@ -413,7 +413,9 @@ async def test_a_rotation_without_a_reopen_signal_loses_nothing(rig: Rig, rotati
         _verified(rig, "file", lines)
 
 
-async def test_a_file_operation_hung_for_good_ends_the_process(tmp_path: Path) -> None:
+async def test_a_file_operation_hung_for_good_ends_the_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A FIFO nobody will ever open for reading: every later batch waits behind the hung
     open, so past ``hung_after`` the trail asks for a restart (``on_hung``, once) instead
     of answering audit_unavailable for ever; the next start refuses the FIFO at once
@@ -428,6 +430,7 @@ async def test_a_file_operation_hung_for_good_ends_the_process(tmp_path: Path) -
             break
         await asyncio.sleep(0.1)
     assert len(hung) == 1 and 1.0 <= hung[0] - started < 3.5, hung
+    assert "a file operation (write (service.jsonl)) has not returned" in caplog.text
     await asyncio.sleep(1.5)
     assert len(hung) == 1  # once
     await trail.close()
