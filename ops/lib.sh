@@ -24,14 +24,15 @@ ensure_packages() {
 
 ensure_venv() {
   local stamp="$VENV/.installed" want
-  want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+  want=$(cat "$ROOT/pyproject.toml" "$ROOT/ops/devtools/pyproject.toml" | sha256sum | cut -d' ' -f1)
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then return; fi
   echo "preparing the virtualenv in $VENV" >&2
   mkdir -p "$ROOT/.stack"
   [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
   local log="$ROOT/.stack/pip-install.log"
   if ! { "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1" &&
-    "$VENV/bin/python" -m pip install -q -e "$ROOT" --group "$ROOT/pyproject.toml:dev"; } >"$log" 2>&1; then
+    # the package with its extras, and the test tooling: a distribution of its own
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,pdf]" -e "$ROOT/ops/devtools"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "installing the Python packages failed (log: $log)" >&2
     return 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.devtools.stack import Stack
+from sam_devtools.stack import Stack
 
 PORT_BASE = int(os.environ.get("SAM_TEST_PORT_BASE", "26671"))
 

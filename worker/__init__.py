@@ -6,4 +6,4 @@ The package is laid out by responsibility: ``domain`` holds the pure decisions
 request, and ``client`` is the SDK a Server Signing Application uses.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

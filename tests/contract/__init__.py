@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from sam_devtools.stack import Stack
 from worker.cli.sam import ClientProfile
-from worker.devtools.stack import Stack
 from worker.settings import TlsFiles
 from worker.transport.amqp import tls_context
 

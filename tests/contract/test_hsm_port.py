@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from worker.devtools.stack import Stack
+from sam_devtools.stack import Stack
 from worker.domain.algorithms import (
     KeySpec,
     KeyType,

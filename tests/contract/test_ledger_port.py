@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from sam_devtools.stack import Stack
 from tests.contract import bench_stream
-from worker.devtools.stack import Stack
 from worker.domain.ledgers import KeyEvent, KeyEventLog
 from worker.errors import ErrorCode, SamError
 from worker.fakes import MemoryLedger, ReplicaLedger, SharedStream

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from sam_devtools.stack import Stack
 from tests.contract import bench_stream
-from worker.devtools.stack import Stack
 from worker.errors import ErrorCode, SamError
 from worker.fakes import MemoryResults
 from worker.ports import ResultStore, StoredResult

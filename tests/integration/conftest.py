@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 import pytest
 
+from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.stack import Stack
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient
-from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack
 
 pytestmark = pytest.mark.integration
 

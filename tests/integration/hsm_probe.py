@@ -16,7 +16,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from worker.devtools.bench import rss_kb
+from sam_devtools.bench import rss_kb
 from worker.domain.algorithms import KeyType, key_spec_from_template, signature_scheme
 from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
 from worker.hsm.softhsm import renew_library

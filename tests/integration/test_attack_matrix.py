@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey
 
+from sam_devtools.pki import private_key_pem
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import RawReply, SamClient, SamTimeout
-from worker.devtools.pki import private_key_pem
 
 pytestmark = pytest.mark.integration
 

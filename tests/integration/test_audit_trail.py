@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 import pytest
 
+from sam_devtools.stack import fill_filesystem, verify_audit
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import RawReply, SamClient
-from worker.devtools.stack import fill_filesystem, verify_audit
 from worker.transport.topology import VHOST, siem_queue
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from sam_devtools.stack import verify_audit
 from tests.integration.conftest import Harness
 from worker.client import SamClient
-from worker.devtools.stack import verify_audit
 
 pytestmark = pytest.mark.integration
 

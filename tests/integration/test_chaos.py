@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.devtools.chaos import run
+from sam_devtools.chaos import run
 
 pytestmark = pytest.mark.integration
 
@@ -58,8 +58,8 @@ async def test_each_kind_of_audit_outage_is_bounded_and_recorded_once() -> None:
     publishes costs nothing), the worker stays near idle, tries back off (fewer checkpoint
     signatures than requests), the log says each outage in a line or two, and every
     answered request has exactly one record saying what its caller got."""
-    from worker.devtools.audit_outages import KINDS
-    from worker.devtools.audit_outages import run as outages
+    from sam_devtools.audit_outages import KINDS
+    from sam_devtools.audit_outages import run as outages
 
     report = await outages(seconds=8, kinds=KINDS, port_base=30671)
     assert report["audit_verify_ok"], report

@@ -145,7 +145,7 @@ async def test_sam_sign_file_command(harness: Harness, ssa: SamClient, tmp_path:
     document = tmp_path / "report.txt"
     document.write_text("signed from the command line\n")
     sad_command = (
-        f"{sys.executable} -m worker.devtools.authorization_server --id dev-as "
+        f"{sys.executable} -m sam_devtools.authorization_server --id dev-as "
         f"--key {harness.stack.pki.jws_key('dev-as')} --audience {harness.sam_id} --signer {{signer}} "
         "--key-pair-id {key_pair_id} --dtbs {dtbs} --hash-oid {hash_oid}"
     )

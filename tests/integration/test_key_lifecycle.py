@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from joserfc import jws
 from joserfc.jwk import ECKey
 
+from sam_devtools.pki import private_key_pem
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import SamClient, SamRequestError
-from worker.devtools.pki import private_key_pem
 from worker.domain.algorithms import pss_parameters
 from worker.domain.certification import assemble_certification_request, build_certification_request_info
 

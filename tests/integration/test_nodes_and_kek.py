@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sam_devtools.stack import init_token, softhsm_config
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import SamClient, SamRequestError
-from worker.devtools.stack import init_token, softhsm_config
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sam_devtools.stack import verify_audit
 from tests.conftest import PORT_BASE
 from tests.integration.conftest import EC_SHA256, Harness
 from worker.client import SamClient, SamRequestError
-from worker.devtools.stack import verify_audit
 
 pytestmark = pytest.mark.integration
 

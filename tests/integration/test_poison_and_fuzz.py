@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from sam_devtools.bench import rss_kb
 from tests.integration.conftest import Harness
-from worker.devtools.bench import rss_kb
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT

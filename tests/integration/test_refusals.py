@@ -16,10 +16,10 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.pki import private_key_pem
 from tests.integration.conftest import Harness
 from worker.client import RawReply, SamClient
-from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.pki import private_key_pem
 
 pytestmark = pytest.mark.integration
 

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from sam_devtools.pki import DevPki
+from sam_devtools.stack import verify_audit
 from tests.conftest import PORT_BASE
 from tests.integration.conftest import Harness
 from tests.integration.test_audit_trail import Signing, own_worker, signing, verify
 from worker.client import RawReply, SamClient
-from worker.devtools.pki import DevPki
-from worker.devtools.stack import verify_audit
 
 pytestmark = pytest.mark.integration
 

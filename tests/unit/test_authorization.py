@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
 
-from worker.devtools.pki import private_key_pem, public_key_pem
+from sam_devtools.pki import private_key_pem, public_key_pem
 from worker.domain.authorization import (
     RequestBinding,
     SadExpectation,

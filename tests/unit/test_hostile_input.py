@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from joserfc import jws
 from joserfc.jwk import ECKey
 
-from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.pki import private_key_pem, public_key_pem
+from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.pki import private_key_pem, public_key_pem
 from worker.domain.algorithms import KeyType, key_spec_from_template
 from worker.domain.authorization import RequestBinding, request_jws_payload
 from worker.domain.configuration import StaticConfiguration, parse_dynamic

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jws
 from joserfc.jwk import ECKey
 
-from worker.devtools.pki import private_key_pem, public_key_pem
+from sam_devtools.pki import private_key_pem, public_key_pem
 from worker.domain.authorization import RequestBinding, request_jws_payload
 from worker.domain.configuration import StaticConfiguration
 from worker.domain.ledgers import Claimed, ConfigurationLog, KeyEvent, KeyEventLog, RequestIdentity, SadUseLog

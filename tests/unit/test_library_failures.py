@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from sam_devtools.pki import public_key_pem
 from tests.unit.test_authorization import EXPECTED, NOW, POLICY, SSA_KEY, STATE, claims
-from worker.devtools.pki import public_key_pem
 from worker.domain.authorization import RequestBinding, b64url, verify_request_jws, verify_sad
 from worker.domain.certification import (
     build_certification_request_info,

@@ -1,5 +1,6 @@
 """The wheel as a Python user gets it, built here from the checkout: one version (the
-package's), the license file and the type-information marker inside."""
+package's), the license file and the type-information marker inside, pyHanko only with
+the ``pdf`` extra, and none of the test tooling (which is a distribution of its own)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+import sam_devtools
 import worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_wheel_carries_one_version_the_license_and_py_typed(tmp_path: Path) -> None:
+def test_the_wheel_carries_one_version_the_license_py_typed_and_no_test_tooling(tmp_path: Path) -> None:
     # built from a copy of what the wheel is made of: setuptools leaves a build/ folder in
     # the tree it builds, which a later build would take stale files from
     source = tmp_path / "source"
@@ -49,6 +51,19 @@ def test_the_wheel_carries_one_version_the_license_and_py_typed(tmp_path: Path) 
         assert license_files, sorted(n for n in names if "dist-info" in n)
         assert "Apache License" in archive.read(license_files[0]).decode()
     assert metadata["Version"] == worker.__version__
+    tooling = sorted(n for n in names if "devtools" in n or n.split("/")[0] in ("tests", "ops"))
+    assert not tooling, tooling
+    assert {n.split("/")[0] for n in names} == {"worker", f"sam_worker-{worker.__version__}.dist-info"}
+    requires = metadata.get_all("Requires-Dist") or []
+    pdf = [r for r in requires if r.lower().startswith("pyhanko")]
+    assert pdf and all('extra == "pdf"' in r for r in pdf), pdf
+    assert not [r for r in requires if "devtools" in r], requires
+    assert set(metadata.get_all("Provides-Extra") or []) == {"pdf", "dev", "bench"}
     assert metadata["License-Expression"] == "Apache-2.0"
     assert "worker/py.typed" in names
     assert wheel.name.startswith(f"sam_worker-{worker.__version__}-")
+
+
+def test_the_tooling_keeps_the_package_version() -> None:
+    """Two distributions from one checkout, released together."""
+    assert sam_devtools.__version__ == worker.__version__

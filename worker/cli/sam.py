@@ -16,15 +16,17 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict
 
 from worker.client import SamClient, SamClientError, SamRequestError
-from worker.integrations.pdf import SamSigner, sign_detached, sign_pdf
 from worker.settings import TlsFiles
+
+if TYPE_CHECKING:
+    from worker.integrations.pdf import SamSigner
 
 __all__ = ["ClientProfile", "main"]
 
@@ -105,6 +107,8 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
                 await client.bind_key_pair(_load_json(args.key_pair), args.owner, args.authorization_server)
             )
         elif args.command in ("sign-pdf", "sign-file"):
+            from worker.integrations.pdf import sign_detached, sign_pdf
+
             signer = _document_signer(client, args)
             if args.command == "sign-pdf":
                 document = await sign_pdf(args.input.read_bytes(), signer, reason=args.reason)
@@ -151,6 +155,8 @@ def _certificate(path: Path) -> asn1_x509.Certificate:
 
 
 def _document_signer(client: SamClient, args: argparse.Namespace) -> SamSigner:
+    from worker.integrations.pdf import SamSigner
+
     key_pair = _load_json(args.key_pair)
 
     async def authorize(digest: bytes, hash_oid: str) -> str:

@@ -35,10 +35,10 @@ from typing import Any
 
 import orjson
 
+from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
-from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 
 __all__ = ["ChaosReport", "certified_key_pair", "main", "run", "signature_request"]
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     unanswered, an answer has no audit record or the audit trail does not verify."""
     argv = sys.argv[1:] if argv is None else argv
     if "--audit-outages" in argv:  # one outage of each kind of audit sink failure, measured
-        from worker.devtools import audit_outages
+        from sam_devtools import audit_outages
 
         audit_outages.main([a for a in argv if a != "--audit-outages"])
         return

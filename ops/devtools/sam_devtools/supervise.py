@@ -3,7 +3,7 @@
 worker, start it again after a non-zero exit (a lost HSM exits with 75), pass SIGTERM
 and SIGHUP on, and stop when the worker stops cleanly or on SIGTERM.
 
-Usage: ``python -m worker.devtools.supervise -- COMMAND...``
+Usage: ``python -m sam_devtools.supervise -- COMMAND...``
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ from typing import Any
 import aio_pika
 import orjson
 
+from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.stack import Stack
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamRequestError
-from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.stack import Stack
 from worker.settings import TlsFiles, load_infrastructure, read_secret
 from worker.transport.amqp import connect
 
@@ -238,7 +238,7 @@ def hsm_rate(stack: Stack, kind: str, mode: str, processes: int, seconds: float)
         "SAM_INFRASTRUCTURE_FILE": str(stack.infrastructure_file),
         "SAM_TOKEN_PIN_FILE": str(stack.path("secrets", "token-pin")),
     }
-    command = [sys.executable, "-m", "worker.devtools.bench", "hsm-loop", kind, mode, str(seconds)]
+    command = [sys.executable, "-m", "sam_devtools.bench", "hsm-loop", kind, mode, str(seconds)]
     children = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)
     ]
@@ -578,7 +578,7 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
     say("baseline: echo RPC")
     servers = [
         subprocess.Popen(
-            [sys.executable, "-m", "worker.devtools.bench", "echo-server", str(bench_profile)],
+            [sys.executable, "-m", "sam_devtools.bench", "echo-server", str(bench_profile)],
             env=stack.worker_env(),
             stdout=subprocess.PIPE,
             text=True,
@@ -604,7 +604,7 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
                 await measure("echo", call, concurrency, processes, servers[:processes])
             if processes == 1:
                 servers[1] = subprocess.Popen(
-                    [sys.executable, "-m", "worker.devtools.bench", "echo-server", str(bench_profile)],
+                    [sys.executable, "-m", "sam_devtools.bench", "echo-server", str(bench_profile)],
                     env=stack.worker_env(),
                     stdout=subprocess.PIPE,
                     text=True,

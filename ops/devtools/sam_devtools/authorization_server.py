@@ -2,7 +2,7 @@
 
 It signs whatever it is asked to, which is exactly what a real IdP/AS must not do;
 it exists so tests and the demo can produce SADs shaped like CSC v2 / OAuth2 RAR
-access tokens. Run ``python -m worker.devtools.authorization_server --help``.
+access tokens. Run ``python -m sam_devtools.authorization_server --help``.
 """
 
 from __future__ import annotations

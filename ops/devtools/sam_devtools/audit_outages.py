@@ -47,11 +47,11 @@ from typing import Any
 
 import orjson
 
+from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.chaos import certified_key_pair, signature_request
+from sam_devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
-from worker.devtools.authorization_server import DevAuthorizationServer
-from worker.devtools.chaos import certified_key_pair, signature_request
-from worker.devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
 from worker.transport.topology import VHOST, siem_queue
 
 __all__ = ["KINDS", "OutageFigures", "main", "run"]

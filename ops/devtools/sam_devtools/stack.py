@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.devtools.pki import DevPki
+from sam_devtools.pki import DevPki
 from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
 from worker.settings import load_infrastructure, read_secret
 from worker.transport.topology import AUDIT_ARCHIVE_STREAM, VHOST, definitions
@@ -610,7 +610,7 @@ class Stack:
         if metrics_port is not None:
             env = {**(env or {}), "SAM_METRICS_PORT": str(metrics_port)}
         if supervised:  # started again after a non-zero exit, like systemd Restart=on-failure
-            command = [sys.executable, "-m", "worker.devtools.supervise", "--", *command]
+            command = [sys.executable, "-m", "sam_devtools.supervise", "--", *command]
         if user is not None:
             ready = self.path("run", user, f"{instance}.ready")
             ready.parent.mkdir(exist_ok=True)

@@ -12,8 +12,8 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from worker.devtools.pki import DevPki
-from worker.devtools.stack import (
+from sam_devtools.pki import DevPki
+from sam_devtools.stack import (
     ADMINS,
     AUTHORIZATION_SERVERS,
     SAM_ID,
