@@ -170,6 +170,25 @@ class ErrorCode(Enum):
     def meaning(self) -> str:
         return self.value.meaning
 
+    # The SDK hands these to SSAs as ``SamRequestError.code``, where they meet the codes
+    # as strings: the wire's ("code": "unknown_user"), and callers' code written when
+    # ``code`` was a str (``exc.code == "unknown_user"``, ``exc.code in {"…"}``, f-strings).
+    # So a member equals the string of its name, hashes as that string and prints as it.
+    # It still equals no other member and not its (status, meaning) value; the worker
+    # compares members by identity and formats them by ``.name``.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.name == other
+        if isinstance(other, ErrorCode):
+            return self is other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
 
 class SamError(Exception):
     """A refusal with a stable code; ``message`` is ours and safe to send."""

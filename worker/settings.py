@@ -120,9 +120,14 @@ class WorkerSettings(BaseSettings):
 
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> WorkerSettings:
-    """Settings from ``config_file`` (TOML), then ``SAM_*`` variables, then ``overrides``."""
+    """Settings from ``config_file`` (TOML), then ``SAM_*`` variables, then ``overrides``.
+    A settings file that is named (here or by ``SAM_CONFIG_FILE``) must exist: silently
+    running on defaults and variables alone is not what its operator meant."""
     if config_file is not None:
         os.environ["SAM_CONFIG_FILE"] = str(config_file)
+    named = os.environ.get("SAM_CONFIG_FILE")
+    if named and not Path(named).is_file():
+        raise FileNotFoundError(f"settings file {named} does not exist or is not a file")
     return WorkerSettings(**overrides)  # type: ignore[arg-type]
 
 

@@ -10,7 +10,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from sam_devtools.stack import Stack
-from worker.cli.sam import ClientProfile
+from worker.client import ClientProfile
 from worker.settings import TlsFiles
 from worker.transport.amqp import tls_context
 

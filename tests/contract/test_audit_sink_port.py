@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sam_devtools.stack import Stack
 from worker.audit_trail import ArchiveRefused, AuditTrail, audit_file
-from worker.cli.sam import ClientProfile
+from worker.client import ClientProfile
 from worker.domain.audit import AuditEvent, AuditLog, Outcome, verify_entries
 from worker.errors import ErrorCode, SamError
 from worker.fakes import MemoryAudit, SoftwareHsm

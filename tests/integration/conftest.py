@@ -5,6 +5,7 @@ clients for an administrator, a registered SSA and an unregistered one."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import json
@@ -14,16 +15,41 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import BaseModel
 
 from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.raw_client import RawSamClient
 from sam_devtools.stack import Stack
-from worker.cli.sam import ClientProfile
 from worker.client import SamClient
+from worker.domain.contract import DynamicConfiguration, KeyPairObject
 
 pytestmark = pytest.mark.integration
 
 EC_SHA256 = "1.2.840.10045.4.3.2"
 RSA_SHA256 = "1.2.840.113549.1.1.11"
+
+
+def wire(model: BaseModel) -> dict[str, Any]:
+    """A contract model as the SDK sends it (JSON types, no null fields), for raw bodies."""
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+def key_id(key_pair: KeyPairObject) -> str:
+    """The id of a key pair copy the SAM returned (every one has it)."""
+    assert key_pair.id is not None, key_pair
+    return key_pair.id
+
+
+def certificate_der(key_pair: KeyPairObject) -> bytes:
+    """The DER certificate of a certified key pair copy the SAM returned."""
+    assert key_pair.certificate is not None, key_pair
+    return base64.b64decode(key_pair.certificate)
+
+
+def public_key_der(key_pair: KeyPairObject) -> bytes:
+    """The DER SubjectPublicKeyInfo of a key pair copy the SAM returned."""
+    assert key_pair.public_key is not None, key_pair
+    return base64.b64decode(key_pair.public_key)
 
 
 class Harness:
@@ -38,15 +64,21 @@ class Harness:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
     def base_configuration(self) -> dict[str, Any]:
-        """The demo configuration less ssa-2, which the tests use as the unregistered SSA."""
+        """The demo configuration less ssa-2, which the tests use as the unregistered SSA
+        (a document, for tests to change; ``base_config`` is it as the model)."""
         config = json.loads(self.stack.path("config", "dynamic_config.json").read_text())
         config["signing_service_privileged_users"] = [
             u for u in config["signing_service_privileged_users"] if u["id"] == "ssa-1"
         ]
         return copy.deepcopy(config)
 
-    def client(self, user: str) -> SamClient:
-        return ClientProfile.model_validate_json(self.stack.profile(user).read_text()).client()
+    def base_config(self, **changes: Any) -> DynamicConfiguration:
+        """``base_configuration`` with ``changes`` (e.g. ``version``), as the model."""
+        return DynamicConfiguration.model_validate({**self.base_configuration(), **changes})
+
+    def client(self, user: str) -> RawSamClient:
+        """An unconnected client of ``user``'s (with the test tooling's ``send``)."""
+        return RawSamClient.from_profile(self.stack.profile(user))
 
     async def certified_key_pair(
         self,
@@ -57,7 +89,7 @@ class Harness:
         pop_algorithm: str | None = None,
         pop_parameters: bytes | None = None,
         **assign_options: Any,
-    ) -> dict[str, Any]:
+    ) -> KeyPairObject:
         """The whole path to a usable key pair: create, assign, PoP, dev CA, update."""
         template = template or {"algorithm": "ECDSA", "named_curve": "secp256r1"}
         created = await client.create_key_pair(**template)
@@ -143,7 +175,7 @@ async def harness(stack: Stack) -> AsyncIterator[Harness]:
     harness.start_worker("worker-1")
     harness.start_worker("worker-2")
     async with harness.client("admin-1") as admin:
-        await admin.put_configuration(harness.base_configuration())
+        await admin.put_configuration(harness.base_config())
     yield harness
     for process in harness.workers.values():
         if process.poll() is None:
@@ -156,18 +188,18 @@ async def harness(stack: Stack) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture(scope="session")
-async def admin(harness: Harness) -> AsyncIterator[SamClient]:
+async def admin(harness: Harness) -> AsyncIterator[RawSamClient]:
     async with harness.client("admin-1") as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-async def ssa(harness: Harness) -> AsyncIterator[SamClient]:
+async def ssa(harness: Harness) -> AsyncIterator[RawSamClient]:
     async with harness.client("ssa-1") as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-async def unregistered_ssa(harness: Harness) -> AsyncIterator[SamClient]:
+async def unregistered_ssa(harness: Harness) -> AsyncIterator[RawSamClient]:
     async with harness.client("ssa-2") as client:
         yield client

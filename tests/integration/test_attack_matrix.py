@@ -22,8 +22,10 @@ from joserfc import jws
 from joserfc.jwk import ECKey
 
 from sam_devtools.pki import private_key_pem
-from tests.integration.conftest import EC_SHA256, Harness
-from worker.client import RawReply, SamClient, SamTimeout
+from sam_devtools.raw_client import RawSamClient
+from tests.integration.conftest import EC_SHA256, Harness, key_id, wire
+from worker.client import RawReply, SamTimeout
+from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
 
@@ -37,28 +39,31 @@ def b64url(data: bytes) -> str:
 @dataclass
 class Target:
     harness: Harness
-    ssa: SamClient
-    admin: SamClient
-    key_pair: dict[str, Any]  # certified, signer "victim"
-    deleted: dict[str, Any]
-    unassigned_copy: dict[str, Any]
-    assigned_uncertified: dict[str, Any]
+    ssa: RawSamClient
+    admin: RawSamClient
+    key_pair: KeyPairObject  # certified, signer "victim"
+    deleted: KeyPairObject
+    unassigned_copy: KeyPairObject
+    assigned_uncertified: KeyPairObject
 
     def claims(self, digests: list[bytes] | None = None, **changes: Any) -> dict[str, Any]:
         claims = self.harness.dev_as.sad_claims(
-            self.harness.sam_id, "victim", self.key_pair["id"], digests or [DIGEST]
+            self.harness.sam_id, "victim", key_id(self.key_pair), digests or [DIGEST]
         )
         claims.update(changes)
         return claims
 
     def body(
-        self, digests: list[bytes] | None = None, algorithm: str = EC_SHA256, key_pair: Any = None
+        self,
+        digests: list[bytes] | None = None,
+        algorithm: str = EC_SHA256,
+        key_pair: KeyPairObject | None = None,
     ) -> bytes:
         return orjson.dumps(
             {
                 "signature_algorithm": algorithm,
                 "requests": [{"dtbs": base64.b64encode(d).decode()} for d in (digests or [DIGEST])],
-                "key_pair": key_pair or self.key_pair,
+                "key_pair": wire(key_pair or self.key_pair),
                 "signer": {"id": "victim"},
             }
         )
@@ -101,7 +106,7 @@ async def _config_replay(t: Target) -> RawReply:
     """An administrator's earlier, validly signed configuration request sent again."""
     current = await t.admin.get_configuration()
     message_id = str(uuid.uuid4())
-    body = orjson.dumps(current)
+    body = orjson.dumps(wire(current))
     old_jws = t.admin.sign_request(body, message_id, "configurations.dynamic.put")
     reply = await t.admin.send("configurations.dynamic.put", body, request_jws=old_jws, message_id=message_id)
     assert reply is not None
@@ -111,7 +116,7 @@ async def _config_replay(t: Target) -> RawReply:
 async def _config_rollback(t: Target) -> RawReply:
     current = await t.admin.get_configuration()
     reply = await t.admin.send(
-        "configurations.dynamic.put", orjson.dumps({**current, "version": max(1, current["version"] - 1)})
+        "configurations.dynamic.put", orjson.dumps({**wire(current), "version": max(1, current.version - 1)})
     )
     assert reply is not None
     return reply
@@ -119,7 +124,7 @@ async def _config_rollback(t: Target) -> RawReply:
 
 async def _config_unknown_admin_key(t: Target) -> RawReply:
     current = await t.admin.get_configuration()
-    body = orjson.dumps({**current, "version": current["version"] + 1})
+    body = orjson.dumps({**wire(current), "version": current.version + 1})
     message_id = str(uuid.uuid4())
     payload = orjson.dumps(
         {
@@ -141,7 +146,7 @@ async def _config_unknown_admin_key(t: Target) -> RawReply:
 async def _pop_as_oracle(t: Target) -> RawReply:
     body = orjson.dumps(
         {
-            "key_pair": t.assigned_uncertified,
+            "key_pair": wire(t.assigned_uncertified),
             "request": {"dtbs": base64.b64encode(DIGEST).decode(), "signature_algorithm": EC_SHA256},
         }
     )
@@ -151,7 +156,9 @@ async def _pop_as_oracle(t: Target) -> RawReply:
 
 
 async def _reassign_old_copy(t: Target) -> RawReply:
-    body = orjson.dumps({"key_pair": t.unassigned_copy, "signer": {"id": "mallory"}, "subject": "CN=Mallory"})
+    body = orjson.dumps(
+        {"key_pair": wire(t.unassigned_copy), "signer": {"id": "mallory"}, "subject": "CN=Mallory"}
+    )
     reply = await t.ssa.send("signers.key_pairs.assign", body)
     assert reply is not None
     return reply
@@ -163,7 +170,7 @@ async def _deleted_key_pair(t: Target) -> RawReply:
             {
                 **t.claims(),
                 "authorization_details": [
-                    {**t.claims()["authorization_details"][0], "credentialID": t.deleted["id"]}
+                    {**t.claims()["authorization_details"][0], "credentialID": key_id(t.deleted)}
                 ],
             }
         ),
@@ -172,7 +179,7 @@ async def _deleted_key_pair(t: Target) -> RawReply:
 
 
 async def _foreign_sam_key_pair(t: Target) -> RawReply:
-    payload = t.key_pair["sealed"].split(".")[1]
+    payload = t.key_pair.sealed.split(".")[1]
     rogue = ECKey.import_key(private_key_pem(ec.generate_private_key(ec.SECP256R1())).decode())
     forged = jws.serialize_compact(
         {"alg": "ES256", "typ": "sam-key-pair+jws"},
@@ -180,7 +187,8 @@ async def _foreign_sam_key_pair(t: Target) -> RawReply:
         rogue,
     )
     return await t.sign(
-        t.harness.dev_as.sign_claims(t.claims()), t.body(key_pair={**t.key_pair, "sealed": forged})
+        t.harness.dev_as.sign_claims(t.claims()),
+        t.body(key_pair=t.key_pair.model_copy(update={"sealed": forged})),
     )
 
 

@@ -26,9 +26,11 @@ from typing import Any
 import orjson
 import pytest
 
+from sam_devtools.raw_client import RawSamClient
 from sam_devtools.stack import fill_filesystem, verify_audit
-from tests.integration.conftest import EC_SHA256, Harness
-from worker.client import RawReply, SamClient
+from tests.integration.conftest import EC_SHA256, Harness, key_id, wire
+from worker.client import RawReply
+from worker.domain.contract import KeyPairObject
 from worker.transport.topology import VHOST, siem_queue
 
 pytestmark = pytest.mark.integration
@@ -40,18 +42,18 @@ AUDIT_TIMEOUT = 2.0
 class Signing:
     """Signature requests by id, so each reply can be matched with its audit record."""
 
-    def __init__(self, harness: Harness, ssa: SamClient, key_pair: dict[str, Any], signer: str) -> None:
+    def __init__(self, harness: Harness, ssa: RawSamClient, key_pair: KeyPairObject, signer: str) -> None:
         self.harness, self.ssa, self.key_pair, self.signer = harness, ssa, key_pair, signer
 
     async def send(self, reply_timeout: float = 20) -> tuple[str, RawReply]:
         request_id = str(uuid.uuid4())
         digest = hashlib.sha256(request_id.encode()).digest()
-        sad = self.harness.dev_as.issue_sad(self.harness.sam_id, self.signer, self.key_pair["id"], [digest])
+        sad = self.harness.dev_as.issue_sad(self.harness.sam_id, self.signer, key_id(self.key_pair), [digest])
         body = orjson.dumps(
             {
                 "signature_algorithm": EC_SHA256,
                 "requests": [{"dtbs": base64.b64encode(digest).decode()}],
-                "key_pair": self.key_pair,
+                "key_pair": wire(self.key_pair),
                 "signer": {"id": self.signer},
             }
         )
@@ -63,7 +65,7 @@ class Signing:
 
 
 @pytest.fixture(scope="module")
-async def signing(harness: Harness, ssa: SamClient) -> Signing:
+async def signing(harness: Harness, ssa: RawSamClient) -> Signing:
     return Signing(harness, ssa, await harness.certified_key_pair(ssa, "audit-signer"), "audit-signer")
 
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from sam_devtools.stack import verify_audit
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, key_id
 from worker.client import SamClient
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ async def service_file(harness: Harness, ssa: SamClient, tmp_path_factory: pytes
     key_pair = await harness.certified_key_pair(ssa, "dora")
     for n in range(12):
         digest = hashlib.sha256(bytes([n])).digest()
-        sad = harness.dev_as.issue_sad(harness.sam_id, "dora", key_pair["id"], [digest])
+        sad = harness.dev_as.issue_sad(harness.sam_id, "dora", key_id(key_pair), [digest])
         await ssa.sign(key_pair, "dora", "1.2.840.10045.4.3.2", [digest], sad)
     # the busiest worker's service log has enough records to damage
     files = sorted(harness.stack.path("audit").glob("*/service.jsonl"), key=lambda p: p.stat().st_size)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -15,13 +14,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.integration.conftest import EC_SHA256, Harness
+from tests.integration.conftest import EC_SHA256, Harness, key_id
 from worker.client import SamClient, SamRequestError
+from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
 
 
-async def _assigned_request(ssa: SamClient, signer: str) -> tuple[dict[str, Any], bytes]:
+async def _assigned_request(ssa: SamClient, signer: str) -> tuple[KeyPairObject, bytes]:
     created = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
     assigned = await ssa.assign_key_pair(created, signer, f"CN={signer},O=Example")
     return assigned, await ssa.certification_request(assigned, EC_SHA256)
@@ -61,7 +61,7 @@ async def test_a_certificate_from_an_unconfigured_ca_certifies_nothing(
     certified = await ssa.update_key_pair(
         assigned, "grace", certificate=harness.stack.pki.issue_from_request(request)
     )
-    assert certified["status"]["certified"]
+    assert certified.status is not None and certified.status.certified
 
 
 async def test_an_expired_credential_cannot_sign(harness: Harness, ssa: SamClient) -> None:
@@ -69,11 +69,11 @@ async def test_an_expired_credential_cannot_sign(harness: Harness, ssa: SamClien
     short_lived = harness.stack.pki.issue_from_request(request, valid_for=datetime.timedelta(seconds=3))
     certified = await ssa.update_key_pair(assigned, "heidi", certificate=short_lived)
     digest = hashlib.sha256(b"while valid").digest()
-    sad = harness.dev_as.issue_sad(harness.sam_id, "heidi", certified["id"], [digest])
+    sad = harness.dev_as.issue_sad(harness.sam_id, "heidi", key_id(certified), [digest])
     assert len(await ssa.sign(certified, "heidi", EC_SHA256, [digest], sad)) == 1
     await asyncio.sleep(4)
     digest = hashlib.sha256(b"after expiry").digest()
-    sad = harness.dev_as.issue_sad(harness.sam_id, "heidi", certified["id"], [digest])
+    sad = harness.dev_as.issue_sad(harness.sam_id, "heidi", key_id(certified), [digest])
     with pytest.raises(SamRequestError) as refused:
         await ssa.sign(certified, "heidi", EC_SHA256, [digest], sad)
     assert (refused.value.status, refused.value.code) == (409, "certificate_expired")

@@ -7,11 +7,27 @@ cluster where node 1 and later node 2 are stopped under load and started again."
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 
 from sam_devtools.chaos import run
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _session_token_kept() -> Iterator[None]:
+    """A scratch stack points this process's SOFTHSM2_CONF at its own token (Stack._token)
+    and is removed afterwards: later tests that open the session stack's token in this
+    process (test_tenants) would find no configuration. Give theirs back."""
+    saved = os.environ.get("SOFTHSM2_CONF")
+    yield
+    if saved is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = saved
 
 
 # only the documented consequences of the faults, nothing else: a copy the SDK sent again

@@ -15,9 +15,10 @@ import aio_pika
 import orjson
 import pytest
 
-from tests.integration.conftest import EC_SHA256, Harness
+from sam_devtools.raw_client import RawSamClient
+from tests.integration.conftest import EC_SHA256, Harness, key_id
 from tests.raw_amqp import raw_encoding
-from worker.cli.sam import ClientProfile
+from worker.client import ClientProfile
 from worker.settings import TlsFiles
 from worker.transport.amqp import tls_context
 from worker.transport.codec import MAX_DEPTH
@@ -33,7 +34,7 @@ class Sender:
     def __init__(self, harness: Harness) -> None:
         self.harness = harness
         self.profile = ClientProfile.model_validate_json(harness.stack.profile("ssa-1").read_text())
-        self.signer = self.profile.client()
+        self.signer = RawSamClient.from_profile(harness.stack.profile("ssa-1"))
         self.replies: dict[str, dict[str, Any]] = {}
         self.uncorrelated: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()
@@ -240,7 +241,7 @@ async def test_replies_go_only_to_the_callers_own_queue(harness: Harness, stack:
     async with harness.client("ssa-1") as ssa:
         key_pair = await harness.certified_key_pair(ssa, "alice")
         digest = bytes(32)
-        sad = harness.dev_as.issue_sad(harness.sam_id, "alice", key_pair["id"], [digest])
+        sad = harness.dev_as.issue_sad(harness.sam_id, "alice", key_id(key_pair), [digest])
         assert len(await ssa.sign(key_pair, "alice", EC_SHA256, [digest], sad)) == 1
 
 

@@ -5,7 +5,6 @@ and openssl cms over the signed byte range and over the .p7s file."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import subprocess
@@ -21,7 +20,7 @@ from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import async_validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, certificate_der, key_id, wire
 from worker.client import SamClient
 from worker.integrations.pdf import SamSigner, blank_pdf, sign_detached, sign_pdf
 
@@ -38,14 +37,14 @@ async def document_signer(
 ) -> tuple[SamSigner, asn1_x509.Certificate]:
     signer_id = f"pdf-{kind}"
     key_pair = await harness.certified_key_pair(ssa, signer_id, TEMPLATES[kind])
-    certificate = asn1_x509.Certificate.load(base64.b64decode(key_pair["certificate"]))
+    certificate = asn1_x509.Certificate.load(certificate_der(key_pair))
     ca = asn1_x509.Certificate.load(
         x509.load_pem_x509_certificate(harness.stack.pki.ca_file.read_bytes()).public_bytes(Encoding.DER)
     )
 
     async def authorize(digest: bytes, hash_oid: str) -> str:
         return harness.dev_as.issue_sad(
-            harness.sam_id, signer_id, key_pair["id"], [digest], hash_oid=hash_oid
+            harness.sam_id, signer_id, key_id(key_pair), [digest], hash_oid=hash_oid
         )
 
     return SamSigner(ssa, key_pair, signer_id, certificate, [ca], authorize), ca
@@ -140,8 +139,8 @@ async def test_detached_cms_of_any_file(harness: Harness, ssa: SamClient, kind: 
 
 async def test_sam_sign_file_command(harness: Harness, ssa: SamClient, tmp_path: Path) -> None:
     key_pair = await harness.certified_key_pair(ssa, "cli-signer")
-    (tmp_path / "key-pair.json").write_text(json.dumps(key_pair))
-    (tmp_path / "certificate.der").write_bytes(base64.b64decode(key_pair["certificate"]))
+    (tmp_path / "key-pair.json").write_text(json.dumps(wire(key_pair)))
+    (tmp_path / "certificate.der").write_bytes(certificate_der(key_pair))
     document = tmp_path / "report.txt"
     document.write_text("signed from the command line\n")
     sad_command = (

@@ -20,10 +20,11 @@ from joserfc import jws
 from joserfc.jwk import ECKey
 
 from sam_devtools.pki import private_key_pem
-from tests.integration.conftest import EC_SHA256, Harness
+from tests.integration.conftest import EC_SHA256, Harness, key_id, public_key_der
 from worker.client import SamClient, SamRequestError
 from worker.domain.algorithms import pss_parameters
 from worker.domain.certification import assemble_certification_request, build_certification_request_info
+from worker.domain.contract import KeyPairObject, KeyPairStatus
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +82,7 @@ async def test_every_algorithm_through_the_whole_lifecycle(
 ) -> None:
     signer = f"signer-{os.urandom(3).hex()}"
     created = await ssa.create_key_pair(**template)
-    assert created["status"] == {"assigned": False, "certified": False, "enabled": False}
+    assert created.status == KeyPairStatus(assigned=False, certified=False, enabled=False)
     assigned = await ssa.assign_key_pair(created, signer, f"CN={signer},O=Example,C=ES")
     rsa_key = template["algorithm"] == "RSA"
     # PoP with PSS for RSA-3072, so PSS proofs are covered too
@@ -93,7 +94,7 @@ async def test_every_algorithm_through_the_whole_lifecycle(
     assert "verify OK" in _openssl_verifies(request)
     certificate_der = harness.stack.pki.issue_from_request(request)
     certified = await ssa.update_key_pair(assigned, signer, certificate=certificate_der)
-    assert certified["status"] == {"assigned": True, "certified": True, "enabled": True}
+    assert certified.status == KeyPairStatus(assigned=True, certified=True, enabled=True)
     certificate = x509.load_der_x509_certificate(certificate_der)
 
     schemes = (
@@ -110,7 +111,7 @@ async def test_every_algorithm_through_the_whole_lifecycle(
             "sha384": "2.16.840.1.101.3.4.2.2",
             "sha512": "2.16.840.1.101.3.4.2.3",
         }[hash_name]
-        sad = harness.dev_as.issue_sad(harness.sam_id, signer, certified["id"], [digest], hash_oid=hash_oid)
+        sad = harness.dev_as.issue_sad(harness.sam_id, signer, key_id(certified), [digest], hash_oid=hash_oid)
         [signature] = await ssa.sign(certified, signer, oid, [digest], sad, parameters=parameters)
         _verify(certificate, (kind, hash_name), digest, signature)
 
@@ -122,8 +123,8 @@ async def _refused(code: str, call: Any) -> SamRequestError:
     return refused.value
 
 
-def _sad(harness: Harness, signer: str, key_pair: dict[str, Any], digest: bytes) -> str:
-    return harness.dev_as.issue_sad(harness.sam_id, signer, key_pair["id"], [digest])
+def _sad(harness: Harness, signer: str, key_pair: KeyPairObject, digest: bytes) -> str:
+    return harness.dev_as.issue_sad(harness.sam_id, signer, key_id(key_pair), [digest])
 
 
 async def test_second_assignment_refused_on_every_worker(harness: Harness, ssa: SamClient) -> None:
@@ -138,7 +139,7 @@ async def test_second_assignment_refused_on_every_worker(harness: Harness, ssa: 
     winners = {
         served[r["request_id"]]
         for r in harness.audit_records()
-        if r["key_pair"] in {a["id"] for a in assigned} and r["status"] == 200
+        if r["key_pair"] in {a.id for a in assigned} and r["status"] == 200
     }
     losers = {served[e.request_id or ""] for e in refusals}
     assert winners | losers >= {"worker-1", "worker-2"}
@@ -152,7 +153,7 @@ async def test_racing_assignments_have_one_winner(ssa: SamClient) -> None:
             ssa.assign_key_pair(key_pair, "grace", "CN=Grace"),
             return_exceptions=True,
         )
-        winners = [o for o in outcomes if isinstance(o, dict)]
+        winners = [o for o in outcomes if isinstance(o, KeyPairObject)]
         losers = [o for o in outcomes if isinstance(o, SamRequestError)]
         assert len(winners) == 1 and len(losers) == 1, outcomes
         assert losers[0].code in ("key_pair_already_assigned", "key_pair_outdated")
@@ -163,8 +164,8 @@ async def test_proof_of_possession_is_no_signing_oracle(harness: Harness, ssa: S
         await ssa.create_key_pair("ECDSA", named_curve="secp256r1"), "heidi", "CN=Heidi"
     )
     other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-    own_key = base64.b64decode(key_pair["public_key"])
-    other_key = base64.b64decode(other["public_key"])
+    own_key = public_key_der(key_pair)
+    other_key = public_key_der(other)
     await _refused(
         "pop_not_a_certification_request",
         ssa.prove_possession(key_pair, hashlib.sha256(b"x").digest(), EC_SHA256),
@@ -213,7 +214,7 @@ async def test_update_accepts_only_this_key_and_subject(harness: Harness, ssa: S
         ),
     )
     other_subject = assemble_certification_request(
-        info := build_certification_request_info(base64.b64decode(key_pair["public_key"]), "CN=Ivan"),
+        info := build_certification_request_info(public_key_der(key_pair), "CN=Ivan"),
         EC_SHA256,
         None,
         await ssa.prove_possession(key_pair, info, EC_SHA256),
@@ -300,19 +301,19 @@ async def test_deletion_holds_on_a_worker_started_later(harness: Harness, ssa: S
 
 async def test_deletion_by_the_signer_through_a_sad(harness: Harness, ssa: SamClient) -> None:
     key_pair = await harness.certified_key_pair(ssa, "leo")
-    wrong = harness.dev_as.issue_deletion_sad(harness.sam_id, "mallory", key_pair["id"])
+    wrong = harness.dev_as.issue_deletion_sad(harness.sam_id, "mallory", key_id(key_pair))
     await _refused("sad_signer_mismatch", ssa.delete_key_pair(key_pair, "leo", wrong))
     signing_sad = _sad(harness, "leo", key_pair, hashlib.sha256(b"x").digest())
     await _refused(
         "sad_invalid", ssa.delete_key_pair(key_pair, "leo", signing_sad)
     )  # a signing SAD deletes nothing
     await ssa.delete_key_pair(
-        key_pair, "leo", harness.dev_as.issue_deletion_sad(harness.sam_id, "leo", key_pair["id"])
+        key_pair, "leo", harness.dev_as.issue_deletion_sad(harness.sam_id, "leo", key_id(key_pair))
     )
     [record] = [
         r
         for r in harness.audit_records()
-        if r["key_pair"] == key_pair["id"] and r["operation"] == "key_pairs.delete" and r["status"] == 200
+        if r["key_pair"] == key_pair.id and r["operation"] == "key_pairs.delete" and r["status"] == 200
     ]
     assert record["sad_jti"]
     await _refused("key_pair_deleted", ssa.delete_key_pair(key_pair, "leo"))
@@ -320,17 +321,17 @@ async def test_deletion_by_the_signer_through_a_sad(harness: Harness, ssa: SamCl
 
 async def test_skad_at_assignment(harness: Harness, ssa: SamClient) -> None:
     key_pair = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-    other_signer = harness.dev_as.issue_skad(harness.sam_id, "mallory", key_pair["id"])
+    other_signer = harness.dev_as.issue_skad(harness.sam_id, "mallory", key_id(key_pair))
     await _refused("sad_signer_mismatch", ssa.assign_key_pair(key_pair, "mia", "CN=Mia", skad=other_signer))
     other_key = harness.dev_as.issue_skad(harness.sam_id, "mia", "another-key-pair")
     await _refused("sad_key_pair_mismatch", ssa.assign_key_pair(key_pair, "mia", "CN=Mia", skad=other_key))
     assigned = await ssa.assign_key_pair(
-        key_pair, "mia", "CN=Mia", skad=harness.dev_as.issue_skad(harness.sam_id, "mia", key_pair["id"])
+        key_pair, "mia", "CN=Mia", skad=harness.dev_as.issue_skad(harness.sam_id, "mia", key_id(key_pair))
     )
     [record] = [
         r
         for r in harness.audit_records()
-        if r["key_pair"] == assigned["id"]
+        if r["key_pair"] == assigned.id
         and r["operation"] == "signers.key_pairs.assign"
         and r["status"] == 200
     ]
@@ -339,7 +340,7 @@ async def test_skad_at_assignment(harness: Harness, ssa: SamClient) -> None:
 
 async def test_sam_managed_factor(harness: Harness, ssa: SamClient) -> None:
     key_pair = await harness.certified_key_pair(ssa, "nina", pin="open sesame")
-    assert key_pair["sam_factor"] == "pin" and "sesame" not in str(key_pair)
+    assert key_pair.sam_factor == "pin" and "sesame" not in key_pair.model_dump_json()
     digest = hashlib.sha256(b"with a PIN").digest()
     await _refused(
         "sam_factor_missing",
@@ -358,14 +359,15 @@ async def test_sam_managed_factor(harness: Harness, ssa: SamClient) -> None:
 
 async def test_key_pairs_from_another_sam_are_refused(harness: Harness, ssa: SamClient) -> None:
     key_pair = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-    payload = key_pair["sealed"].split(".")[1]
+    payload = key_pair.sealed.split(".")[1]
     foreign = ec.generate_private_key(ec.SECP256R1())
     forged = jws.serialize_compact(
         {"alg": "ES256", "kid": "sam-state", "typ": "sam-key-pair+jws"},
         base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)),
         ECKey.import_key(private_key_pem(foreign).decode()),
     )
-    await _refused("key_pair_invalid", ssa.assign_key_pair({**key_pair, "sealed": forged}, "olga", "CN=Olga"))
+    forged_copy = key_pair.model_copy(update={"sealed": forged})
+    await _refused("key_pair_invalid", ssa.assign_key_pair(forged_copy, "olga", "CN=Olga"))
 
 
 async def test_skad_required_by_policy(harness: Harness, ssa: SamClient, tmp_path: Path) -> None:
@@ -379,7 +381,8 @@ async def test_skad_required_by_policy(harness: Harness, ssa: SamClient, tmp_pat
         try:
             key_pair = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
             await _refused("sad_missing", ssa.assign_key_pair(key_pair, "pia", "CN=Pia"))
-            skad = harness.dev_as.issue_skad(harness.sam_id, "pia", key_pair["id"])
-            assert (await ssa.assign_key_pair(key_pair, "pia", "CN=Pia", skad=skad))["status"]["assigned"]
+            skad = harness.dev_as.issue_skad(harness.sam_id, "pia", key_id(key_pair))
+            status = (await ssa.assign_key_pair(key_pair, "pia", "CN=Pia", skad=skad)).status
+            assert status is not None and status.assigned
         finally:
             await harness.stop_worker("worker-skad-required")

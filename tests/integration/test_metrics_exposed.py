@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PORT_BASE
-from tests.integration.conftest import EC_SHA256, Harness
+from tests.integration.conftest import EC_SHA256, Harness, key_id
 from tests.unit.test_deployment_files import metric_names_used_by_rules_and_dashboard
 from worker.client import SamClient, SamRequestError
 from worker.metrics import HsmOperation
@@ -38,7 +38,7 @@ async def test_every_metric_the_rules_and_the_dashboard_read_is_exported(
             # labelled series that exist only once something happened
             key_pair = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
             digest = hashlib.sha256(b"exposed").digest()
-            sad = harness.dev_as.issue_sad(harness.sam_id, "exposed", key_pair["id"], [digest])
+            sad = harness.dev_as.issue_sad(harness.sam_id, "exposed", key_id(key_pair), [digest])
             with pytest.raises(SamRequestError) as refused:
                 await ssa.sign(key_pair, "exposed", EC_SHA256, [digest], sad)
             assert refused.value.status < 500

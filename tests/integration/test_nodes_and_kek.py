@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from sam_devtools.stack import init_token, softhsm_config
-from tests.integration.conftest import EC_SHA256, Harness
+from tests.integration.conftest import EC_SHA256, Harness, key_id
 from worker.client import SamClient, SamRequestError
+from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +73,7 @@ async def test_second_node_signs_key_pairs_of_the_first(
     async with harness.without_shared_workers():
         await asyncio.to_thread(harness.start_worker, "node-2-worker", env=env)
         try:
-            sad = harness.dev_as.issue_sad(harness.sam_id, "pat", first_node_key["id"], [digest])
+            sad = harness.dev_as.issue_sad(harness.sam_id, "pat", key_id(first_node_key), [digest])
             assert len(await ssa.sign(first_node_key, "pat", EC_SHA256, [digest], sad)) == 1
             second_node_key = await harness.certified_key_pair(ssa, "quentin")
         finally:
@@ -84,9 +85,9 @@ async def test_second_node_signs_key_pairs_of_the_first(
         .splitlines()
     ]
     assert {r["node"] for r in node_2_records} == {"node-2"}
-    assert any(r["key_pair"] == first_node_key["id"] and r["status"] == 200 for r in node_2_records)
+    assert any(r["key_pair"] == first_node_key.id and r["status"] == 200 for r in node_2_records)
     # and back on the first node's workers
-    sad = harness.dev_as.issue_sad(harness.sam_id, "quentin", second_node_key["id"], [digest])
+    sad = harness.dev_as.issue_sad(harness.sam_id, "quentin", key_id(second_node_key), [digest])
     assert len(await ssa.sign(second_node_key, "quentin", EC_SHA256, [digest], sad)) == 1
 
 
@@ -127,11 +128,11 @@ async def test_kek_rotation_keeps_old_key_pairs_working(
     )
     assert result.returncode == 0, result.stderr
     rotated = json.loads(infrastructure.read_text())
-    assert rotated["previous_kek_labels"] == [old["kek"]] and rotated["kek_label"] != old["kek"]
+    assert rotated["previous_kek_labels"] == [old.kek] and rotated["kek_label"] != old.kek
 
-    def signature_sad(key_pair: dict[str, object], text: bytes) -> tuple[list[bytes], str]:
+    def signature_sad(key_pair: KeyPairObject, text: bytes) -> tuple[list[bytes], str]:
         digest = hashlib.sha256(text).digest()
-        return [digest], harness.dev_as.issue_sad(harness.sam_id, "rita", str(key_pair["id"]), [digest])
+        return [digest], harness.dev_as.issue_sad(harness.sam_id, "rita", key_id(key_pair), [digest])
 
     async with harness.without_shared_workers():
         await asyncio.to_thread(
@@ -141,10 +142,11 @@ async def test_kek_rotation_keeps_old_key_pairs_working(
             digests, sad = signature_sad(old, b"old KEK")
             assert len(await ssa.sign(old, "rita", EC_SHA256, digests, sad)) == 1
             fresh = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-            assert fresh["kek"] == rotated["kek_label"]
+            assert fresh.kek == rotated["kek_label"]
             rewrapped = await ssa.rewrap_key_pair(old)
-            assert rewrapped["kek"] == rotated["kek_label"] and rewrapped["revision"] == old["revision"] + 1
-            assert rewrapped["public_key"] == old["public_key"]
+            assert old.revision is not None
+            assert rewrapped.kek == rotated["kek_label"] and rewrapped.revision == old.revision + 1
+            assert rewrapped.public_key == old.public_key
             digests, sad = signature_sad(rewrapped, b"new KEK")
             assert len(await ssa.sign(rewrapped, "rita", EC_SHA256, digests, sad)) == 1
             digests, sad = signature_sad(old, b"old copy")

@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sam_devtools.stack import verify_audit
 from tests.conftest import PORT_BASE
-from tests.integration.conftest import EC_SHA256, Harness
+from tests.integration.conftest import EC_SHA256, Harness, key_id
 from worker.client import SamClient, SamRequestError
+from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +58,10 @@ async def wait_ready(port: int, want: bool, seconds: float = 30) -> dict[str, An
 
 
 async def sign(
-    harness: Harness, ssa: SamClient, key_pair: dict[str, Any], signer: str, text: bytes
+    harness: Harness, ssa: SamClient, key_pair: KeyPairObject, signer: str, text: bytes
 ) -> list[bytes]:
     digest = hashlib.sha256(text).digest()
-    sad = harness.dev_as.issue_sad(harness.sam_id, signer, key_pair["id"], [digest])
+    sad = harness.dev_as.issue_sad(harness.sam_id, signer, key_id(key_pair), [digest])
     return await ssa.sign(key_pair, signer, EC_SHA256, [digest], sad)
 
 
@@ -73,11 +74,11 @@ async def test_metrics_count_what_happened(harness: Harness, ssa: SamClient, adm
             for n in range(5):
                 await sign(harness, ssa, key_pair, "metrics-signer", bytes([n]))
             digest = hashlib.sha256(b"replayed").digest()
-            sad = harness.dev_as.issue_sad(harness.sam_id, "metrics-signer", key_pair["id"], [digest])
+            sad = harness.dev_as.issue_sad(harness.sam_id, "metrics-signer", key_id(key_pair), [digest])
             await ssa.sign(key_pair, "metrics-signer", EC_SHA256, [digest], sad)
             with pytest.raises(SamRequestError):
                 await ssa.sign(key_pair, "metrics-signer", EC_SHA256, [digest], sad)
-            version = (await admin.get_configuration())["version"]
+            version = (await admin.get_configuration()).version
             after = await asyncio.to_thread(scrape, METRICS_PORT)
         finally:
             await harness.stop_worker("worker-metrics")
@@ -204,9 +205,7 @@ async def test_key_generation_never_holds_up_signing_replicas(harness: Harness, 
             await harness.stop_worker("worker-signatures")
             await harness.stop_worker("worker-keys")
     records = harness.audit_records()
-    signing = [
-        r for r in records if r["key_pair"] == key_pair["id"] and r["operation"] == "signatures.create"
-    ]
+    signing = [r for r in records if r["key_pair"] == key_pair.id and r["operation"] == "signatures.create"]
     assert {r["instance"] for r in signing} == {"worker-signatures"}
-    generating = [r for r in records if r["key_pair"] in {k["id"] for k in created}]
+    generating = [r for r in records if r["key_pair"] in {k.id for k in created}]
     assert {r["instance"] for r in generating} == {"worker-keys"}

@@ -28,8 +28,7 @@ from aio_pika.abc import AbstractChannel
 from tests.conftest import PORT_BASE
 from tests.integration.conftest import Harness
 from tests.integration.test_audit_trail import Signing, records_in, signing, verify
-from worker.cli.sam import ClientProfile
-from worker.client import RawReply
+from worker.client import ClientProfile, RawReply
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import (

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from sam_devtools.bench import rss_kb
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, key_id
+from worker.client import SamClient
+from worker.domain.contract import KeyPairObject
 from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 from worker.transport.topology import DEAD_LETTER_QUEUE, DELIVERY_LIMIT
@@ -121,20 +123,19 @@ async def test_worker_memory_stays_flat_under_hostile_input(harness: Harness) ->
         assert growth < 8 * 1024, (name, resident)
 
 
-_VALID: dict[str, object] = {}
+_VALID: dict[str, KeyPairObject] = {}
 
 
 async def _valid_signature(
-    harness: Harness, ssa: object
-) -> tuple[dict[str, object], str, str, list[bytes], str]:
+    harness: Harness, ssa: SamClient
+) -> tuple[KeyPairObject, str, str, list[bytes], str]:
     import hashlib
 
     if "key_pair" not in _VALID:
-        _VALID["key_pair"] = await harness.certified_key_pair(ssa, "fuzz-control")  # type: ignore[arg-type]
+        _VALID["key_pair"] = await harness.certified_key_pair(ssa, "fuzz-control")
     key_pair = _VALID["key_pair"]
-    assert isinstance(key_pair, dict)
     digest = hashlib.sha256(uuid.uuid4().bytes).digest()
-    sad = harness.dev_as.issue_sad(harness.sam_id, "fuzz-control", key_pair["id"], [digest])
+    sad = harness.dev_as.issue_sad(harness.sam_id, "fuzz-control", key_id(key_pair), [digest])
     return key_pair, "fuzz-control", "1.2.840.10045.4.3.2", [digest], sad
 
 

@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sam_devtools.authorization_server import DevAuthorizationServer
 from sam_devtools.pki import private_key_pem
-from tests.integration.conftest import Harness
-from worker.client import RawReply, SamClient
+from sam_devtools.raw_client import RawSamClient
+from tests.integration.conftest import Harness, key_id, wire
+from worker.client import RawReply
+from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
 
@@ -31,28 +33,28 @@ OTHER_DIGEST = hashlib.sha256(b"another document").digest()
 @dataclass
 class World:
     harness: Harness
-    ssa: SamClient
-    admin: SamClient
-    unregistered: SamClient
-    key_pair: dict[str, Any]  # EC P-256, assigned to alice
+    ssa: RawSamClient
+    admin: RawSamClient
+    unregistered: RawSamClient
+    key_pair: KeyPairObject  # EC P-256, assigned to alice
     other_key_pair_id: str
     dead_letters_before: set[tuple[str, str, int]]
 
     def sad(self, digests: list[bytes] | None = None, **changes: Any) -> str:
         claims = self.harness.dev_as.sad_claims(
-            self.harness.sam_id, "alice", self.key_pair["id"], digests if digests is not None else [DIGEST]
+            self.harness.sam_id, "alice", key_id(self.key_pair), digests if digests is not None else [DIGEST]
         )
         detail_changes = changes.pop("detail", {})
         claims.update(changes)
         claims["authorization_details"][0].update(detail_changes)
         return self.harness.dev_as.sign_claims(claims)
 
-    def sign_body(self, digests: list[bytes] | None = None, key_pair: dict[str, Any] | None = None) -> bytes:
+    def sign_body(self, digests: list[bytes] | None = None, key_pair: KeyPairObject | None = None) -> bytes:
         return orjson.dumps(
             {
                 "signature_algorithm": EC_SHA256,
                 "requests": [{"dtbs": base64.b64encode(d).decode()} for d in (digests or [DIGEST])],
-                "key_pair": key_pair or self.key_pair,
+                "key_pair": wire(key_pair or self.key_pair),
                 "signer": {"id": "alice"},
             }
         )
@@ -114,7 +116,7 @@ async def _too_long_lived(w: World) -> RawReply:
 
 
 async def _tampered_key_pair(w: World, part: int) -> RawReply:
-    key_pair = {**w.key_pair, "sealed": _tamper(w.key_pair["sealed"], part)}
+    key_pair = w.key_pair.model_copy(update={"sealed": _tamper(w.key_pair.sealed, part)})
     reply = await w.ssa.send("signatures.create", w.sign_body(key_pair=key_pair), sad=w.sad())
     assert reply is not None
     return reply
@@ -129,7 +131,7 @@ async def _raw(w: World, client: str, operation: str, body: bytes, **options: An
 
 async def _stale_config(w: World) -> RawReply:
     current = await w.admin.get_configuration()
-    return await _raw(w, "admin", "configurations.dynamic.put", orjson.dumps(current))
+    return await _raw(w, "admin", "configurations.dynamic.put", orjson.dumps(wire(current)))
 
 
 CASES: list[tuple[str, str, Callable[[World], Awaitable[RawReply]]]] = [
@@ -150,20 +152,22 @@ CASES: list[tuple[str, str, Callable[[World], Awaitable[RawReply]]]] = [
         "SAD by unregistered AS",
         "sad_issuer_unknown",
         lambda w: w.sign(
-            _rogue_as("rogue-as").issue_sad(w.harness.sam_id, "alice", w.key_pair["id"], [DIGEST])
+            _rogue_as("rogue-as").issue_sad(w.harness.sam_id, "alice", key_id(w.key_pair), [DIGEST])
         ),
     ),
     (
         "SAD forged under a registered kid",
         "sad_signature_invalid",
         lambda w: w.sign(
-            _rogue_as("dev-as").issue_sad(w.harness.sam_id, "alice", w.key_pair["id"], [DIGEST])
+            _rogue_as("dev-as").issue_sad(w.harness.sam_id, "alice", key_id(w.key_pair), [DIGEST])
         ),
     ),
     (
         "SAD by an AS this SSA may not use",
         "sad_issuer_not_allowed",
-        lambda w: w.sign(w.harness.other_as.issue_sad(w.harness.sam_id, "alice", w.key_pair["id"], [DIGEST])),
+        lambda w: w.sign(
+            w.harness.other_as.issue_sad(w.harness.sam_id, "alice", key_id(w.key_pair), [DIGEST])
+        ),
     ),
     ("SAD expired", "sad_expired", _expired),
     ("SAD lifetime over the policy", "sad_expired", _too_long_lived),
@@ -230,7 +234,7 @@ async def world(harness: Harness) -> AsyncIterator[World]:
     ):
         key_pair = await harness.certified_key_pair(ssa, "alice")
         other = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
-        yield World(harness, ssa, admin, unregistered, key_pair, other["id"], harness.dead_letter_records())
+        yield World(harness, ssa, admin, unregistered, key_pair, key_id(other), harness.dead_letter_records())
 
 
 @pytest.mark.parametrize(("name", "code", "send"), CASES, ids=[c[0] for c in CASES])
@@ -262,7 +266,7 @@ async def test_each_refusal_answered_once_and_never_redelivered(world: World) ->
     assert world.harness.dead_letter_records() == world.dead_letters_before, "a refusal was dead-lettered"
     # and the workers still serve
     digest = hashlib.sha256(b"after the storm").digest()
-    sad = world.harness.dev_as.issue_sad(world.harness.sam_id, "alice", world.key_pair["id"], [digest])
+    sad = world.harness.dev_as.issue_sad(world.harness.sam_id, "alice", key_id(world.key_pair), [digest])
     assert len(await world.ssa.sign(world.key_pair, "alice", EC_SHA256, [digest], sad)) == 1
 
 

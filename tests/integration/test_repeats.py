@@ -17,32 +17,33 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.integration.conftest import EC_SHA256, Harness
-from worker.client import SamClient
+from sam_devtools.raw_client import RawSamClient
+from tests.integration.conftest import EC_SHA256, Harness, key_id, wire
+from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-async def key_pair(harness: Harness, ssa: SamClient) -> dict[str, Any]:
+async def key_pair(harness: Harness, ssa: RawSamClient) -> KeyPairObject:
     return await harness.certified_key_pair(ssa, "repeat-signer")
 
 
-def _request(harness: Harness, key_pair: dict[str, Any]) -> tuple[str, bytes, str]:
+def _request(harness: Harness, key_pair: KeyPairObject) -> tuple[str, bytes, str]:
     message_id = str(uuid.uuid4())
     digest = hashlib.sha256(message_id.encode()).digest()
     body = orjson.dumps(
         {
             "signature_algorithm": EC_SHA256,
             "requests": [{"dtbs": base64.b64encode(digest).decode()}],
-            "key_pair": key_pair,
+            "key_pair": wire(key_pair),
             "signer": {"id": "repeat-signer"},
         }
     )
     return (
         message_id,
         body,
-        harness.dev_as.issue_sad(harness.sam_id, "repeat-signer", key_pair["id"], [digest]),
+        harness.dev_as.issue_sad(harness.sam_id, "repeat-signer", key_id(key_pair), [digest]),
     )
 
 
@@ -58,7 +59,7 @@ def _made(harness: Harness, request_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_repeat_gets_the_original_signature(
-    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+    harness: Harness, ssa: RawSamClient, key_pair: KeyPairObject
 ) -> None:
     message_id, body, sad = _request(harness, key_pair)
     first = await ssa.send("signatures.create", body, sad=sad, message_id=message_id)
@@ -73,7 +74,7 @@ async def test_a_repeat_gets_the_original_signature(
 
 
 async def test_the_same_sad_in_another_request_is_still_a_replay(
-    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+    harness: Harness, ssa: RawSamClient, key_pair: KeyPairObject
 ) -> None:
     message_id, body, sad = _request(harness, key_pair)
     first = await ssa.send("signatures.create", body, sad=sad, message_id=message_id)
@@ -85,7 +86,7 @@ async def test_the_same_sad_in_another_request_is_still_a_replay(
 
 
 async def test_a_stopped_worker_loses_nothing_to_the_retry(
-    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+    harness: Harness, ssa: RawSamClient, key_pair: KeyPairObject
 ) -> None:
     """The issue's case: the SDK sends again after its timeout while the worker holding the
     request is stopped. Before, the retry got sad_replayed and the stopped worker, resumed,
@@ -123,7 +124,7 @@ async def test_a_stopped_worker_loses_nothing_to_the_retry(
 
 
 async def test_a_worker_started_later_answers_a_repeat_with_the_original_result(
-    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+    harness: Harness, ssa: RawSamClient, key_pair: KeyPairObject
 ) -> None:
     """Claims and results live in the streams, not in a worker: one started after the
     answer (every worker that saw the request gone) replays the claim and reads the result."""
@@ -140,7 +141,7 @@ async def test_a_worker_started_later_answers_a_repeat_with_the_original_result(
 
 
 async def test_a_request_the_sdk_gave_up_on_is_never_signed(
-    harness: Harness, ssa: SamClient, key_pair: dict[str, Any]
+    harness: Harness, ssa: RawSamClient, key_pair: KeyPairObject
 ) -> None:
     """No worker runs while the SDK waits and sends again; when one starts after the SDK
     gave up, the copies still queued have expired there (and are answered
@@ -168,7 +169,7 @@ async def test_a_request_the_sdk_gave_up_on_is_never_signed(
 
 
 async def test_the_sdk_recovers_its_reply_queue_when_it_is_deleted(
-    harness: Harness, key_pair: dict[str, Any]
+    harness: Harness, key_pair: KeyPairObject
 ) -> None:
     """Without its reply queue every reply is dropped unseen: the SDK notices the broker
     cancelling its consumer and opens everything anew."""

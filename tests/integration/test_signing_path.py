@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from tests.integration.conftest import Harness
+from tests.integration.conftest import Harness, key_id, public_key_der
 from worker.client import SamClient, SamRequestError
+from worker.domain.contract import KeyPairObject, KeyPairStatus, Signer
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +22,8 @@ EC_SHA256 = "1.2.840.10045.4.3.2"
 RSA_SHA256 = "1.2.840.113549.1.1.11"
 
 
-def verify(public_key_b64: str, algorithm: str, digest: bytes, signature: bytes) -> None:
-    import base64
-
-    key = serialization.load_der_public_key(base64.b64decode(public_key_b64))
+def verify(key_pair: KeyPairObject, algorithm: str, digest: bytes, signature: bytes) -> None:
+    key = serialization.load_der_public_key(public_key_der(key_pair))
     if algorithm == EC_SHA256:
         assert isinstance(key, ec.EllipticCurvePublicKey)
         key.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
@@ -45,20 +44,18 @@ async def test_happy_path_across_two_workers(
     harness: Harness, ssa: SamClient, template: dict[str, object], algorithm: str
 ) -> None:
     assigned = await harness.certified_key_pair(ssa, "alice", template)
-    assert assigned["status"] == {"assigned": True, "certified": True, "enabled": True}
-    assert assigned["signer"] == {"id": "alice"}
+    assert assigned.status == KeyPairStatus(assigned=True, certified=True, enabled=True)
+    assert assigned.signer == Signer(id="alice")
 
     async def sign_one(n: int) -> None:
         digest = hashlib.sha256(f"document {n}".encode()).digest()
-        sad = harness.dev_as.issue_sad(harness.sam_id, "alice", assigned["id"], [digest])
+        sad = harness.dev_as.issue_sad(harness.sam_id, "alice", key_id(assigned), [digest])
         [signature] = await ssa.sign(assigned, "alice", algorithm, [digest], sad)
-        verify(assigned["public_key"], algorithm, digest, signature)
+        verify(assigned, algorithm, digest, signature)
 
     await asyncio.gather(*(sign_one(n) for n in range(24)))
     served_by = Counter(
-        r["instance"]
-        for r in harness.audit_records()
-        if r["key_pair"] == assigned["id"] and r["status"] == 200
+        r["instance"] for r in harness.audit_records() if r["key_pair"] == assigned.id and r["status"] == 200
     )
     assert set(served_by) >= {"worker-1", "worker-2"}, served_by
 
@@ -68,11 +65,11 @@ async def test_several_digests_in_one_request(harness: Harness, ssa: SamClient) 
         ssa, "carol", {"algorithm": "ECDSA", "named_curve": "prime256v1"}
     )
     digests = [hashlib.sha256(os.urandom(16)).digest() for _ in range(5)]
-    sad = harness.dev_as.issue_sad(harness.sam_id, "carol", key_pair["id"], digests)
+    sad = harness.dev_as.issue_sad(harness.sam_id, "carol", key_id(key_pair), digests)
     signatures = await ssa.sign(key_pair, "carol", EC_SHA256, digests, sad)
     for digest, signature in zip(digests, signatures, strict=True):
-        verify(key_pair["public_key"], EC_SHA256, digest, signature)
-    record = next(r for r in harness.audit_records() if r["sad_jti"] and r["key_pair"] == key_pair["id"])
+        verify(key_pair, EC_SHA256, digest, signature)
+    record = next(r for r in harness.audit_records() if r["sad_jti"] and r["key_pair"] == key_pair.id)
     assert record["dtbs_sha256"] == [hashlib.sha256(d).hexdigest() for d in digests]
 
 
@@ -80,15 +77,15 @@ async def test_replica_started_later_serves_with_current_configuration(
     harness: Harness, admin: SamClient
 ) -> None:
     current = await admin.get_configuration()
-    bumped = {**current, "version": current["version"] + 1}
+    bumped = current.model_copy(update={"version": current.version + 1})
     await admin.put_configuration(bumped)
     harness.start_worker("worker-late", queues="admin")
     log = harness.stack.path("logs", "worker-late.log").read_text()
-    assert f"configuration version {bumped['version']}" in log
+    assert f"configuration version {bumped.version}" in log
     served = []
     for _ in range(30):
         before = {r["request_id"] for r in harness.audit_records()}
-        assert (await admin.get_configuration())["version"] == bumped["version"]
+        assert (await admin.get_configuration()).version == bumped.version
         served += [
             r
             for r in harness.audit_records()
@@ -103,7 +100,7 @@ async def test_replica_started_later_serves_with_current_configuration(
 async def test_signature_refused_without_assignment(harness: Harness, ssa: SamClient) -> None:
     key_pair = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
     digest = hashlib.sha256(b"x").digest()
-    sad = harness.dev_as.issue_sad(harness.sam_id, "alice", key_pair["id"], [digest])
+    sad = harness.dev_as.issue_sad(harness.sam_id, "alice", key_id(key_pair), [digest])
     with pytest.raises(SamRequestError) as refused:
         await ssa.sign(key_pair, "alice", EC_SHA256, [digest], sad)
     assert refused.value.code == "key_pair_not_assigned"

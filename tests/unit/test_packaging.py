@@ -17,10 +17,11 @@ import worker
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_wheel_carries_one_version_the_license_py_typed_and_no_test_tooling(tmp_path: Path) -> None:
-    # built from a copy of what the wheel is made of: setuptools leaves a build/ folder in
-    # the tree it builds, which a later build would take stale files from
-    source = tmp_path / "source"
+def build_wheel(folder: Path) -> Path:
+    """The package's wheel, built into ``folder`` from a copy of what it is made of:
+    setuptools leaves a build/ folder in the tree it builds, which a later build would
+    take stale files from."""
+    source = folder / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
@@ -34,7 +35,7 @@ def test_the_wheel_carries_one_version_the_license_py_typed_and_no_test_tooling(
             "--no-deps",
             "--quiet",
             "--wheel-dir",
-            str(tmp_path),
+            str(folder),
             str(source),
         ],
         capture_output=True,
@@ -42,7 +43,12 @@ def test_the_wheel_carries_one_version_the_license_py_typed_and_no_test_tooling(
         check=False,
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = tmp_path.glob("sam_worker-*.whl")
+    (wheel,) = folder.glob("sam_worker-*.whl")
+    return wheel
+
+
+def test_the_wheel_carries_one_version_the_license_py_typed_and_no_test_tooling(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))

@@ -13,8 +13,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from worker import __version__
+from worker.cli import failures
 from worker.domain.audit import verify_entries
-from worker.errors import SamError
 from worker.hsm.pkcs11_hsm import open_session
 from worker.hsm.provisioning import create_kek, provision_sam_keys, token_has, token_public_key_pem
 from worker.schemas import write
@@ -203,8 +204,11 @@ def _schemas(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``sam-admin``: exits 0 on success, 1 when a command fails, 2 with the code on a ``SamError``."""
+    """``sam-admin``: exits 0 on success, 1 when a command fails or is refused (a
+    ``SamError``'s code is printed), 2 on bad input, 3 when the broker cannot be reached
+    (``worker.cli.failures``)."""
     parser = argparse.ArgumentParser(prog="sam-admin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sam-admin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create the KEK, state key and audit key in the token")
     create.add_argument("--pkcs11-module", default="/usr/lib/softhsm/libsofthsm2.so")
@@ -284,11 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     schemas.add_argument("--out", type=Path, default=Path("schemas"))
     schemas.set_defaults(run=_schemas)
     args = parser.parse_args(argv)
-    try:
-        sys.exit(args.run(args))
-    except SamError as exc:
-        print(f"sam-admin: {exc.code.name}: {exc.message}", file=sys.stderr)
-        sys.exit(2)
+    failures.run("sam-admin", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,30 @@ import aio_pika
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from worker.cli.sam import ClientProfile
+from worker.client import (
+    ClientProfile,
+    SamAccessRefused,
+    SamUnreachable,
+    check_identity,
+    describe_connection_failure,
+)
 from worker.domain.audit import ChainFollower, verify_entries
-from worker.settings import TlsFiles
-from worker.transport.amqp import connect
+from worker.transport.amqp import connect as connect_robust
 from worker.transport.topology import AUDIT_ARCHIVE_STREAM, AUDIT_EXCHANGE, siem_queue
 
 __all__ = ["read_archive", "tail"]
+
+
+async def connect(profile: ClientProfile) -> aio_pika.abc.AbstractRobustConnection:
+    """The SIEM's connection; ``SamUnreachable`` naming the cause if there is none."""
+    tls = profile.tls_files()
+    check_identity(tls, profile.user_id)
+    try:
+        return await asyncio.wait_for(connect_robust(profile.url, tls), 15)
+    except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        raise SamUnreachable(
+            "no broker node reachable: " + describe_connection_failure(exc, profile.url, tls)
+        ) from None
 
 
 async def tail(
@@ -44,12 +61,11 @@ async def tail(
 ) -> int:
     """Follow ``sam.audit`` through ``queue_name`` (default ``<user>.audit``; it must exist:
     SIEMs declare nothing), verifying and printing each entry, until ``count`` entries or
-    ``idle_timeout`` seconds without one; returns 1 if any entry failed verification, 2 if
-    the queue cannot be read."""
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
+    ``idle_timeout`` seconds without one; returns 1 if any entry failed verification, and
+    raises ``SamAccessRefused`` if the queue cannot be read."""
     follower = ChainFollower(key)
     seen, failures = 0, 0
-    connection = await connect(profile.url, tls)
+    connection = await connect(profile)
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=256)
@@ -58,12 +74,11 @@ async def tail(
             # the operator's definitions declare and bind it; a SIEM may do neither
             queue = await channel.declare_queue(name, passive=True)
         except aio_pika.exceptions.ChannelClosed as closed:
-            print(
-                f"sam-admin: queue {name!r} cannot be read ({closed}): the broker definitions declare "
-                f"one per SIEM user, bound to {AUDIT_EXCHANGE} (worker.transport.topology)",
-                file=sys.stderr,
-            )
-            return 2
+            raise SamAccessRefused(
+                f"queue {name!r} cannot be read ({closed.args[1] if len(closed.args) > 1 else closed}): "
+                f"the broker definitions declare one per SIEM user, bound to {AUDIT_EXCHANGE}, "
+                "which only that user may read"
+            ) from None
         async with queue.iterator() as messages:
             while count is None or seen < count:
                 try:
@@ -101,10 +116,9 @@ async def read_archive(
     """Print the archive's entries from ``offset`` (``first``, ``last``, ``next``, a stream
     offset, or a time) until ``idle_timeout`` seconds pass without a batch (or ``count``
     entries), then verify them together; returns 1 if anything failed verification."""
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
     lines: list[tuple[str, int, bytes]] = []
     arrived = asyncio.Event()
-    connection = await connect(profile.url, tls)
+    connection = await connect(profile)
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=64)  # a stream consumer needs a prefetch

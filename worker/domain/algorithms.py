@@ -20,6 +20,9 @@ from worker.errors import ErrorCode, SamError
 
 __all__ = [
     "CURVES",
+    "RSA_SIZES",
+    "SIGNATURE_ALGORITHMS",
+    "SUPPORTED_SIGNATURE_ALGORITHMS",
     "HsmMechanism",
     "KeySpec",
     "KeyType",
@@ -196,6 +199,12 @@ _SCHEMES = {
 }
 _HASHES_BY_NAME = {"sha256": _SHA256, "sha384": _SHA384, "sha512": _SHA512}
 RSASSA_PSS = "1.2.840.113549.1.1.10"
+# OID → name of every signature algorithm the SAM signs with, for help texts and refusals
+SIGNATURE_ALGORITHMS = {
+    **{oid: scheme.name for oid, scheme in _SCHEMES.items()},
+    RSASSA_PSS: "RSASSA-PSS (SHA-256/384/512, with its parameters)",
+}
+SUPPORTED_SIGNATURE_ALGORITHMS = ", ".join(f"{oid} {name}" for oid, name in SIGNATURE_ALGORITHMS.items())
 
 
 def _pss_scheme(parameters_b64: str | None) -> SignatureScheme:
@@ -246,7 +255,10 @@ def signature_scheme(oid: str, key_type: KeyType, parameters_b64: str | None = N
     """The scheme for ``oid``, refused if unknown or not fit for ``key_type``."""
     scheme = _pss_scheme(parameters_b64) if oid == RSASSA_PSS else _SCHEMES.get(oid)
     if scheme is None:
-        raise SamError(ErrorCode.unsupported_algorithm, f"signature algorithm {oid!r} is not supported")
+        raise SamError(
+            ErrorCode.unsupported_algorithm,
+            f"signature algorithm {oid!r} is not supported; supported: {SUPPORTED_SIGNATURE_ALGORITHMS}",
+        )
     if scheme.key_type is not key_type:
         raise SamError(
             ErrorCode.algorithm_key_mismatch,

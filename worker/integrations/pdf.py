@@ -12,7 +12,6 @@ import hashlib
 import io
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from asn1crypto import algos, keys
 from asn1crypto import x509 as asn1_x509
@@ -22,6 +21,7 @@ from pyhanko.sign.fields import SigSeedSubFilter
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
 from worker.client import SamClient
+from worker.domain.contract import KeyPairObject
 
 __all__ = ["Authorize", "SamSigner", "blank_pdf", "sign_detached", "sign_pdf"]
 
@@ -44,12 +44,13 @@ _SIGNATURE_OIDS = {
 
 
 class SamSigner(signers.Signer):
-    """A pyHanko signer whose raw signatures are made by the SAM."""
+    """A pyHanko signer whose raw signatures are made by the SAM with ``key_pair`` (the
+    certified copy the SAM returned) for ``signer``."""
 
     def __init__(
         self,
         client: SamClient,
-        key_pair: dict[str, Any],
+        key_pair: KeyPairObject,
         signer: str,
         certificate: asn1_x509.Certificate,
         chain: list[asn1_x509.Certificate],

@@ -49,9 +49,10 @@ import orjson
 
 from sam_devtools.authorization_server import DevAuthorizationServer
 from sam_devtools.chaos import certified_key_pair, signature_request
+from sam_devtools.raw_client import RawSamClient
 from sam_devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
-from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
+from worker.domain.contract import DynamicConfiguration, KeyPairObject
 from worker.transport.topology import VHOST, siem_queue
 
 __all__ = ["KINDS", "OutageFigures", "main", "run"]
@@ -131,7 +132,7 @@ def _checkpoints(port: int) -> int | None:
 class _Sender:
     """An SSA sending signatures with one certified key pair."""
 
-    def __init__(self, stack: Stack, client: SamClient, key_pair: dict[str, Any]) -> None:
+    def __init__(self, stack: Stack, client: RawSamClient, key_pair: KeyPairObject) -> None:
         static = json.loads(stack.path("config", "static_config.json").read_text())
         self._sam_id = static["sam_id"]
         self._authority = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
@@ -305,9 +306,10 @@ async def run(seconds: float = 60, kinds: tuple[str, ...] = KINDS, port_base: in
     stack is stopped and its folder removed whatever happens."""
     with scratch_stack("sam-outages-", port_base) as (stack, mounted):
         stack.up(workers=1)
-        async with ClientProfile.model_validate_json(stack.profile("admin-1").read_text()).client() as admin:
-            await admin.put_configuration(json.loads(stack.path("config", "dynamic_config.json").read_text()))
-        client = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text()).client()
+        async with SamClient.from_profile(stack.profile("admin-1")) as admin:
+            config = stack.path("config", "dynamic_config.json").read_bytes()
+            await admin.put_configuration(DynamicConfiguration.model_validate_json(config))
+        client = RawSamClient.from_profile(stack.profile("ssa-1"))
         await client.connect()
         sender = _Sender(stack, client, await certified_key_pair(stack, client, "outage"))
         breakage = _Breakage(stack)

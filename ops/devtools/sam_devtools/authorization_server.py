@@ -2,7 +2,7 @@
 
 It signs whatever it is asked to, which is exactly what a real IdP/AS must not do;
 it exists so tests and the demo can produce SADs shaped like CSC v2 / OAuth2 RAR
-access tokens. Run ``python -m sam_devtools.authorization_server --help``.
+access tokens. Installed as the ``sam-dev-as`` command (``sam-dev-as --help``).
 """
 
 from __future__ import annotations
@@ -88,29 +88,64 @@ class DevAuthorizationServer:
         return self.sign_claims(claims)
 
 
+_EXAMPLE = """\
+example (the local stack of ./ops/stack up; the SAM id is in .stack/config/static_config.json):
+  sam-dev-as --id dev-as --key .stack/pki/dev-as/jws-key.pem --audience sam-dev \\
+      --signer alice --key-pair-id KEY_PAIR_ID --file contract.pdf > sad.jwt
+  sam --profile .stack/clients/ssa-1.json sign key-pair.json --signer alice \\
+      --algorithm 1.2.840.10045.4.3.2 --file contract.pdf --sad-file sad.jwt
+
+A real authorization server authenticates the signer (two factors, CSC/OAuth2 RAR) before
+it issues any of these; this one signs whatever it is asked, so it exists only in the test
+tooling (sam-worker-devtools), never in a deployment.
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``sam-dev-as``: print a SAD for a signer, a key pair and the given DTBS/R."""
+    """``sam-dev-as``: print a SAD (or a SKAD, or a deletion SAD) for a signer and a key pair."""
     parser = argparse.ArgumentParser(
-        prog="sam-dev-as", description="TEST TOOLING: issue a SAD from the development authorization server"
+        prog="sam-dev-as",
+        description="TEST TOOLING: print a SAD signed by the development authorization server, "
+        "which vouches for any signer",
+        epilog=_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--id", required=True, help="authorization server id (its registered id)")
-    parser.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
-    parser.add_argument("--audience", required=True, help="the SAM id")
-    parser.add_argument("--signer", required=True)
-    parser.add_argument("--key-pair-id", required=True)
+    parser.add_argument("--id", required=True, help="the authorization server's registered id (kid, iss)")
+    parser.add_argument("--key", type=Path, required=True, help="its private JWS key (PEM, EC P-256)")
+    parser.add_argument("--audience", required=True, help="the SAM id (sam_id of its static configuration)")
+    parser.add_argument("--signer", required=True, help="the signer (sub)")
+    parser.add_argument("--key-pair-id", required=True, help="the key pair's id (credentialID)")
+    parser.add_argument(
+        "--kind",
+        choices=["sad", "skad", "deletion"],
+        default="sad",
+        help="sad: authorizes signing the DTBS/R given (default); skad: the signer's consent to an "
+        "assignment (key-assign --skad); deletion: the signer's request to delete the key pair",
+    )
     parser.add_argument("--dtbs", action="append", default=[], help="base64 DTBS/R (repeatable)")
     parser.add_argument(
-        "--file", type=Path, action="append", default=[], help="a document to hash with SHA-256"
+        "--file", type=Path, action="append", default=[], help="a document to hash with SHA-256 (repeatable)"
     )
-    parser.add_argument("--hash-oid", default="2.16.840.1.101.3.4.2.1")
-    parser.add_argument("--lifetime", type=int, default=120)
+    parser.add_argument("--hash-oid", default="2.16.840.1.101.3.4.2.1", help="default: SHA-256")
+    parser.add_argument("--lifetime", type=int, default=120, help="seconds (default 120)")
     args = parser.parse_args(argv)
-    digests = [base64.b64decode(d) for d in args.dtbs] + [
-        hashlib.sha256(f.read_bytes()).digest() for f in args.file
-    ]
-    server = DevAuthorizationServer(args.id, args.key.read_bytes())
-    sys.stdout.write(
-        server.issue_sad(
+    try:
+        digests = [base64.b64decode(d, validate=True) for d in args.dtbs] + [
+            hashlib.sha256(f.read_bytes()).digest() for f in args.file
+        ]
+        server = DevAuthorizationServer(args.id, args.key.read_bytes())
+    except (OSError, ValueError) as exc:  # binascii.Error is a ValueError
+        parser.exit(2, f"sam-dev-as: {exc}\n")
+    if args.kind == "sad" and not digests:
+        parser.error("a SAD needs at least one --dtbs or --file")
+    if args.kind == "skad":
+        token = server.issue_skad(args.audience, args.signer, args.key_pair_id, lifetime=args.lifetime)
+    elif args.kind == "deletion":
+        token = server.issue_deletion_sad(
+            args.audience, args.signer, args.key_pair_id, lifetime=args.lifetime
+        )
+    else:
+        token = server.issue_sad(
             args.audience,
             args.signer,
             args.key_pair_id,
@@ -118,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             hash_oid=args.hash_oid,
             lifetime=args.lifetime,
         )
-        + "\n"
-    )
+    sys.stdout.write(token + "\n")
 
 
 if __name__ == "__main__":

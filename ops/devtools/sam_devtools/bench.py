@@ -31,9 +31,10 @@ import aio_pika
 import orjson
 
 from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.raw_client import RawSamClient
 from sam_devtools.stack import Stack
-from worker.cli.sam import ClientProfile
-from worker.client import SamClient, SamRequestError
+from worker.client import ClientProfile, SamClient, SamRequestError
+from worker.domain.contract import DynamicConfiguration, KeyPairObject
 from worker.settings import TlsFiles, load_infrastructure, read_secret
 from worker.transport.amqp import connect
 
@@ -324,10 +325,10 @@ class Workload:
 
     def __init__(
         self,
-        client: SamClient,
+        client: RawSamClient,
         authority: DevAuthorizationServer,
         sam_id: str,
-        key_pair: dict[str, Any],
+        key_pair: KeyPairObject,
         signer: str,
         algorithm: str,
         digests_per_request: int,
@@ -353,11 +354,12 @@ class Workload:
             {
                 "signature_algorithm": self.algorithm,
                 "requests": [{"dtbs": base64.b64encode(d).decode()} for d in digests],
-                "key_pair": self.key_pair,
+                "key_pair": self.key_pair.model_dump(mode="json", exclude_none=True),
                 "signer": {"id": self.signer},
             }
         )
-        sad = self.authority.issue_sad(self.sam_id, self.signer, self.key_pair["id"], digests, lifetime=280)
+        assert self.key_pair.id is not None
+        sad = self.authority.issue_sad(self.sam_id, self.signer, self.key_pair.id, digests, lifetime=280)
         return message_id, body, self.client.sign_request(body, message_id, "signatures.create"), sad
 
     async def call(self, _: int) -> None:
@@ -381,7 +383,7 @@ class Workload:
 
 async def certified(
     stack: Stack, client: SamClient, template: dict[str, Any], signer: str, pop: str
-) -> dict[str, Any]:
+) -> KeyPairObject:
     created = await client.create_key_pair(**template)
     assigned = await client.assign_key_pair(created, signer, f"CN={signer}")
     request = await client.certification_request(assigned, pop)
@@ -476,7 +478,6 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
 
     # the workers of the stack make way for the measured ones
     stack.down_workers()
-    profile = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text())
     bench_profile = stack.profile("bench")
     broker = int(stack.node_pid_file(1).read_text())
 
@@ -497,22 +498,23 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False) -
 
     body_size = 0
     try:
-        async with profile.client() as client:
+        async with RawSamClient.from_profile(stack.profile("ssa-1")) as client:
             say("setting up key pairs")
             worker = stack.start_worker("bench-1", metrics_port=stack.metrics_port(1))
             workers = [worker]
             static = json.loads(stack.path("config", "static_config.json").read_text())
             authority = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
-            admin = ClientProfile.model_validate_json(stack.profile("admin-1").read_text()).client()
-            async with admin:
-                config = json.loads(stack.path("config", "dynamic_config.json").read_text())
+            async with SamClient.from_profile(stack.profile("admin-1")) as admin:
+                config = DynamicConfiguration.model_validate_json(
+                    stack.path("config", "dynamic_config.json").read_bytes()
+                )
                 try:
-                    config["version"] = (await admin.get_configuration())["version"] + 1
+                    version = (await admin.get_configuration()).version + 1
                 except SamRequestError as exc:
                     if exc.code != "configuration_missing":
                         raise
-                    config["version"] = 1
-                await admin.put_configuration(config)
+                    version = 1
+                await admin.put_configuration(config.model_copy(update={"version": version}))
             ec = await certified(
                 stack, client, {"algorithm": "ECDSA", "named_curve": "secp256r1"}, "bench-ec", EC_SHA256
             )

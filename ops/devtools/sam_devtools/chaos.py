@@ -36,9 +36,10 @@ from typing import Any
 import orjson
 
 from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.raw_client import RawSamClient
 from sam_devtools.stack import Stack, fill_filesystem, scratch_stack, verify_audit
-from worker.cli.sam import ClientProfile
 from worker.client import SamClient, SamTimeout
+from worker.domain.contract import DynamicConfiguration, KeyPairObject
 
 __all__ = ["ChaosReport", "certified_key_pair", "main", "run", "signature_request"]
 
@@ -93,7 +94,7 @@ class ChaosReport:
         }
 
 
-async def certified_key_pair(stack: Stack, client: SamClient, signer: str) -> dict[str, Any]:
+async def certified_key_pair(stack: Stack, client: SamClient, signer: str) -> KeyPairObject:
     """A P-256 key pair of ``client``'s, assigned to ``signer`` and certified by the dev CA."""
     created = await client.create_key_pair("ECDSA", named_curve="secp256r1")
     assigned = await client.assign_key_pair(created, signer, f"CN={signer}")
@@ -102,7 +103,7 @@ async def certified_key_pair(stack: Stack, client: SamClient, signer: str) -> di
 
 
 def signature_request(
-    authority: DevAuthorizationServer, sam_id: str, key_pair: dict[str, Any], signer: str, message_id: str
+    authority: DevAuthorizationServer, sam_id: str, key_pair: KeyPairObject, signer: str, message_id: str
 ) -> tuple[bytes, str]:
     """The body and SAD of a one-digest ECDSA P-256 signature request (the digest: of the
     message id, so every request signs something of its own)."""
@@ -111,19 +112,20 @@ def signature_request(
         {
             "signature_algorithm": EC_SHA256,
             "requests": [{"dtbs": base64.b64encode(digest).decode()}],
-            "key_pair": key_pair,
+            "key_pair": key_pair.model_dump(mode="json", exclude_none=True),
             "signer": {"id": signer},
         }
     )
-    return body, authority.issue_sad(sam_id, signer, key_pair["id"], [digest], lifetime=280)
+    assert key_pair.id is not None
+    return body, authority.issue_sad(sam_id, signer, key_pair.id, [digest], lifetime=280)
 
 
 async def _load(
     stack: Stack,
-    client: SamClient,
+    client: RawSamClient,
     authority: DevAuthorizationServer,
     sam_id: str,
-    key_pair: dict[str, Any],
+    key_pair: KeyPairObject,
     stop: asyncio.Event,
     report: ChaosReport,
 ) -> None:
@@ -224,12 +226,12 @@ async def run(full: bool = False, port_base: int = 27671, cluster: int = 1) -> C
     with scratch_stack("sam-chaos-", port_base, cluster) as (stack, _):
         stack.up(workers=2)
         report.queue_members = stack.queue_members()
-        profile = ClientProfile.model_validate_json(stack.profile("ssa-1").read_text())
         static = json.loads(stack.path("config", "static_config.json").read_text())
         authority = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
-        async with ClientProfile.model_validate_json(stack.profile("admin-1").read_text()).client() as admin:
-            await admin.put_configuration(json.loads(stack.path("config", "dynamic_config.json").read_text()))
-        client = profile.client()
+        async with SamClient.from_profile(stack.profile("admin-1")) as admin:
+            config = stack.path("config", "dynamic_config.json").read_bytes()
+            await admin.put_configuration(DynamicConfiguration.model_validate_json(config))
+        client = RawSamClient.from_profile(stack.profile("ssa-1"))
         await client.connect()
         key_pair = await certified_key_pair(stack, client, "chaos")
         stop = asyncio.Event()

@@ -9,6 +9,7 @@ exactly what ``up`` started (by the pids it recorded).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -555,6 +556,50 @@ class Stack:
                 )
             )
 
+    def register_configuration(self) -> str:
+        """Register the stack's dynamic configuration (``config/dynamic_config.json``) as
+        ``admin-1`` if the SAM has none yet, so an SSA can use the stack at once; one the
+        SAM already has is left as it is (an operator may have changed it). Needs a
+        running worker. Returns what it did, in a line."""
+        return asyncio.run(self._register_configuration())
+
+    async def _register_configuration(self) -> str:
+        from worker.cli.sam import ClientProfile
+        from worker.client import SamRequestError
+        from worker.domain.contract import DynamicConfiguration, Operation
+
+        def content(document: Any) -> dict[str, Any]:  # defaults filled in, version aside
+            return DynamicConfiguration.model_validate(document).model_dump(exclude={"version"})
+
+        file = self.path("config", "dynamic_config.json")
+        wanted = json.loads(file.read_text())
+        profile = ClientProfile.model_validate_json(self.profile(ADMINS[0]).read_text())
+        async with profile.client() as admin:
+            try:
+                current = await admin.call(Operation.configurations_dynamic_get)
+            except SamRequestError as exc:
+                if exc.code != "configuration_missing":
+                    raise
+                await admin.call(Operation.configurations_dynamic_put, wanted)
+                return f"dynamic configuration version {wanted['version']} registered ({file})"
+        if content(current) == content(wanted):
+            return f"dynamic configuration version {current['version']} already registered"
+        return (
+            f"the SAM holds dynamic configuration version {current['version']}, not {file}; left as it is "
+            f"(to register the file: sam --profile {self.profile(ADMINS[0])} config-put {file} --bump)"
+        )
+
+    def next_steps(self) -> list[str]:
+        """The three commands to run after ``ops/stack up``, with this stack's paths."""
+        clients = _shown(self.path("clients"))
+        return [
+            f". {_shown(self.root / 'venv' / 'bin' / 'activate')}"
+            if (self.root / "venv").exists()
+            else f". {_shown(Path(sys.prefix) / 'bin' / 'activate')}",
+            f"sam --profile {clients}/ssa-1.json key-create --algorithm ECDSA > key-pair.json",
+            "sam-dev-as --help   # SADs for your signers; then docs/INTEGRATION.md, Quickstart",
+        ]
+
     # --- workers ----------------------------------------------------------------------
 
     def hsm(self) -> Pkcs11Hsm:
@@ -707,6 +752,13 @@ class Stack:
         return {name: ("running" if _pid_alive(pid) else "stopped") for name, pid in self._pids().items()}
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (as the user typed it)."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``ops/stack up|down|status`` for the stack under ``--root``."""
     parser = argparse.ArgumentParser(
@@ -726,6 +778,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stack up in {stack.root}: RabbitMQ {stack.url}, {args.workers} worker(s)")
         for name, state in stack.status().items():
             print(f"  {name}: {state}")
+        if args.workers:
+            print(stack.register_configuration())
+        else:
+            print("no worker started: the dynamic configuration is registered with the first (ops/stack up)")
+        print(f"client profiles (broker URL, TLS files, user id, JWS key): {_shown(stack.path('clients'))}/")
+        print("  admin-1.json (administrator), ssa-1.json (an SSA; its signers' AS is dev-as), ssa-2.json")
+        print("next:")
+        for command in stack.next_steps():
+            print(f"  {command}")
     elif args.command == "down":
         stack.down()
         print("stack down")
