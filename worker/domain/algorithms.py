@@ -57,7 +57,7 @@ class Curve:
     oid: str
 
 
-# The brief's aliases name the same curves; the canonical name is the SEC one.
+# The X9.62 aliases (prime256v1 …) name the same curves; the canonical name is the SEC one.
 _P256 = Curve("secp256r1", "1.2.840.10045.3.1.7")
 _P384 = Curve("secp384r1", "1.3.132.0.34")
 _P521 = Curve("secp521r1", "1.3.132.0.35")
