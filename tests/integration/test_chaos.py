@@ -81,7 +81,12 @@ async def test_each_kind_of_audit_outage_is_bounded_and_recorded_once() -> None:
     assert report["audit_verify_ok"], report
     tally = report["records_per_request"]
     assert tally.get("exactly one record, status as answered", 0) > 50, tally
-    assert set(tally) <= {"exactly one record, status as answered", "unanswered: records none"}, tally
+    # Unanswered at the SSA: the request never reached a worker (no record), or its refusal
+    # (503) came after the SSA's own 20 s timeout while the broker was away (a record of
+    # the refusal, nothing signed). One that records a signature would be the failure.
+    unanswered = {k for k in tally if k.startswith("unanswered: records ")}
+    assert unanswered <= {"unanswered: records none", "unanswered: records 503"}, tally
+    assert set(tally) - unanswered == {"exactly one record, status as answered"}, tally
     for outage in report["outages"]:
         if "skipped" in outage:
             continue

@@ -138,8 +138,9 @@ class _Sender:
         self._authority = DevAuthorizationServer("dev-as", stack.pki.jws_key("dev-as").read_bytes())
         self._client, self._key_pair = client, key_pair
 
-    async def sign(self, reply_timeout: float = 20) -> tuple[str, str, float]:
-        """(request id, outcome, seconds): the outcome is ``ok``, an error code or ``no answer``."""
+    async def sign(self, reply_timeout: float = 20) -> tuple[str, str, float, int]:
+        """(request id, outcome, seconds, status): the outcome is ``ok``, an error code or
+        ``no answer``; the status is the reply's (-1: no answer)."""
         message_id = str(uuid.uuid4())
         body, sad = signature_request(self._authority, self._sam_id, self._key_pair, "outage", message_id)
         started = time.monotonic()
@@ -153,10 +154,10 @@ class _Sender:
                 retries=0,
             )
         except (SamTimeout, ConnectionError, OSError):
-            return message_id, "no answer", time.monotonic() - started
+            return message_id, "no answer", time.monotonic() - started, -1
         assert reply is not None
         outcome = "ok" if reply.status < 400 else reply.json()["error"]["code"]
-        return message_id, outcome, time.monotonic() - started
+        return message_id, outcome, time.monotonic() - started, reply.status
 
 
 class _Breakage:
@@ -257,17 +258,18 @@ async def _outage(
     await breakage.repair(kind)
     repaired = time.monotonic()
     for _ in range(60):
-        request_id, outcome, _ = await sender.sign()
-        figures.request_ids[request_id] = 200 if outcome == "ok" else -1
+        # every answer counts with its status: a 503 just after the repair is an answer
+        request_id, outcome, _, status = await sender.sign()
+        figures.request_ids[request_id] = status
         if outcome == "ok":
             figures.first_success_after_repair_seconds = time.monotonic() - repaired
             break
         await asyncio.sleep(0.5)
     answers = await asyncio.gather(*tasks)
     figures.requests = len(answers)
-    for request_id, outcome, took in answers:
+    for request_id, outcome, took, status in answers:
         figures.answers[outcome] += 1
-        figures.request_ids[request_id] = {"ok": 200, "audit_unavailable": 503}.get(outcome, -1)
+        figures.request_ids[request_id] = status
         if outcome == "audit_unavailable":
             figures.slowest_refusal_seconds = max(figures.slowest_refusal_seconds, took)
     with log_file.open("rb") as handle:
