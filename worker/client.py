@@ -203,7 +203,8 @@ def check_identity(tls: TlsFiles, user_id: str) -> None:
 def describe_connection_failure(exc: BaseException, url: str, tls: TlsFiles) -> str:
     """What went wrong reaching ``url``, in words an operator can act on (aiormq wraps
     the socket and TLS errors into one exception type whose text carries the cause)."""
-    where = url.split("://", 1)[-1].split("/", 1)[0]
+    # host:port only: a user or password in the URL is never printed
+    where = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
     text = str(exc)
     if isinstance(exc, TimeoutError):
         return f"no answer from {where} within the connect timeout"
@@ -216,7 +217,10 @@ def describe_connection_failure(exc: BaseException, url: str, tls: TlsFiles) -> 
             f"{tls.cert_file} (another CA, expired, or not for client authentication)"
         )
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError):
-        return f"the broker at {where} refused the login: the certificate's CN is not one of its users"
+        return (
+            f"the broker at {where} refused the login: it takes only EXTERNAL (the URL needs ?auth=external "
+            "and no user or password), and the certificate's CN must be one of its users"
+        )
     if "Connect call failed" in text or isinstance(exc, ConnectionRefusedError):
         return f"nothing accepts connections at {where}"
     if "Name or service not known" in text or "nodename nor servname" in text:
@@ -670,7 +674,7 @@ class SamClient:
                 held = transient or held
             if held is not None:
                 return held
-            raise SamTimeout(message.message_id, seconds)
+            raise SamTimeout(message.message_id, seconds * (retries + 1))
         finally:
             self._pending.pop(correlation_id, None)
 
@@ -718,9 +722,18 @@ class SamClient:
                 return
             except TimeoutError:
                 raise SamTimeout(message.message_id or "", seconds) from None
-            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                # the user's permissions will not change while we wait: say so now
+                raise SamAccessRefused(
+                    f"the broker refused {self.user_id} publishing to {REQUESTS_EXCHANGE} "
+                    f"({_reply_text(exc)}): its permissions must allow writing there"
+                ) from None
+            except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if not retrying or time.monotonic() > deadline:
-                    raise
+                    raise SamUnreachable(
+                        f"the request {message.message_id} could not be published: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 await asyncio.sleep(1)
 
     async def call(
@@ -756,23 +769,29 @@ class SamClient:
         return _parse(reply_model, reply, operation.value)
 
     async def _key_pair_call(
-        self, operation: Operation, body: dict[str, Any], *, sad: str | None = None
+        self, operation: Operation, body: dict[str, Any], *, sad: str | None = None, message_id: str | None
     ) -> KeyPairObject:
-        return (await self._call(operation, body, KeyPairReply, sad=sad)).key_pair
+        return (await self._call(operation, body, KeyPairReply, sad=sad, message_id=message_id)).key_pair
 
     # --- operations -------------------------------------------------------------------
     #
     # Arguments are sent as given: the SAM, not the SDK, decides what it accepts (a
     # refusal names the stable code, schema_violation for what its schema refuses).
+    # ``message_id``: that of an earlier call with the same arguments whose outcome is
+    # unknown (``SamTimeout`` names it): the SAM answers with that call's result, so a
+    # lost answer to an assignment or update is recovered instead of leaving a copy of
+    # the key pair the SAM no longer takes.
 
-    async def put_configuration(self, configuration: DynamicConfiguration) -> None:
+    async def put_configuration(
+        self, configuration: DynamicConfiguration, *, message_id: str | None = None
+    ) -> None:
         """(Administrators) replace the dynamic configuration; its ``version`` must be above
         the current one (``configuration_version_conflict``)."""
         await self._request(
             Operation.configurations_dynamic_put.value,
             orjson.dumps(_wire(configuration)),
             sad=None,
-            message_id=None,
+            message_id=message_id,
         )
 
     async def get_configuration(self) -> DynamicConfiguration:
@@ -780,7 +799,12 @@ class SamClient:
         return await self._call(Operation.configurations_dynamic_get, {}, DynamicConfiguration)
 
     async def create_key_pair(
-        self, algorithm: Literal["RSA", "ECDSA"], *, size: int | None = None, named_curve: str | None = None
+        self,
+        algorithm: Literal["RSA", "ECDSA"],
+        *,
+        size: int | None = None,
+        named_curve: str | None = None,
+        message_id: str | None = None,
     ) -> KeyPairObject:
         """A new key pair, unassigned: RSA of ``size`` bits or ECDSA on ``named_curve``."""
         template: dict[str, Any] = {"algorithm": algorithm}
@@ -788,7 +812,9 @@ class SamClient:
             template["size"] = size
         if named_curve is not None:
             template["named_curve"] = named_curve
-        return await self._key_pair_call(Operation.key_pairs_create, {"key_template": template})
+        return await self._key_pair_call(
+            Operation.key_pairs_create, {"key_template": template}, message_id=message_id
+        )
 
     async def assign_key_pair(
         self,
@@ -799,6 +825,7 @@ class SamClient:
         skad: str | None = None,
         pin: str | None = None,
         authorization_server: str | None = None,
+        message_id: str | None = None,
     ) -> KeyPairObject:
         """Assign to ``signer`` (RFC 4514 ``subject``), whom ``authorization_server`` speaks
         for from now on (the SKAD's issuer if one is given; needed without a SKAD when
@@ -808,7 +835,9 @@ class SamClient:
             body["sam_factor"] = {"type": "pin", "value": pin}
         if authorization_server is not None:
             body["authorization_server"] = authorization_server
-        return await self._key_pair_call(Operation.signers_key_pairs_assign, body, sad=skad)
+        return await self._key_pair_call(
+            Operation.signers_key_pairs_assign, body, sad=skad, message_id=message_id
+        )
 
     async def sign(
         self,
@@ -885,6 +914,7 @@ class SamClient:
         enabled: bool = True,
         certificate: bytes | None = None,
         chain: Sequence[bytes] | None = None,
+        message_id: str | None = None,
     ) -> KeyPairObject:
         """Certify (with the DER ``certificate`` and the intermediates in ``chain`` up to a
         trust anchor), enable or disable the signer's key pair."""
@@ -897,28 +927,44 @@ class SamClient:
             body["certificate"] = _b64(certificate)
         if chain:
             body["certificate_chain"] = [_b64(der) for der in chain]
-        return await self._key_pair_call(Operation.key_pairs_update, body)
+        return await self._key_pair_call(Operation.key_pairs_update, body, message_id=message_id)
 
     async def delete_key_pair(
-        self, key_pair: KeyPairObject, signer: str | None, sad: str | None = None
+        self,
+        key_pair: KeyPairObject,
+        signer: str | None,
+        sad: str | None = None,
+        *,
+        message_id: str | None = None,
     ) -> KeyPairDeleteReply:
         """Delete a key pair for good; an assigned one needs its ``signer``, and ``sad``,
         when given, is the signer's deletion SAD."""
         body: dict[str, Any] = {"key_pair": _wire(key_pair)}
         if signer is not None:
             body["signer"] = {"id": signer}
-        return await self._call(Operation.key_pairs_delete, body, KeyPairDeleteReply, sad=sad)
+        return await self._call(
+            Operation.key_pairs_delete, body, KeyPairDeleteReply, sad=sad, message_id=message_id
+        )
 
-    async def rewrap_key_pair(self, key_pair: KeyPairObject) -> KeyPairObject:
+    async def rewrap_key_pair(
+        self, key_pair: KeyPairObject, *, message_id: str | None = None
+    ) -> KeyPairObject:
         """The key pair wrapped under the current KEK (unchanged if it already is)."""
-        return await self._key_pair_call(Operation.key_pairs_rewrap, {"key_pair": _wire(key_pair)})
+        return await self._key_pair_call(
+            Operation.key_pairs_rewrap, {"key_pair": _wire(key_pair)}, message_id=message_id
+        )
 
     async def bind_key_pair(
-        self, key_pair: KeyPairObject, owner: str, authorization_server: str | None = None
+        self,
+        key_pair: KeyPairObject,
+        owner: str,
+        authorization_server: str | None = None,
+        *,
+        message_id: str | None = None,
     ) -> KeyPairObject:
         """(Administrators) bind a key pair to the SSA ``owner``: one sealed before key
         pairs had owners, or one moved to another SSA."""
         body: dict[str, Any] = {"key_pair": _wire(key_pair), "owner": owner}
         if authorization_server is not None:
             body["authorization_server"] = authorization_server
-        return await self._key_pair_call(Operation.key_pairs_bind, body)
+        return await self._key_pair_call(Operation.key_pairs_bind, body, message_id=message_id)

@@ -175,3 +175,26 @@ async def test_assign_with_a_pin_certify_without_enable_then_sign_by_algorithm_n
     )  # fmt: skip
     assert signed.returncode == 0, signed.stderr
     assert json.loads(signed.stdout)["signature_algorithm"] == EC_SHA256
+
+
+async def test_a_user_that_may_not_publish_requests_is_told_at_once(harness: Harness, tmp_path: Path) -> None:
+    """It waited out every retry (46 s) and ended in a traceback about a closed channel."""
+    jws_key = json.loads(harness.stack.profile("ssa-1").read_text())["jws_key_file"]
+    profile = profile_variant(harness, tmp_path, "bench", jws_key_file=jws_key)
+    result = await sam("--profile", str(profile), "key-create", "--algorithm", "ECDSA")
+    assert result.returncode == 1
+    line = one_line(result)
+    assert line.startswith("sam: the broker refused bench publishing to sam.requests (ACCESS_REFUSED"), line
+
+
+async def test_a_password_in_the_url_is_never_printed(harness: Harness, tmp_path: Path) -> None:
+    profile = json.loads(harness.stack.profile("ssa-1").read_text())
+    profile["url"] = (
+        profile["url"].replace("amqps://", "amqps://ssa-1:S3cretPassw0rd@").replace("auth=external&", "")
+    )
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    result = await sam("--profile", str(path), "config-get")
+    assert result.returncode == 3
+    line = one_line(result)
+    assert "S3cretPassw0rd" not in line and "it takes only EXTERNAL" in line, line

@@ -21,7 +21,7 @@ from pyhanko.sign.validation import async_validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
 from tests.integration.conftest import Harness, certificate_der, key_id, wire
-from worker.client import SamClient
+from worker.client import SamClient, SamConfigurationError
 from worker.integrations.pdf import SamSigner, blank_pdf, sign_detached, sign_pdf
 
 pytestmark = pytest.mark.integration
@@ -177,3 +177,22 @@ async def test_sam_sign_file_command(harness: Harness, ssa: SamClient, tmp_path:
     assert (
         openssl_cms_verify(tmp_path / "report.txt.p7s", document, harness.stack.pki.ca_file).returncode == 0
     )
+
+
+async def test_a_certificate_for_another_key_is_refused_before_any_sad(
+    harness: Harness, ssa: SamClient
+) -> None:
+    """Bob's certificate with Alice's key pair would make a document that names Bob and
+    carries Alice's signature, and spend Alice's SAD on it: refused before asking."""
+    alice = await harness.certified_key_pair(ssa, "pdf-alice")
+    bob = await harness.certified_key_pair(ssa, "pdf-bob")
+    asked: list[bytes] = []
+
+    async def authorize(digest: bytes, hash_oid: str) -> str:
+        asked.append(digest)
+        return "never used"
+
+    bobs_certificate = asn1_x509.Certificate.load(certificate_der(bob))
+    with pytest.raises(SamConfigurationError, match="is not for key pair"):
+        SamSigner(ssa, alice, "pdf-alice", bobs_certificate, [], authorize)
+    assert asked == []

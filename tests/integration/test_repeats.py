@@ -19,6 +19,7 @@ import pytest
 
 from sam_devtools.raw_client import RawSamClient
 from tests.integration.conftest import EC_SHA256, Harness, key_id, wire
+from worker.client import SamRequestError
 from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
@@ -183,3 +184,19 @@ async def test_the_sdk_recovers_its_reply_queue_when_it_is_deleted(
         reply = await ssa.send("signatures.create", body, sad=sad, message_id=message_id, reply_timeout=10)
     assert ssa.reconnects >= 1
     assert reply is not None and reply.status == 200
+
+
+async def test_a_lost_answer_to_an_assignment_is_recovered_with_its_message_id(
+    harness: Harness, ssa: RawSamClient
+) -> None:
+    """Without it, the SSA's copy of a key pair whose assignment answer was lost is one the
+    SAM no longer takes (already assigned, outdated) — for good."""
+    created = await ssa.create_key_pair("ECDSA", named_curve="secp256r1")
+    message_id = str(uuid.uuid4())
+    first = await ssa.assign_key_pair(created, "dora", "CN=Dora,O=Example", message_id=message_id)
+    # the answer above is the one "lost"; the same call with its id gets that result again
+    again = await ssa.assign_key_pair(created, "dora", "CN=Dora,O=Example", message_id=message_id)
+    assert again == first and again.status is not None and again.status.assigned
+    with pytest.raises(SamRequestError) as fresh:  # a new request with the old copy
+        await ssa.assign_key_pair(created, "dora", "CN=Dora,O=Example")
+    assert fresh.value.code == "key_pair_already_assigned"

@@ -3,8 +3,10 @@ failure maps to its exit status and one line; flags that need no SAM are checked
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
+import os
 import ssl
 from pathlib import Path
 
@@ -118,3 +120,74 @@ def test_pdf_commands_without_the_pdf_extra_say_how_to_get_it(
         sam.main(["validate-pdf", "x.pdf", "--ca", "ca.pem"])
     assert exited.value.code == Exit.BAD_INPUT
     assert "pip install 'sam-worker[pdf]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "command", "words"),
+    [
+        (b"[]", ["public-key"], "KeyPairObject is not valid"),
+        (b'{"sealed": "x"}', ["public-key"], "the key pair has no public_key"),
+        (b"hello", ["validate-pdf", "--ca", "CA"], "not a PDF pyHanko can read"),
+    ],
+)
+def test_offline_commands_on_files_that_are_not_what_they_take_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, command: list[str], words: str
+) -> None:
+    given = tmp_path / "given"
+    given.write_bytes(content)
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(_self_signed_pem())
+    with pytest.raises(SystemExit) as exited:
+        sam.main([command[0], str(given), *[str(ca) if part == "CA" else part for part in command[1:]]])
+    assert exited.value.code == Exit.BAD_INPUT
+    error = capsys.readouterr().err
+    assert words in error and len(error.strip().splitlines()) == 1, error
+
+
+def _self_signed_pem() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def test_sign_without_anything_to_sign_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        sam.main(["--profile", "p", "sign", "kp", "--signer", "a", "--algorithm", "ecdsa-with-SHA256",
+                  "--sad-file", "s"])  # fmt: skip
+    assert exited.value.code == Exit.BAD_INPUT and "--dtbs or --file" in capsys.readouterr().err
+
+
+def test_a_truncated_rotated_file_is_a_problem_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from worker.cli import admin
+
+    key = tmp_path / "audit-key.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    rotated = tmp_path / "service.jsonl-20261201.gz"
+    lines = b"".join(b'{"type": "record", "n": "%s"}\n' % os.urandom(16).hex().encode() for _ in range(1000))
+    rotated.write_bytes(gzip.compress(lines)[:4000])  # a rotation cut short
+    with pytest.raises(SystemExit) as exited:
+        admin.main(["audit", "verify", "--key", str(key), str(rotated)])
+    assert exited.value.code == 1
+    assert f"BAD {rotated}: unreadable after line" in capsys.readouterr().out

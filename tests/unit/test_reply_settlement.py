@@ -78,7 +78,9 @@ async def _deliver(
         (0, "signatures", "q", 200, False, ["ack"], 1),  # confirmed at once
         (2, "signatures", "q", 200, False, ["ack"], 3),  # confirmed at the last try
         (3, "signatures", "q", 200, False, ["nack requeue=True"], 3),  # a result never confirmed: requeued
-        (3, "signatures", "q", 200, True, ["ack"], 3),  # the caller's queue refused it: a repeat recovers it
+        # the caller's queue refused it: not sent again (a held delivery would slow every
+        # tenant); acked, and a repeat recovers the result
+        (3, "signatures", "q", 200, True, ["ack"], 1),
         (3, "signatures", "q", 400, False, ["ack"], 3),  # a refusal: acked, decided again on a repeat
         (3, None, "q", 200, False, ["ack"], 3),  # a dead letter: answered at most once
         (0, "signatures", None, 200, False, ["ack"], 0),  # no reply queue of the caller's own

@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import gzip
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,11 +113,18 @@ def _rotate_kek(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lines(path: Path) -> Iterator[tuple[str, int, bytes]]:
+def _lines(path: Path, unreadable: list[str]) -> Iterator[tuple[str, int, bytes]]:
+    """The lines of an audit file (``.gz`` too); a file that cannot be read to its end (a
+    truncated or corrupt ``.gz``: a rotation cut short) yields what it has, and is named
+    in ``unreadable``."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            yield str(path), number, line
+    number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                yield str(path), number, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        unreadable.append(f"{path}: unreadable after line {number} ({type(exc).__name__}: {exc})")
 
 
 def _audit_key(args: argparse.Namespace) -> ec.EllipticCurvePublicKey:
@@ -125,22 +133,24 @@ def _audit_key(args: argparse.Namespace) -> ec.EllipticCurvePublicKey:
     elif args.infrastructure is not None:
         pem = load_infrastructure(args.infrastructure).audit_key.public_key.encode()
     else:
-        raise SystemExit("sam-admin: give --key (from `audit export-key`) or --infrastructure")
+        raise ValueError("give --key (from `audit export-key`) or --infrastructure")
     key = serialization.load_pem_public_key(pem)
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise SystemExit("sam-admin: the audit key is an EC P-256 public key")
+        raise ValueError("the audit key is an EC P-256 public key")
     return key
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
     key = _audit_key(args)
 
+    unreadable: list[str] = []
+
     def every_line() -> Iterator[tuple[str, int, bytes]]:
         for path in args.files:
-            yield from _lines(path)
+            yield from _lines(path, unreadable)
 
     report = verify_entries(every_line(), key, transport_copies=args.transport_copies)
-    for problem in report.problems:
+    for problem in [*unreadable, *report.problems]:
         print(f"BAD {problem}")
     for chain, summary in sorted(report.chains.items()):
         print(
@@ -159,8 +169,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
             "(unsigned; the worker's next start chains them)"
         )
     redelivered = f", {report.redelivered} lines delivered twice" if report.redelivered else ""
-    print(f"{report.entries} entries, {len(report.problems)} problems{redelivered}")
-    return 0 if report.ok else 1
+    print(f"{report.entries} entries, {len(report.problems) + len(unreadable)} problems{redelivered}")
+    return 0 if report.ok and not unreadable else 1
 
 
 def _audit_export_key(args: argparse.Namespace) -> int:

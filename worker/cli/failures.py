@@ -75,7 +75,10 @@ def describe(exc: BaseException) -> tuple[Exit, str]:
     if isinstance(exc, SamAccessRefused):
         return Exit.REFUSED, str(exc)
     if isinstance(exc, SamTimeout):
-        return Exit.NO_ANSWER, f"{exc}: the outcome is unknown; send the same request again to learn it"
+        return Exit.NO_ANSWER, (
+            f"{exc}: the outcome is unknown; to learn it, send the same request again with its id "
+            f"(sam: the same command with --message-id {exc.request_id})"
+        )
     if isinstance(exc, SamUnreachable):
         return Exit.UNREACHABLE, str(exc)
     if isinstance(exc, SamConfigurationError):

@@ -63,6 +63,8 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
     async with profile.client() as client:
         if args.command == "config-put":
             document = _load_json(args.file)
+            if not isinstance(document, dict):
+                raise SamConfigurationError(f"{args.file}: a dynamic configuration is a JSON object")
             if args.bump:
                 try:
                     current = (await client.get_configuration()).version
@@ -72,15 +74,19 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
                     current = 0
                 document["version"] = current + 1
             config = DynamicConfiguration.model_validate(document)
-            await client.put_configuration(config)
+            await client.put_configuration(config, message_id=args.message_id)
             print(f"dynamic configuration version {config.version} accepted", file=sys.stderr)
         elif args.command == "config-get":
             _emit_model(await client.get_configuration())
         elif args.command == "key-create":
             if args.algorithm == "RSA":
-                key_pair = await client.create_key_pair("RSA", size=args.size or DEFAULT_RSA_SIZE)
+                key_pair = await client.create_key_pair(
+                    "RSA", size=args.size or DEFAULT_RSA_SIZE, message_id=args.message_id
+                )
             else:
-                key_pair = await client.create_key_pair("ECDSA", named_curve=args.curve or DEFAULT_CURVE)
+                key_pair = await client.create_key_pair(
+                    "ECDSA", named_curve=args.curve or DEFAULT_CURVE, message_id=args.message_id
+                )
             _emit_model(key_pair)
         elif args.command == "key-assign":
             _emit_model(
@@ -91,6 +97,7 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
                     skad=args.skad_file.read_text().strip() if args.skad_file else None,
                     pin=args.pin,
                     authorization_server=args.authorization_server,
+                    message_id=args.message_id,
                 )
             )
         elif args.command == "csr":
@@ -111,24 +118,39 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
                     enabled=enabled,
                     certificate=certificate,
                     chain=chain,
+                    message_id=args.message_id,
                 )
             )
         elif args.command == "key-delete":
             sad = args.sad_file.read_text().strip() if args.sad_file else None
-            await client.delete_key_pair(_key_pair(args.key_pair), args.signer, sad)
+            await client.delete_key_pair(
+                _key_pair(args.key_pair), args.signer, sad, message_id=args.message_id
+            )
             print("deleted", file=sys.stderr)
         elif args.command == "key-rewrap":
-            _emit_model(await client.rewrap_key_pair(_key_pair(args.key_pair)))
+            _emit_model(await client.rewrap_key_pair(_key_pair(args.key_pair), message_id=args.message_id))
         elif args.command == "key-bind":
             _emit_model(
-                await client.bind_key_pair(_key_pair(args.key_pair), args.owner, args.authorization_server)
+                await client.bind_key_pair(
+                    _key_pair(args.key_pair),
+                    args.owner,
+                    args.authorization_server,
+                    message_id=args.message_id,
+                )
             )
         elif args.command in ("sign-pdf", "sign-file"):
             from worker.integrations.pdf import sign_detached, sign_pdf
 
             signer = _document_signer(client, args)
             if args.command == "sign-pdf":
-                document = await sign_pdf(args.input.read_bytes(), signer, reason=args.reason)
+                from pyhanko.pdf_utils.misc import PdfError
+
+                try:
+                    document = await sign_pdf(args.input.read_bytes(), signer, reason=args.reason)
+                except PdfError as exc:
+                    raise SamConfigurationError(
+                        f"{args.input} is not a PDF pyHanko can sign: {exc}"
+                    ) from None
                 args.output.write_bytes(document)
                 print(f"wrote {args.output}", file=sys.stderr)
             else:
@@ -136,11 +158,22 @@ async def _run(args: argparse.Namespace, profile: ClientProfile) -> None:
                 output.write_bytes(await sign_detached(args.input, signer))
                 print(f"wrote {output}", file=sys.stderr)
         elif args.command == "sign":
-            digests = [base64.b64decode(d) for d in args.dtbs]
+            try:
+                digests = [base64.b64decode(d, validate=True) for d in args.dtbs]
+            except ValueError:
+                raise SamConfigurationError(
+                    "--dtbs takes standard base64 (A-Z a-z 0-9 + /, padded)"
+                ) from None
             digests += [hashlib.sha256(f.read_bytes()).digest() for f in args.file]
             sad = args.sad_file.read_text().strip()
             signatures = await client.sign(
-                _key_pair(args.key_pair), args.signer, args.algorithm, digests, sad, pin=args.pin
+                _key_pair(args.key_pair),
+                args.signer,
+                args.algorithm,
+                digests,
+                sad,
+                pin=args.pin,
+                message_id=args.message_id,
             )
             _emit(
                 {
@@ -179,6 +212,15 @@ def _document_signer(client: SamClient, args: argparse.Namespace) -> SamSigner:
         raise SamClientError(f"{args.key_pair}: the key pair has no id")
     key_pair_id = key_pair.id
 
+    try:  # the template, checked before any signing starts
+        template = shlex.split(args.sad_command)
+        for part in template:
+            part.format(dtbs="", hash_oid="", key_pair_id="", signer="")
+    except (ValueError, KeyError, IndexError) as exc:
+        raise SamConfigurationError(
+            f"--sad-command: {exc!r} is not one of {{dtbs}}, {{hash_oid}}, {{key_pair_id}}, {{signer}}"
+        ) from None
+
     async def authorize(digest: bytes, hash_oid: str) -> str:
         # the SAD comes from the signer's authorization server; here, from a command
         command = [
@@ -188,7 +230,7 @@ def _document_signer(client: SamClient, args: argparse.Namespace) -> SamSigner:
                 key_pair_id=key_pair_id,
                 signer=args.signer,
             )
-            for part in shlex.split(args.sad_command)
+            for part in template
         ]
         process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
         stdout, _ = await process.communicate()
@@ -201,12 +243,16 @@ def _document_signer(client: SamClient, args: argparse.Namespace) -> SamSigner:
 
 
 async def _validate_pdf(path: Path, trust_anchor: asn1_x509.Certificate) -> int:
+    from pyhanko.pdf_utils.misc import PdfError
     from pyhanko.pdf_utils.reader import PdfFileReader
     from pyhanko.sign.validation import async_validate_pdf_signature
     from pyhanko_certvalidator import ValidationContext
 
     with path.open("rb") as handle:
-        signatures = PdfFileReader(handle).embedded_signatures
+        try:
+            signatures = PdfFileReader(handle).embedded_signatures
+        except PdfError as exc:
+            raise SamConfigurationError(f"{path} is not a PDF pyHanko can read: {exc}") from None
         if not signatures:
             print(f"{path}: no signature", file=sys.stderr)
             return 1
@@ -220,8 +266,10 @@ async def _validate_pdf(path: Path, trust_anchor: asn1_x509.Certificate) -> int:
 
 
 def _public_key(args: argparse.Namespace) -> None:
-    der = base64.b64decode(_load_json(args.key_pair)["public_key"])
-    key = serialization.load_der_public_key(der)
+    key_pair = _key_pair(args.key_pair)
+    if key_pair.public_key is None:
+        raise SamConfigurationError(f"{args.key_pair}: the key pair has no public_key")
+    key = serialization.load_der_public_key(base64.b64decode(key_pair.public_key))
     sys.stdout.write(
         key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     )
@@ -256,6 +304,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=os.environ.get("SAM_PROFILE"),
         help="client profile (JSON); SAM_PROFILE",
+    )
+    parser.add_argument(
+        "--message-id",
+        help="repeat an earlier request whose answer was lost (exit 4 names its id): the same "
+        "command, arguments and SAD with this id get that request's result, never a second one",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     put = sub.add_parser("config-put", help="set the dynamic configuration (administrators)")
@@ -386,6 +439,8 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return asyncio.run(_validate_pdf(args.pdf, _certificate(args.ca)))
     if args.command == "key-update" and args.certificate is None and args.enable is None:
         parser.error("key-update: nothing to record: give --certificate, --enable or --disable")
+    if args.command == "sign" and not (args.dtbs or args.file):
+        parser.error("sign: give the DTBS/R to sign: --dtbs or --file")
     if args.profile is None:
         parser.error("--profile (or SAM_PROFILE) is required")
     asyncio.run(_run(args, ClientProfile.read(args.profile)))

@@ -8,6 +8,7 @@ authorization source and has the SAM sign it. No private key ever leaves the HSM
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from pyhanko.sign import signers
 from pyhanko.sign.fields import SigSeedSubFilter
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
-from worker.client import SamClient
+from worker.client import SamClient, SamConfigurationError
 from worker.domain.contract import KeyPairObject
 
 __all__ = ["Authorize", "SamSigner", "blank_pdf", "sign_detached", "sign_pdf"]
@@ -57,6 +58,15 @@ class SamSigner(signers.Signer):
         authorize: Authorize,
         digest_algorithm: str = "sha256",
     ) -> None:
+        # a certificate for another key would make a document that names its subject but
+        # carries this key pair's signature (and spend the signer's SAD on it)
+        if key_pair.public_key is None or certificate.public_key.dump() != base64.b64decode(
+            key_pair.public_key
+        ):
+            raise SamConfigurationError(
+                f"the certificate (subject {certificate.subject.human_friendly}) is not for key pair "
+                f"{key_pair.id}: its public key is another"
+            )
         self._kind = "rsa" if certificate.public_key.algorithm == "rsa" else "ec"
         mechanism = algos.SignedDigestAlgorithm(
             {"algorithm": f"{digest_algorithm}_{'rsa' if self._kind == 'rsa' else 'ecdsa'}"}

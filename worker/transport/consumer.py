@@ -5,7 +5,9 @@ Every delivery the service processed is answered and then acked — refusals inc
 so a bad request is never redelivered. A delivery is rejected without requeue (to the
 dead-letter queue) only when the worker cannot process it at all.
 
-A reply that the broker does not confirm is published again (``REPLY_RETRY_PAUSES``).
+A reply that the broker does not confirm is published again (``REPLY_RETRY_PAUSES``);
+one the caller's queue refuses (a nack) is not: the delivery would hold a prefetch slot
+through every pause, so one SSA's self-refusing reply queue could slow every tenant.
 If it never is, what happens to the delivery depends on what the answer was:
 
 - a **result** (its request acted, and the result is stored for repeats) whose reply
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from enum import Enum
 from typing import Any
@@ -54,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # seconds to wait before each further try of a reply the broker did not confirm
 REPLY_RETRY_PAUSES = (0.2, 1.0)
+# a reply queue's refusals are logged once in this many seconds (a flood is one line)
+REFUSAL_LOG_SECONDS = 60.0
 
 
 # every short-string property a publisher sets; the SAM reads some, but any of them that
@@ -137,6 +142,7 @@ class RequestConsumer:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refusals_logged: dict[str, float] = {}  # reply_to's owner → when last logged
 
     async def start(self, queues: tuple[QueueClass, ...]) -> None:
         """Consume the request queues of ``queues`` and, on every worker, ``sam.dead``: a
@@ -190,6 +196,22 @@ class RequestConsumer:
             if not self.in_flight:
                 self._idle.set()
 
+    def _log_refusal(self, reply_to: str) -> None:
+        owner = reply_to.split(".replies.", 1)[0]
+        now = time.monotonic()
+        if now - self._refusals_logged.get(owner, -REFUSAL_LOG_SECONDS) < REFUSAL_LOG_SECONDS:
+            return
+        if len(self._refusals_logged) > 10_000:  # owners are broker users; bounded anyway
+            self._refusals_logged.clear()
+        self._refusals_logged[owner] = now
+        log.warning(
+            "reply to %s refused by the queue (full or rejecting publishes); not sent again, and further "
+            "refusals by %s's queues are not logged for %d s",
+            reply_to,
+            owner,
+            REFUSAL_LOG_SECONDS,
+        )
+
     async def _send_reply(self, reply: Reply) -> _Sent:
         """Publish the reply until the broker confirms it, or give up."""
         headers: dict[str, Any] = {HEADER_STATUS: reply.status}
@@ -213,7 +235,10 @@ class RequestConsumer:
                     )
                 return _Sent.confirmed
             except aio_pika.exceptions.DeliveryError:
-                failure, sent = "refused by the queue", _Sent.refused
+                # the caller's own queue said no (full, or set to reject publishes): it would
+                # say so again, and a repeat of the request recovers a result
+                self._log_refusal(reply.reply_to or "")
+                return _Sent.refused
             except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 failure, sent = type(exc).__name__, _Sent.unconfirmed
         log.warning(

@@ -31,6 +31,8 @@ class DevAuthorizationServer:
     def __init__(self, server_id: str, private_key_pem: bytes) -> None:
         self.id = server_id
         self._key = ECKey.import_key(private_key_pem.decode())
+        if not self._key.is_private or self._key.curve_name != "P-256":
+            raise ValueError("the key must be an EC P-256 private key (it signs ES256)")
 
     def sign_claims(self, claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
         protected = {"alg": "ES256", "typ": "JWT", "kid": self.id, **(header or {})}
@@ -133,9 +135,15 @@ def main(argv: list[str] | None = None) -> None:
         digests = [base64.b64decode(d, validate=True) for d in args.dtbs] + [
             hashlib.sha256(f.read_bytes()).digest() for f in args.file
         ]
-        server = DevAuthorizationServer(args.id, args.key.read_bytes())
+        key = args.key.read_bytes()
     except (OSError, ValueError) as exc:  # binascii.Error is a ValueError
         parser.exit(2, f"sam-dev-as: {exc}\n")
+    try:
+        server = DevAuthorizationServer(args.id, key)
+    except Exception as exc:  # joserfc's and cryptography's refusals of a key that is none
+        parser.exit(2, f"sam-dev-as: {args.key} is not an EC private key in PEM ({type(exc).__name__})\n")
+    if args.lifetime <= 0:
+        parser.error("--lifetime must be positive")
     if args.kind == "sad" and not digests:
         parser.error("a SAD needs at least one --dtbs or --file")
     if args.kind == "skad":
