@@ -158,8 +158,10 @@ class SamUnreachable(SamClientError, ConnectionError):
 
 
 class SamAccessRefused(SamClientError):
-    """The broker refused this user what its permissions do not allow (``ACCESS_REFUSED``),
-    e.g. the reply queue under its own name: a matter of the broker's definitions."""
+    """The broker refused this user something: what its permissions do not allow
+    (``ACCESS_REFUSED``: a queue not under its own name, publishing where it may not), or a
+    message it will not take (``PRECONDITION_FAILED``: a ``user_id`` that is not the
+    login's, a size over the broker's limit). Sending it again would meet the same answer."""
 
 
 class SamConfigurationError(SamClientError, ValueError):
@@ -728,6 +730,15 @@ class SamClient:
                     f"the broker refused {self.user_id} publishing to {REQUESTS_EXCHANGE} "
                     f"({_reply_text(exc)}): its permissions must allow writing there"
                 ) from None
+            except (
+                aiormq.exceptions.ChannelPreconditionFailed,
+                aiormq.exceptions.ChannelNotFoundEntity,
+            ) as exc:
+                # the broker closed the channel over this very message (a user_id that is
+                # not the login's, say): sending it again would meet the same answer
+                raise SamAccessRefused(
+                    f"the broker refused the request {message.message_id}: {_reply_text(exc)}"
+                ) from exc
             except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if not retrying or time.monotonic() > deadline:
                     raise SamUnreachable(

@@ -24,7 +24,7 @@ from joserfc.jwk import ECKey
 from sam_devtools.pki import private_key_pem
 from sam_devtools.raw_client import RawSamClient
 from tests.integration.conftest import EC_SHA256, Harness, key_id, wire
-from worker.client import RawReply, SamTimeout
+from worker.client import RawReply, SamAccessRefused, SamTimeout
 from worker.domain.contract import KeyPairObject
 
 pytestmark = pytest.mark.integration
@@ -346,9 +346,7 @@ async def test_attack_is_refused_audited_and_signs_nothing(
 
 async def test_another_ssas_user_id_is_refused_by_the_broker(harness: Harness) -> None:
     async with harness.client("ssa-1") as ssa:
-        with pytest.raises(
-            (aio_pika.exceptions.ChannelPreconditionFailed, aio_pika.exceptions.ChannelClosed)
-        ):
+        with pytest.raises(SamAccessRefused, match="PRECONDITION_FAILED - user_id property set to 'ssa-2'"):
             await ssa.send("key_pairs.create", b"{}", user_id="ssa-2", reply_timeout=5)
 
 
@@ -357,7 +355,7 @@ async def test_a_message_over_the_brokers_size_limit_never_reaches_a_worker(harn
     broker refuses the publish and closes the channel; no worker holds such a message."""
     async with harness.client("ssa-1") as ssa:
         # refused (the channel closes) or unanswered: never a reply from a worker
-        with pytest.raises((aio_pika.exceptions.AMQPError, ConnectionError, SamTimeout)):
+        with pytest.raises((SamAccessRefused, ConnectionError, SamTimeout)):
             await ssa.send("signatures.create", _many_digests(1_000_000), reply_timeout=10)
 
 
