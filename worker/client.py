@@ -96,6 +96,7 @@ __all__ = [
     "SamRequestError",
     "SamTimeout",
     "SamUnreachable",
+    "broker_reply_text",
     "check_identity",
     "describe_connection_failure",
 ]
@@ -169,7 +170,7 @@ class SamConfigurationError(SamClientError, ValueError):
     would not accept. (A ``ValueError`` too, as ``ClientProfile.client`` raised before.)"""
 
 
-def _reply_text(exc: BaseException) -> str:
+def broker_reply_text(exc: BaseException) -> str:
     """The broker's reply text (``ACCESS_REFUSED - …``) without aiormq's preamble."""
     text = str(exc)
     return text[text.index('"') + 1 : text.rindex('"')] if text.count('"') >= 2 else text
@@ -460,12 +461,14 @@ class SamClient:
 
     async def connect(self) -> None:
         self._closing = False
+        # once, here: the files do not change between reconnections, and a failure in
+        # the reconnecting task would have nobody to tell
+        check_identity(self.tls, self.user_id)
         await self._open(attempts=1)
 
     async def _open(self, attempts: int) -> None:
         """Connect to the first node that answers, trying them in turn from the current
         one for ``attempts`` rounds (0: until closed)."""
-        check_identity(self.tls, self.user_id)
         try:
             context = tls_context(self.tls)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -481,8 +484,8 @@ class SamClient:
                 except aiormq.exceptions.ChannelAccessRefused as exc:
                     # the user's permissions are the same on every node: no use trying on
                     raise SamAccessRefused(
-                        f"the broker refused {self.user_id} access ({_reply_text(exc)}): a client may use "
-                        f"only reply queues named {reply_queue_prefix(self.user_id)}*"
+                        f"the broker refused {self.user_id} access ({broker_reply_text(exc)}): a client "
+                        f"may use only reply queues named {reply_queue_prefix(self.user_id)}*"
                     ) from None
                 except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
                     failures[url] = describe_connection_failure(exc, url, self.tls)
@@ -728,7 +731,7 @@ class SamClient:
                 # the user's permissions will not change while we wait: say so now
                 raise SamAccessRefused(
                     f"the broker refused {self.user_id} publishing to {REQUESTS_EXCHANGE} "
-                    f"({_reply_text(exc)}): its permissions must allow writing there"
+                    f"({broker_reply_text(exc)}): its permissions must allow writing there"
                 ) from None
             except (
                 aiormq.exceptions.ChannelPreconditionFailed,
@@ -737,7 +740,7 @@ class SamClient:
                 # the broker closed the channel over this very message (a user_id that is
                 # not the login's, say): sending it again would meet the same answer
                 raise SamAccessRefused(
-                    f"the broker refused the request {message.message_id}: {_reply_text(exc)}"
+                    f"the broker refused the request {message.message_id}: {broker_reply_text(exc)}"
                 ) from exc
             except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if not retrying or time.monotonic() > deadline:

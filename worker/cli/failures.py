@@ -32,6 +32,7 @@ from worker.client import (
     SamRequestError,
     SamTimeout,
     SamUnreachable,
+    broker_reply_text,
 )
 from worker.errors import SamError
 
@@ -88,7 +89,7 @@ def describe(exc: BaseException) -> tuple[Exit, str]:
     if isinstance(exc, SamError):
         return Exit.REFUSED, f"{exc.code.name}: {exc.message}"
     if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
-        return Exit.REFUSED, f"the broker refused access: {_reply_text(exc)}"
+        return Exit.REFUSED, f"the broker refused access: {broker_reply_text(exc)}"
     if isinstance(exc, ValidationError):
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors(include_url=False)
@@ -104,12 +105,6 @@ def describe(exc: BaseException) -> tuple[Exit, str]:
     if isinstance(exc, ValueError):
         return Exit.BAD_INPUT, str(exc)
     raise exc
-
-
-def _reply_text(exc: aio_pika.exceptions.AMQPError) -> str:
-    """The broker's reply text (``ACCESS_REFUSED - …``), without aiormq's preamble."""
-    text = str(exc)
-    return text[text.index('"') + 1 : text.rindex('"')] if text.count('"') >= 2 else text
 
 
 def run(prog: str, action: Callable[[], int | None]) -> NoReturn:
