@@ -3,7 +3,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.stack/venv"
-APT_PACKAGES=(rabbitmq-server softhsm2 openssl python3-venv logrotate poppler-utils prometheus rsyslog rsyslog-relp systemd iproute2 docker-compose)
+APT_PACKAGES=(rabbitmq-server softhsm2 openssl python3-venv logrotate poppler-utils prometheus rsyslog rsyslog-relp systemd iproute2 docker-compose
+  gcc libc6-dev libp11-kit-dev) # the last three build the network-HSM model (sam_devtools/hsm_delay.py)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi

@@ -21,12 +21,10 @@ from worker.domain.key_pair import KeyPairSealer
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.hsm.instrumented import InstrumentedHsm
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
-from worker.hsm.softhsm import renew_library
+from worker.hsm.lane import LaneMode, open_lane
 from worker.metrics import Metrics
 from worker.service import SamService
 from worker.settings import (
-    Infrastructure,
     WorkerSettings,
     load_infrastructure,
     load_static_configuration,
@@ -70,8 +68,18 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         exit_status = EXIT_RESTART
         stop.set()
 
-    pkcs11_hsm = _pkcs11_hsm(settings, infrastructure, pin, hsm_lost)
-    hsm = InstrumentedHsm(pkcs11_hsm, metrics)
+    lane = await open_lane(  # SamError: cannot start
+        settings.pkcs11_module,
+        settings.token_label,
+        pin,
+        infrastructure,
+        hsm_lost,
+        mode=LaneMode(settings.hsm_lane),
+        sessions=settings.hsm_sessions,
+        generation_sessions=settings.hsm_generation_sessions,
+        call_timeout=settings.hsm_timeout_seconds,
+    )
+    hsm = InstrumentedHsm(lane, metrics)
     sealer = KeyPairSealer(
         static.sam_id,
         infrastructure.state_key.label,
@@ -84,7 +92,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         )
     except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
         log.critical("cannot reach the broker (%s): exiting for a restart", type(exc).__name__)
-        pkcs11_hsm.close()
+        await lane.close()
         return EXIT_RESTART
 
     def lost(what: str) -> Callable[..., None]:
@@ -179,7 +187,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             # sending this worker work it can only answer with 503.
             return {
                 "broker": not connection.is_closed and not consume_channel.is_closed,
-                "hsm": pkcs11_hsm.healthy(),
+                "hsm": lane.healthy,
                 "configuration": True,  # the streams were replayed before the consumers started
                 "audit": audit.writable() and audit.failing_for() <= settings.audit_timeout_seconds,
                 "ledgers": all(
@@ -227,7 +235,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
                 await extra.close()
         with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError):
             await connection.close()
-        pkcs11_hsm.close()
+        await lane.close()
     return exit_status
 
 
@@ -260,19 +268,3 @@ def _ledgers(
         ),
     }
     return (configuration, key_events, sad_use), ledgers
-
-
-def _pkcs11_hsm(
-    settings: WorkerSettings, infrastructure: Infrastructure, pin: str, on_lost: Callable[[], None]
-) -> Pkcs11Hsm:
-    """The HSM adapter on this process's one session to the token."""
-    return Pkcs11Hsm(
-        lambda: open_session(settings.pkcs11_module, settings.token_label, pin),
-        on_lost,
-        infrastructure.kek_label,
-        infrastructure.state_key.label,
-        infrastructure.audit_key.label,
-        infrastructure.factor_key_label,
-        infrastructure.wrap_mechanism,
-        renew_library=lambda: renew_library(settings.pkcs11_module),
-    )

@@ -65,7 +65,7 @@ from worker.domain.audit import (
     AuditLog,
     ChainHead,
     Outcome,
-    chain_batch,
+    chain_batch_signed_by,
     is_withheld_reply,
     withheld_reply,
 )
@@ -354,7 +354,7 @@ class AuditTrail:
         node: str,
         instance: str,
         audit_dir: Path,
-        sign_digest: Callable[[bytes], bytes],
+        sign_digest: Callable[[bytes], Awaitable[bytes]],
         archive: Callable[[bytes], Awaitable[None]],
         timeout: float,
         metrics: Metrics | None = None,
@@ -588,18 +588,22 @@ class AuditTrail:
         """The batch committed (``None``), or why not — with the file cut back already
         queued and the batch queued for retraction where the archive may hold it."""
         try:
-            entries, head = chain_batch(
-                self._node,
-                self._instance,
-                audit_log,
-                state.head,
-                [(p.event, p.time_ms) for p in batch],
-                int(time.time() * 1000),
-                self._sign,
-                state.retracts,
-            )
+            # bounded by the batch's deadline: an HSM that hangs must not hold the trail
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                entries, head = await chain_batch_signed_by(
+                    self._sign,
+                    self._node,
+                    self._instance,
+                    audit_log,
+                    state.head,
+                    [(p.event, p.time_ms) for p in batch],
+                    int(time.time() * 1000),
+                    state.retracts,
+                )
         except SamError as exc:
             return f"audit signing failed: {exc.message}"
+        except TimeoutError:
+            return "audit signing did not finish in time"
         lines = [orjson.dumps(entry) for entry in entries]
         data = b"".join(line + b"\n" for line in lines)
         loop = asyncio.get_running_loop()

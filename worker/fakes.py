@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from worker.domain.algorithms import HsmMechanism, KeySpec, KeyType, SignatureScheme
-from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch, withheld_reply
+from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch_signed_by, withheld_reply
 from worker.domain.ledgers import Reducer, Verdict
 from worker.errors import ErrorCode, SamError
 from worker.ports import GeneratedKeyPair, StoredResult, WrappedKey
@@ -118,7 +118,7 @@ class SoftwareHsm:
             raise SamError(ErrorCode.key_pair_invalid, "wrapped key is of another key type")
         return private
 
-    def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
+    async def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
         self.calls += 1
         private: Any
         if spec.key_type is KeyType.RSA:
@@ -131,7 +131,7 @@ class SoftwareHsm:
         )
         return GeneratedKeyPair(spki, self._wrap(private), self._current, WRAP_MECHANISM)
 
-    def sign_with_wrapped_key(
+    async def sign_with_wrapped_key(
         self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
     ) -> list[bytes]:
         self.calls += 1
@@ -152,17 +152,17 @@ class SoftwareHsm:
             signatures.append(private.sign(digest, padding.PKCS1v15(), Prehashed(algorithm)))
         return signatures
 
-    def rewrap(self, key: WrappedKey) -> WrappedKey:
+    async def rewrap(self, key: WrappedKey) -> WrappedKey:
         self.calls += 1
         return WrappedKey(key.spec, self._wrap(self._unwrap(key)), self._current, WRAP_MECHANISM)
 
-    def factor_mac(self, data: bytes) -> bytes:
+    async def factor_mac(self, data: bytes) -> bytes:
         return hmac.new(self._factor_key, data, hashlib.sha256).digest()
 
-    def sign_with_state_key(self, data: bytes) -> bytes:
+    async def sign_with_state_key(self, data: bytes) -> bytes:
         return _raw_ecdsa(self.state_key, hashlib.sha256(data).digest())
 
-    def sign_audit_digest(self, digest: bytes) -> bytes:
+    async def sign_audit_digest(self, digest: bytes) -> bytes:
         return _raw_ecdsa(self.audit_key, digest)
 
 
@@ -244,7 +244,7 @@ class MemoryAudit:
 
     def __init__(
         self,
-        sign_digest: Callable[[bytes], bytes] | None = None,
+        sign_digest: Callable[[bytes], Awaitable[bytes]] | None = None,
         node: str = "node-1",
         instance: str = "memory",
     ) -> None:
@@ -265,14 +265,14 @@ class MemoryAudit:
         withheld = [item for item in self._withheld if item[0].log == event.log]
         batch = [*withheld, (event, time_ms)]
         try:
-            entries, head = chain_batch(
+            entries, head = await chain_batch_signed_by(
+                self._sign,
                 self._node,
                 self._instance,
                 event.log,
                 self._heads[event.log],
                 batch,
                 time_ms,
-                self._sign,
             )
             lines = [orjson.dumps(entry) for entry in entries]  # as the trail writes them
         except (SamError, TypeError) as exc:

@@ -172,9 +172,8 @@ class WrappedKey:
 class Hsm(Protocol):
     """What the service needs of the cryptographic module.
 
-    Calls are synchronous: SoftHSM runs without locking under python-pkcs11 and
-    measurements on SoftHSM2 showed inline calls on the event-loop thread, one
-    session per process, beat executor threads.
+    Calls are coroutines: the PKCS#11 adapter (``worker.hsm.lane``) runs them on threads
+    of its own, so the event loop never waits on the HSM.
 
     Errors: ``SamError`` only — ``hsm_unavailable`` when the module fails, is away or
     lacks the KEK a key pair names, ``key_pair_invalid`` only when the HSM rejects the
@@ -186,29 +185,29 @@ class Hsm(Protocol):
         """The KEK new and re-wrapped key pairs are wrapped under."""
         ...
 
-    def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
+    async def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
         """Generate in the HSM, wrap the private key under the current KEK, keep nothing."""
         ...
 
-    def sign_with_wrapped_key(
+    async def sign_with_wrapped_key(
         self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
     ) -> list[bytes]:
         """Unwrap into a session object, sign each input as ``scheme.hsm_input`` made
         it, destroy the object. ECDSA signatures come back raw (r‖s)."""
         ...
 
-    def rewrap(self, key: WrappedKey) -> WrappedKey:
+    async def rewrap(self, key: WrappedKey) -> WrappedKey:
         """Unwrap under the key's KEK and wrap again under the current one, inside the HSM."""
         ...
 
-    def factor_mac(self, data: bytes) -> bytes:
+    async def factor_mac(self, data: bytes) -> bytes:
         """HMAC-SHA256 with the HSM factor key (verifiers of SAM-managed factors)."""
         ...
 
-    def sign_with_state_key(self, data: bytes) -> bytes:
+    async def sign_with_state_key(self, data: bytes) -> bytes:
         """ES256 (raw r‖s) over SHA-256(data) with the key-pair sealing key."""
         ...
 
-    def sign_audit_digest(self, digest: bytes) -> bytes:
+    async def sign_audit_digest(self, digest: bytes) -> bytes:
         """ECDSA P-256 (raw r‖s) over a SHA-256 digest with the audit key."""
         ...

@@ -536,20 +536,20 @@ class SamService:
         if isinstance(verdict, SamError):
             raise verdict
 
-    def _sign(
+    async def _sign(
         self, key_pair: SealedKeyPair, scheme: SignatureScheme, digests: tuple[bytes, ...]
     ) -> list[bytes]:
-        raw = self._hsm.sign_with_wrapped_key(
+        raw = await self._hsm.sign_with_wrapped_key(
             _wrapped(key_pair), scheme, [scheme.hsm_input(d) for d in digests]
         )
         if scheme.mechanism is HsmMechanism.ECDSA:
             return [ecdsa_signature_der(sig) for sig in raw]
         return raw
 
-    def _factor_verifier(self, key_pair: SealedKeyPair, factor: SamFactor | None) -> bytes | None:
+    async def _factor_verifier(self, key_pair: SealedKeyPair, factor: SamFactor | None) -> bytes | None:
         if factor is None:
             return None
-        return self._hsm.factor_mac(lifecycle.factor_input(key_pair.id, factor))
+        return await self._hsm.factor_mac(lifecycle.factor_input(key_pair.id, factor))
 
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
@@ -558,8 +558,8 @@ class SamService:
         ssa = self._configuration.state.ssa(user)
         return ssa.trust_anchors if ssa is not None else ()
 
-    def _sealed_reply(self, key_pair: SealedKeyPair, status: int = 200) -> Reply:
-        return _ok(status, KeyPairReply(key_pair=key_pair.readable(self._sealer.seal(key_pair))))
+    async def _sealed_reply(self, key_pair: SealedKeyPair, status: int = 200) -> Reply:
+        return _ok(status, KeyPairReply(key_pair=key_pair.readable(await self._sealer.seal(key_pair))))
 
     # --- administration ---------------------------------------------------------------
 
@@ -591,7 +591,7 @@ class SamService:
         template = parse_body(KeyPairCreateRequest, caller.body).key_template
         spec = key_spec_from_template(template.algorithm, template.size, template.named_curve)
         await self._claim(caller)
-        generated = self._hsm.generate_key_pair(spec)
+        generated = await self._hsm.generate_key_pair(spec)
         key_pair = SealedKeyPair(
             sam=self._static.sam_id,
             id=str(uuid.uuid4()),
@@ -607,7 +607,7 @@ class SamService:
             owner=caller.user,
         )
         caller.trace.key_pair = key_pair.id
-        return self._sealed_reply(key_pair, 201)
+        return await self._sealed_reply(key_pair, 201)
 
     async def _assign_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(AssignRequest, caller.body)
@@ -623,9 +623,9 @@ class SamService:
             skad_issuer = (await self._authorize(caller, assignment.skad)).iss
         else:
             await self._claim(caller)
-        assigned = assignment.result(self._factor_verifier(key_pair, assignment.factor), skad_issuer)
+        assigned = assignment.result(await self._factor_verifier(key_pair, assignment.factor), skad_issuer)
         await self._record(KeyEvent.assigned, assigned, caller)
-        return self._sealed_reply(assigned)
+        return await self._sealed_reply(assigned)
 
     async def _prove_possession(self, caller: _Caller) -> Reply:
         body = parse_body(ProofOfPossessionRequest, caller.body)
@@ -633,7 +633,7 @@ class SamService:
         caller.trace.signer = key_pair.signer
         proof = lifecycle.plan_proof_of_possession(key_pair, body, caller.user)
         caller.trace.dtbs_sha256 = [proof.info_sha256]
-        [signature] = self._sign(key_pair, proof.scheme, (proof.digest,))
+        [signature] = await self._sign(key_pair, proof.scheme, (proof.digest,))
         reply = ProofOfPossessionReply(
             signature=base64.b64encode(signature).decode(), signature_algorithm=proof.scheme.oid
         )
@@ -648,7 +648,7 @@ class SamService:
         )
         await self._claim(caller)
         await self._record(KeyEvent.updated, updated, caller)
-        return self._sealed_reply(updated)
+        return await self._sealed_reply(updated)
 
     async def _delete_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairDeleteRequest, caller.body)
@@ -669,12 +669,12 @@ class SamService:
         if not lifecycle.rewrap_needed(key_pair, self._hsm.current_kek_label, caller.user):
             return _ok(200, KeyPairReply(key_pair=key_pair.readable(body.key_pair.sealed)))
         await self._claim(caller)
-        rewrapped = self._hsm.rewrap(_wrapped(key_pair))
+        rewrapped = await self._hsm.rewrap(_wrapped(key_pair))
         updated = lifecycle.rewrapped(
             key_pair, rewrapped.wrapped, rewrapped.kek_label, rewrapped.wrap_mechanism
         )
         await self._record(KeyEvent.rewrapped, updated, caller)
-        return self._sealed_reply(updated)
+        return await self._sealed_reply(updated)
 
     async def _bind_key_pair(self, caller: _Caller) -> Reply:
         body = parse_body(KeyPairBindRequest, caller.body)
@@ -685,7 +685,7 @@ class SamService:
         )
         await self._claim(caller)
         await self._record(KeyEvent.bound, bound, caller)
-        return self._sealed_reply(bound)
+        return await self._sealed_reply(bound)
 
     # --- signatures -------------------------------------------------------------------
 
@@ -706,9 +706,9 @@ class SamService:
             raise refusal
         factor = lifecycle.check_factor(key_pair, body.sam_factor)
         if factor is not None:
-            lifecycle.verify_factor_mac(key_pair, self._hsm.factor_mac(factor))
+            lifecycle.verify_factor_mac(key_pair, await self._hsm.factor_mac(factor))
         signatures = [
             Signature(signature=base64.b64encode(sig).decode(), signature_algorithm=signing.scheme.oid)
-            for sig in self._sign(key_pair, signing.scheme, signing.digests)
+            for sig in await self._sign(key_pair, signing.scheme, signing.digests)
         ]
         return _ok(200, SignaturesReply(signatures=signatures))

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -80,6 +81,25 @@ class WorkerSettings(BaseSettings):
     ledger_timeout_seconds: float = Field(default=5.0, gt=0)
     publish_timeout_seconds: float = Field(default=5.0, gt=0)
     gil_switch_interval_seconds: float = Field(default=0.0005, gt=0, le=0.1)
+    hsm_lane: Literal["threads", "inline"] = Field(
+        default="threads",
+        description=(
+            "where signing work runs: on the HSM lane's threads (the default: the event loop "
+            "never waits on the HSM), or inline on the event loop (one session; the lowest "
+            "overhead with a local software HSM). Key generation always runs on its own thread"
+        ),
+    )
+    hsm_sessions: int = Field(
+        default=4, ge=1, le=64, description="signing sessions of the HSM lane (threads mode): calls in flight"
+    )
+    hsm_generation_sessions: int = Field(
+        default=1, ge=1, le=16, description="sessions for key generation and re-wrapping, apart from signing"
+    )
+    hsm_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="an HSM call that outlasts this fails (hsm_unavailable) and the worker restarts",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="port of /metrics, /live and /ready (off when unset)"
     )

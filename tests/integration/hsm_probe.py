@@ -1,13 +1,15 @@
 """Run by test_hsm_sessions.py in a process of its own (SoftHSM and OpenSSL state stay
-out of the test process): many stateless signatures through ``Pkcs11Hsm`` while a TLS
-connection to the broker stays open; prints resident memory per round, the renewals,
-and whether the TLS connection still works afterwards.
+out of the test process): many stateless signatures through the HSM lane (four signing
+sessions on threads, 16 signatures in flight) while a TLS connection to the broker stays
+open; prints resident memory per round, the renewals, and whether the TLS connection
+still works afterwards.
 
 Usage: python -m tests.integration.hsm_probe INFRASTRUCTURE PIN_FILE PROFILE ROUNDS PER_ROUND
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -18,10 +20,9 @@ from pathlib import Path
 
 from sam_devtools.bench import rss_kb
 from worker.domain.algorithms import KeyType, key_spec_from_template, signature_scheme
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
-from worker.hsm.softhsm import renew_library
+from worker.hsm.lane import open_lane
 from worker.ports import WrappedKey
-from worker.settings import load_infrastructure, read_secret
+from worker.settings import Infrastructure, load_infrastructure, read_secret
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -39,27 +40,7 @@ def main() -> None:
     connection.sendall(b"AMQP\x00\x00\x09\x01")
     connection.recv(4096)  # connection.start
     lost: list[bool] = []
-    hsm = Pkcs11Hsm(
-        lambda: open_session(MODULE, infrastructure.token_label, pin),
-        lambda: lost.append(True),
-        infrastructure.kek_label,
-        infrastructure.state_key.label,
-        infrastructure.audit_key.label,
-        infrastructure.factor_key_label,
-        renew_library=lambda: renew_library(MODULE),
-        objects_per_session=2000,
-    )
-    spec = key_spec_from_template("ECDSA", None, "secp256r1")
-    generated = hsm.generate_key_pair(spec)
-    key = WrappedKey(spec, generated.wrapped_private_key, generated.kek_label, generated.wrap_mechanism)
-    scheme = signature_scheme("1.2.840.10045.4.3.2", KeyType.EC)
-    data = scheme.hsm_input(hashlib.sha256(b"flat").digest())
-    resident = []
-    for _ in range(int(rounds)):
-        for _ in range(int(per_round)):
-            [signature] = hsm.sign_with_wrapped_key(key, scheme, [data])
-            assert len(signature) == 64
-        resident.append(rss_kb(os.getpid()))
+    resident, renewals = asyncio.run(_sign_rounds(infrastructure, pin, lost, int(rounds), int(per_round)))
     connection.setblocking(False)
     try:
         connection.recv(16)
@@ -68,7 +49,32 @@ def main() -> None:
         tls = "ok"  # nothing to read, and no stale error either
     except ssl.SSLError as error:
         tls = str(error)
-    print(json.dumps({"resident_kib": resident, "renewals": hsm.renewals, "lost": lost, "tls": tls}))
+    print(json.dumps({"resident_kib": resident, "renewals": renewals, "lost": lost, "tls": tls}))
+
+
+async def _sign_rounds(
+    infrastructure: Infrastructure, pin: str, lost: list[bool], rounds: int, per_round: int
+) -> tuple[list[int], int]:
+    hsm = await open_lane(
+        MODULE, infrastructure.token_label, pin, infrastructure, lambda: lost.append(True), sessions=4
+    )
+    try:
+        spec = key_spec_from_template("ECDSA", None, "secp256r1")
+        generated = await hsm.generate_key_pair(spec)
+        key = WrappedKey(spec, generated.wrapped_private_key, generated.kek_label, generated.wrap_mechanism)
+        scheme = signature_scheme("1.2.840.10045.4.3.2", KeyType.EC)
+        data = scheme.hsm_input(hashlib.sha256(b"flat").digest())
+        resident = []
+        for _ in range(rounds):
+            for _ in range(per_round // 16):
+                signed = await asyncio.gather(
+                    *(hsm.sign_with_wrapped_key(key, scheme, [data]) for _ in range(16))
+                )
+                assert all(len(signature) == 64 for [signature] in signed)
+            resident.append(rss_kb(os.getpid()))
+        return resident, hsm.renewals
+    finally:
+        await hsm.close()
 
 
 if __name__ == "__main__":

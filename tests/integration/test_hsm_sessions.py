@@ -4,7 +4,8 @@ or not, until C_Finalize (~190 bytes per unwrap; closing the session does not fr
 so the adapter closes its session and re-initializes the library every so many objects —
 and clears the stale OpenSSL error that re-initializing leaves behind, which would
 otherwise break the next read of the worker's TLS connection (NO_SUCH_ENGINE).
-Without the renewal each round below grew by ~0.7 MiB."""
+Without the renewal each round below grew by ~0.7 MiB. The lane signs on four threads,
+whose malloc arenas fill during the first round: memory is compared from the second."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.integration.conftest import Harness
 
 pytestmark = pytest.mark.integration
 
-ROUNDS, PER_ROUND = 4, 4000
+ROUNDS, PER_ROUND = 6, 4000
 
 
 def test_stateless_signing_keeps_memory_flat_and_tls_intact(harness: Harness) -> None:
@@ -47,4 +48,4 @@ def test_stateless_signing_keeps_memory_flat_and_tls_intact(harness: Harness) ->
     assert report["renewals"] >= ROUNDS * PER_ROUND // 2000 - 1
     assert report["tls"] == "ok"  # the open TLS connection survived every renewal
     resident = report["resident_kib"]
-    assert resident[-1] - resident[0] < 512, resident  # rounds 2..4 together: 12,000 unwraps
+    assert resident[-1] - resident[1] < 512, resident  # rounds 3..6 together: 16,000 unwraps

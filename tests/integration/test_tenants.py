@@ -136,10 +136,10 @@ async def test_only_an_administrator_moves_a_key_pair_and_it_keeps_its_signers_a
     assert refused.code in ("key_pair_outdated", "key_pair_not_owned")
 
 
-def _legacy_copy(harness: Harness, key_pair: KeyPairObject) -> KeyPairObject:
+async def _legacy_copy(harness: Harness, key_pair: KeyPairObject) -> KeyPairObject:
     """The same key pair sealed as the previous version did: no owner, no AS."""
     infrastructure = load_infrastructure(harness.stack.infrastructure_file)
-    hsm = harness.stack.hsm()
+    hsm = await harness.stack.hsm()
     try:
         sealer = KeyPairSealer(
             harness.sam_id,
@@ -149,9 +149,9 @@ def _legacy_copy(harness: Harness, key_pair: KeyPairObject) -> KeyPairObject:
         )
         payload = sealer.open(key_pair.sealed)
         legacy = payload.model_copy(update={"v": 1, "owner": None, "authorization_server": None})
-        return legacy.readable(sealer.seal(legacy))
+        return legacy.readable(await sealer.seal(legacy))
     finally:
-        hsm.close()
+        await hsm.close()
 
 
 async def test_a_key_pair_sealed_before_owners_is_refused_until_an_administrator_binds_it(
@@ -159,7 +159,7 @@ async def test_a_key_pair_sealed_before_owners_is_refused_until_an_administrator
 ) -> None:
     owner, _ = tenants
     certified = await _certified(harness, owner, "frank")
-    legacy = _legacy_copy(harness, certified)
+    legacy = await _legacy_copy(harness, certified)
     sad = harness.dev_as.issue_sad(harness.sam_id, "frank", key_id(certified), [DIGEST])
     refused = await _refused(owner.sign(legacy, "frank", EC_SHA256, [DIGEST], sad))
     assert (refused.status, refused.code) == (409, "key_pair_unbound")

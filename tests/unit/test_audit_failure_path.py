@@ -135,9 +135,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     hsm = SoftwareHsm()
     signatures: list[float] = []
 
-    def sign(digest: bytes) -> bytes:
+    async def sign(digest: bytes) -> bytes:
         signatures.append(time.monotonic())
-        return hsm.sign_audit_digest(digest)
+        return await hsm.sign_audit_digest(digest)
 
     broker = Broker()
     trail = AuditTrail(

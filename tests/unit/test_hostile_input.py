@@ -89,7 +89,10 @@ class World:
             self.audit,
             self.results,
         )
-        generated = self.hsm.generate_key_pair(key_spec_from_template("ECDSA", None, "secp256r1"))
+        self.loop = asyncio.new_event_loop()
+        generated = self.loop.run_until_complete(
+            self.hsm.generate_key_pair(key_spec_from_template("ECDSA", None, "secp256r1"))
+        )
         key_pair = SealedKeyPair(
             sam="sam-1",
             id="kp-1",
@@ -107,9 +110,9 @@ class World:
             revision=2,
             created=0,
         )
-        self.key_pair = key_pair.readable(self.sealer.seal(key_pair)).model_dump(exclude_none=True)
+        seal = self.loop.run_until_complete(self.sealer.seal(key_pair))
+        self.key_pair = key_pair.readable(seal).model_dump(exclude_none=True)
         self.authority = DevAuthorizationServer("as-1", private_key_pem(AS_KEY))
-        self.loop = asyncio.new_event_loop()
 
     def request(
         self,

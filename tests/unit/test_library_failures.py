@@ -53,7 +53,11 @@ def test_a_crit_header_of_the_wrong_type_is_a_refusal(crit: Any) -> None:
     key = load_public_key(public_key_pem(SSA_KEY))
     binding = RequestBinding(b"{}", "m-1", "key_pairs.create", "ssa-1")
     assert _code(lambda: verify_request_jws(request, key, binding, NOW, 300)) == "request_signature_invalid"
-    sealer = KeyPairSealer("sam-1", "state", key, lambda data: b"")
+
+    async def unsigned(data: bytes) -> bytes:
+        return b""
+
+    sealer = KeyPairSealer("sam-1", "state", key, unsigned)
     seal = _token({"alg": "ES256", "crit": crit, "typ": "sam-key-pair+jws"}, {})
     assert _code(lambda: sealer.open(seal)) == "key_pair_invalid"
 

@@ -13,7 +13,7 @@ import pytest
 
 from worker.domain.algorithms import key_spec_from_template
 from worker.errors import ErrorCode, SamError
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm
+from worker.hsm.pkcs11_hsm import Pkcs11Session
 from worker.ports import WrappedKey
 
 
@@ -74,7 +74,8 @@ def test_an_unwrap_failure_is_blamed_on_who_caused_it(
 ) -> None:
     token = _Token(error, reopens)
     lost: list[bool] = []
-    hsm = Pkcs11Hsm(token.open, lambda: lost.append(True), "kek", "state", "audit", "factor")
+    hsm = Pkcs11Session(token.open, lambda: lost.append(True), "kek", "state", "audit", "factor")
+    hsm.check()
     key = WrappedKey(key_spec_from_template("ECDSA", None, "secp256r1"), b"x" * 40, "kek", "AES_KEY_WRAP_PAD")
     with pytest.raises(SamError) as refused:
         hsm.rewrap(key)
@@ -100,5 +101,5 @@ def test_an_hsm_without_the_sams_own_keys_makes_the_worker_restart() -> None:
     lost them must exit for a restart, not refuse every request from then on."""
     lost: list[bool] = []
     with pytest.raises(SamError) as refused:
-        Pkcs11Hsm(_KeylessSession, lambda: lost.append(True), "kek", "state", "audit", "factor")
+        Pkcs11Session(_KeylessSession, lambda: lost.append(True), "kek", "state", "audit", "factor").check()
     assert refused.value.code is ErrorCode.hsm_unavailable and lost == [True]

@@ -14,7 +14,7 @@ import base64
 import dataclasses
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -42,6 +42,7 @@ __all__ = [
     "Outcome",
     "VerifyReport",
     "chain_batch",
+    "chain_batch_signed_by",
     "entry_hash",
     "is_withheld_reply",
     "verify_entries",
@@ -151,6 +152,38 @@ def chain_batch(
     have reached the broker's archive (a confirm that came too late or never): the
     signed checkpoint says those entries are not part of the chain, so a copy that holds
     them shows them as retracted, not as a fork."""
+    entries, head, digest = _chained(node, instance, log, head, events, time_ms, retracts)
+    entries[-1]["sig"] = b64url(sign_digest(digest))
+    return entries, head
+
+
+async def chain_batch_signed_by(
+    sign_digest: Callable[[bytes], Awaitable[bytes]],
+    node: str,
+    instance: str,
+    log: AuditLog,
+    head: ChainHead,
+    events: Sequence[tuple[AuditEvent, int]],
+    time_ms: int,
+    retracts: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], ChainHead]:
+    """``chain_batch`` with a signer that is a coroutine (the HSM lane)."""
+    entries, head, digest = _chained(node, instance, log, head, events, time_ms, retracts)
+    entries[-1]["sig"] = b64url(await sign_digest(digest))
+    return entries, head
+
+
+def _chained(
+    node: str,
+    instance: str,
+    log: AuditLog,
+    head: ChainHead,
+    events: Sequence[tuple[AuditEvent, int]],
+    time_ms: int,
+    retracts: Sequence[str],
+) -> tuple[list[dict[str, Any]], ChainHead, bytes]:
+    """The entries of a batch and its checkpoint, all but the checkpoint's signature;
+    the new head; the digest the signature covers."""
     entries: list[dict[str, Any]] = []
     seq, prev = head.seq, head.hash
     for event, event_time in events:
@@ -191,9 +224,8 @@ def chain_batch(
         checkpoint["retracts"] = list(retracts)
     digest = entry_hash(checkpoint)
     checkpoint["hash"] = digest.hex()
-    checkpoint["sig"] = b64url(sign_digest(digest))
     entries.append(checkpoint)
-    return entries, ChainHead(checkpoint["seq"], checkpoint["hash"])
+    return entries, ChainHead(checkpoint["seq"], checkpoint["hash"]), digest
 
 
 # --- verification ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from joserfc import jws
@@ -106,7 +106,7 @@ class KeyPairSealer:
         sam_id: str,
         state_key_label: str,
         state_public_key: RegisteredKey,
-        sign_es256: Callable[[bytes], bytes],
+        sign_es256: Callable[[bytes], Awaitable[bytes]],
         cache_size: int = 4096,
     ) -> None:
         self._sam_id = sam_id
@@ -118,9 +118,9 @@ class KeyPairSealer:
         self._opened: OrderedDict[str, SealedKeyPair] = OrderedDict()
         self._cache_size = cache_size
 
-    def seal(self, key_pair: SealedKeyPair) -> str:
+    async def seal(self, key_pair: SealedKeyPair) -> str:
         signing_input = f"{self._header}.{b64url(key_pair.model_dump_json().encode())}"
-        return f"{signing_input}.{b64url(self._sign(signing_input.encode()))}"
+        return f"{signing_input}.{b64url(await self._sign(signing_input.encode()))}"
 
     def open(self, sealed: str) -> SealedKeyPair:
         key_pair = self._opened.get(sealed)

@@ -37,28 +37,28 @@ class InstrumentedHsm:
     def current_kek_label(self) -> str:
         return self._inner.current_kek_label
 
-    def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
+    async def generate_key_pair(self, spec: KeySpec) -> GeneratedKeyPair:
         with self._timed(HsmOperation.generate, spec.description):
-            return self._inner.generate_key_pair(spec)
+            return await self._inner.generate_key_pair(spec)
 
-    def sign_with_wrapped_key(
+    async def sign_with_wrapped_key(
         self, key: WrappedKey, scheme: SignatureScheme, inputs: Sequence[bytes]
     ) -> list[bytes]:
         with self._timed(HsmOperation.unwrap_sign_destroy, str(scheme.mechanism)):
-            return self._inner.sign_with_wrapped_key(key, scheme, inputs)
+            return await self._inner.sign_with_wrapped_key(key, scheme, inputs)
 
-    def rewrap(self, key: WrappedKey) -> WrappedKey:
+    async def rewrap(self, key: WrappedKey) -> WrappedKey:
         with self._timed(HsmOperation.rewrap, key.wrap_mechanism):
-            return self._inner.rewrap(key)
+            return await self._inner.rewrap(key)
 
-    def factor_mac(self, data: bytes) -> bytes:
+    async def factor_mac(self, data: bytes) -> bytes:
         with self._timed(HsmOperation.factor, "SHA256_HMAC"):
-            return self._inner.factor_mac(data)
+            return await self._inner.factor_mac(data)
 
-    def sign_with_state_key(self, data: bytes) -> bytes:
+    async def sign_with_state_key(self, data: bytes) -> bytes:
         with self._timed(HsmOperation.seal, "ECDSA"):
-            return self._inner.sign_with_state_key(data)
+            return await self._inner.sign_with_state_key(data)
 
-    def sign_audit_digest(self, digest: bytes) -> bytes:
+    async def sign_audit_digest(self, digest: bytes) -> bytes:
         with self._timed(HsmOperation.audit_checkpoint, "ECDSA"):
-            return self._inner.sign_audit_digest(digest)
+            return await self._inner.sign_audit_digest(digest)

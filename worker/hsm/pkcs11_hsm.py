@@ -1,15 +1,17 @@
-"""The ``Hsm`` port over PKCS#11 (python-pkcs11; SoftHSM2 by default).
+"""One PKCS#11 session of the HSM lane (python-pkcs11; SoftHSM2 by default).
 
-One session per process, used from the event-loop thread only (SoftHSM2 runs without
-locking under python-pkcs11). Provisioning the SAM's own keys lives in
-``provisioning``, SoftHSM's process-level workarounds in ``softhsm``, and the one
-translation of python-pkcs11's exceptions in ``pkcs11_errors``.
+A ``Pkcs11Session`` is used by one thread at a time; ``lane.HsmLane`` holds several and
+makes them the ``Hsm`` port. Provisioning the SAM's own keys lives in ``provisioning``,
+the library's initialization for threads in ``library``, SoftHSM's process-level
+workarounds in ``softhsm``, and the one translation of python-pkcs11's exceptions in
+``pkcs11_errors``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,7 @@ from worker.hsm import softhsm
 from worker.hsm.pkcs11_errors import INPUT_REJECTED, translated
 from worker.ports import GeneratedKeyPair, WrappedKey
 
-__all__ = ["SESSION_OBJECTS_BEFORE_RENEWAL", "Pkcs11Hsm", "open_session", "spki_of"]
+__all__ = ["Pkcs11Session", "Token", "open_session", "spki_of"]
 
 _WRAP_MECHANISMS = {"AES_KEY_WRAP_PAD": Mechanism.AES_KEY_WRAP_PAD}
 _SIGN_MECHANISMS = {
@@ -64,6 +66,37 @@ def open_session(module: str, token_label: str, pin: str) -> Any:
     return session
 
 
+class Token:
+    """The token the lane's sessions open on, logged in once for the process.
+
+    PKCS#11 logs in an application, not a session: a second ``C_Login`` fails with
+    UserAlreadyLoggedIn, and closing a session that logged in logs every session out.
+    So one session is held only for the login, and the sessions that work are opened
+    without a PIN (they see the user's objects as long as the login lasts). ``logout``
+    ends it, before a renewal of the library or at the end."""
+
+    def __init__(self, module: str, label: str, pin: str) -> None:
+        self._module, self._label, self._pin = module, label, pin
+        self._login: Any = None
+        self._guard = threading.Lock()  # sessions are opened from several lane threads
+
+    def open(self) -> Any:
+        """A read-write session on the logged-in token; ``hsm_unavailable`` if the
+        module, the token or the login fails."""
+        with self._guard, translated("login"):
+            token = pkcs11.lib(self._module).get_token(token_label=self._label)
+            if self._login is None:
+                self._login = token.open(user_pin=self._pin, rw=True)
+            return token.open(rw=True)
+
+    def logout(self) -> None:
+        with self._guard:
+            login, self._login = self._login, None
+            if login is not None:
+                with contextlib.suppress(PKCS11Error):
+                    login.close()
+
+
 def spki_of(public_key: Any, key_type: KeyType) -> bytes:
     """The DER SubjectPublicKeyInfo of a PKCS#11 public key object."""
     if key_type == KeyType.EC:
@@ -85,24 +118,16 @@ class _Keys:
     keks: dict[str, Any]
 
 
-# SoftHSM2 keeps the bookkeeping of every session object it ever created until
-# C_Finalize (see ``softhsm``): ~190 bytes per unwrap, which made a worker grow by
-# ~2.4 MB per 10,000 signatures. After this many session objects the adapter closes its
-# session and, where the module needs it, re-initializes the library; the next call
-# opens a new session. A renewal blocks the worker for ~5 ms: every 2,000 signatures
-# that is ~3 µs each, and what is held between two renewals stays under 0.4 MB.
-SESSION_OBJECTS_BEFORE_RENEWAL = 2_000
-
-
-class Pkcs11Hsm:
-    """The ``Hsm`` port on one PKCS#11 session, used from one thread only.
+class Pkcs11Session:
+    """The ``Hsm`` operations, synchronous, on one PKCS#11 session used by one thread at
+    a time.
 
     Key handles are looked up lazily and forgotten after any error that may mean the
     HSM went away; the next call looks them up again in a new session. If no session
     can be opened any more, ``on_lost`` is called: the worker then drains and exits so
     that its supervisor starts it afresh (SoftHSM finds a restored token only after
-    C_Finalize/C_Initialize). The session is also renewed after ``objects_per_session``
-    session objects (see ``SESSION_OBJECTS_BEFORE_RENEWAL``).
+    C_Finalize/C_Initialize). ``objects_made`` counts the session objects it created,
+    for the lane's renewal of the library (see ``lane``).
 
     Refuses with ``hsm_unavailable`` when the module fails, ``key_pair_invalid`` when a
     wrapped key names a KEK or mechanism this HSM lacks or does not unwrap, and
@@ -118,8 +143,6 @@ class Pkcs11Hsm:
         audit_key_label: str,
         factor_key_label: str | None = None,
         wrap_mechanism: str = "AES_KEY_WRAP_PAD",
-        renew_library: Callable[[], None] | None = None,
-        objects_per_session: int = SESSION_OBJECTS_BEFORE_RENEWAL,
     ) -> None:
         if wrap_mechanism not in _WRAP_MECHANISMS:
             raise ValueError(f"unknown wrap mechanism {wrap_mechanism}")
@@ -130,12 +153,12 @@ class Pkcs11Hsm:
         self._labels = (state_key_label, audit_key_label, factor_key_label)
         self._wrap_mechanism = wrap_mechanism
         self._resolved: _Keys | None = None
-        self._session_objects = 0
-        self._renew_library = renew_library
-        self._objects_per_session = objects_per_session
-        self.renewals = 0
-        self._keys()  # fail at start, not at the first request, if the keys are missing
-        self._kek(current_kek_label)
+        self.objects_made = 0
+
+    def check(self) -> None:
+        """Open the session and find the SAM's keys and the current KEK: at start, so a
+        worker fails then, not at its first request, if they are missing."""
+        self._kek(self._kek_label)
 
     def _translated(self, action: str) -> Any:
         return translated(action, on_stale=self._forget_session)
@@ -163,20 +186,12 @@ class Pkcs11Hsm:
             self._session = None
 
     def _destroyed(self, *objects: Any) -> None:
-        """Destroy session objects; renew the session once it has made enough of them."""
+        """Destroy session objects, counted: SoftHSM keeps each one's bookkeeping until
+        the library is renewed."""
+        self.objects_made += len(objects)
         with self._translated("session key destruction"):
             for item in objects:
                 item.destroy()
-        self._session_objects += len(objects)
-        if self._session_objects >= self._objects_per_session:
-            self._forget_session()
-            # counted since the last renewal, across sessions: closing one frees nothing
-            self._session_objects = 0
-            self.renewals += 1
-            if self._renew_library is not None:
-                # a failure shows at the next session open, which then reports the HSM lost
-                with contextlib.suppress(PKCS11Error):
-                    self._renew_library()
 
     def _keys(self) -> _Keys:
         if self._resolved is None:
@@ -332,5 +347,5 @@ class Pkcs11Hsm:
             return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
 
     def close(self) -> None:
-        """Close the session (the worker's last step)."""
+        """Close the session (before a renewal of the library, and the worker's last step)."""
         self._forget_session()

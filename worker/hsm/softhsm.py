@@ -2,9 +2,9 @@
 
 SoftHSM2 keeps the bookkeeping of every session object it ever created, destroyed or
 not, until ``C_Finalize`` (~190 bytes per stateless unwrap; closing the session does not
-free it). ``renew_library`` finalizes and initializes the library again, then undoes
+free it). ``library.renew`` finalizes and initializes the library again, then undoes
 two side effects that would otherwise show elsewhere in the worker (see each helper).
-``Pkcs11Hsm`` calls it, with no session open, every so many session objects.
+The HSM lane calls it, with no session open, every so many session objects.
 """
 
 from __future__ import annotations
@@ -12,16 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-import pkcs11
-
-__all__ = ["clear_openssl_errors", "renew_library"]
-
-
-def renew_library(module: str) -> None:
-    """C_Finalize + C_Initialize of ``module``; only with no session open."""
-    pkcs11.lib(module).reinitialize()
-    clear_openssl_errors()
-    _return_freed_memory()
+__all__ = ["clear_openssl_errors", "return_freed_memory"]
 
 
 def clear_openssl_errors() -> None:
@@ -34,7 +25,7 @@ def clear_openssl_errors() -> None:
         ctypes.CDLL(name).ERR_clear_error()
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """glibc keeps what SoftHSM just freed in its heap, interleaved with live Python
     objects; without a trim the worker's resident size steps up by about one renewal's
     worth now and then. ``malloc_trim`` hands the free pages back (glibc only)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sam_devtools.pki import DevPki
-from worker.hsm.pkcs11_hsm import Pkcs11Hsm, open_session
+from worker.hsm.lane import HsmLane, open_lane
 from worker.settings import load_infrastructure, read_secret
 from worker.transport.topology import AUDIT_ARCHIVE_STREAM, VHOST, definitions
 
@@ -602,18 +602,13 @@ class Stack:
 
     # --- workers ----------------------------------------------------------------------
 
-    def hsm(self) -> Pkcs11Hsm:
-        """The SAM's HSM adapter on this stack's token, in this process (tests; close it)."""
+    async def hsm(self, **options: Any) -> HsmLane:
+        """The SAM's HSM lane on this stack's token, in this process, started (tests; close
+        it). ``options``: those of ``open_lane``."""
         infrastructure = load_infrastructure(self.infrastructure_file)
         pin = read_secret(self.path("secrets", "token-pin"))
-        return Pkcs11Hsm(
-            lambda: open_session(SOFTHSM_MODULE, infrastructure.token_label, pin),
-            lambda: None,
-            infrastructure.kek_label,
-            infrastructure.state_key.label,
-            infrastructure.audit_key.label,
-            infrastructure.factor_key_label,
-            infrastructure.wrap_mechanism,
+        return await open_lane(
+            SOFTHSM_MODULE, infrastructure.token_label, pin, infrastructure, lambda: None, **options
         )
 
     def worker_env(self) -> dict[str, str]:
