@@ -21,7 +21,6 @@ result, or, when no attempt answered with one, takes the request over; see
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import datetime
@@ -255,7 +254,6 @@ class SamService:
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
-        self._key_generation_lane = asyncio.Lock()
         self._static = static
         self._configuration = configuration
         self._key_events = key_events
@@ -284,14 +282,9 @@ class SamService:
     async def process(self, request: IncomingRequest) -> Reply:
         """The one reply to ``request``, sent only after its audit record is durable."""
         started = time.perf_counter()
-        if request.operation == Operation.key_pairs_create:
-            # Key generation holds the event loop for up to seconds (RSA-4096). One at a
-            # time, each with its audit record made durable before the next starts:
-            # otherwise a queue of them starves the audit flusher into timeouts.
-            async with self._key_generation_lane:
-                reply = await self._audited(request)
-        else:
-            reply = await self._audited(request)
+        # key generation runs on the HSM lane's generation sessions, which bound how many
+        # run at once; the event loop and the audit trail go on meanwhile
+        reply = await self._audited(request)
         if self._metrics is not None:
             self._metrics.observe(
                 request.operation if isinstance(request.operation, str) else None,

@@ -86,7 +86,8 @@ class WorkerSettings(BaseSettings):
         description=(
             "where signing work runs: on the HSM lane's threads (the default: the event loop "
             "never waits on the HSM), or inline on the event loop (one session; the lowest "
-            "overhead with a local software HSM). Key generation always runs on its own thread"
+            "overhead with a local software HSM; nothing can bound an inline call, so only for "
+            "a local HSM). Key generation always runs on its own thread"
         ),
     )
     hsm_sessions: int = Field(
@@ -98,7 +99,13 @@ class WorkerSettings(BaseSettings):
     hsm_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
-        description="an HSM call that outlasts this fails (hsm_unavailable) and the worker restarts",
+        description=(
+            "bound of one HSM operation (a signature request's unwrap, signatures and destroy; "
+            "a key generation), waiting for a session included: it then fails "
+            "(hsm_unavailable), and if it was in the HSM the worker drains and restarts. Keep "
+            "it well above the longest operation: 100 digests x 3 calls x the HSM's latency, "
+            "and an RSA-4096 generation"
+        ),
     )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="port of /metrics, /live and /ready (off when unset)"

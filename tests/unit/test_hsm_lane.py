@@ -7,6 +7,7 @@ being handed out again, and the SoftHSM renewal happens only with no call in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -74,6 +75,12 @@ class TimedSession:
         time.sleep(self.clock.generate_seconds)
         self.clock.leave(started)
         return GeneratedKeyPair(b"spki", b"wrapped", "kek", "AES_KEY_WRAP_PAD")
+
+    def sign_audit_digest(self, digest: bytes) -> bytes:
+        return b"a" * 64
+
+    def sign_with_state_key(self, data: bytes) -> bytes:
+        return b"a" * 64
 
     def sign_with_wrapped_key(self, key: Any, scheme: Any, inputs: Any) -> list[bytes]:
         started = self.clock.enter()
@@ -173,11 +180,41 @@ async def test_a_call_that_hangs_is_refused_and_its_session_never_handed_out_aga
         and "did not answer within 0.2 s" in refused.value.message
     )
     assert lost == [True] and not hsm.healthy  # the worker drains and restarts
-    second = asyncio.ensure_future(hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"]))
-    await asyncio.sleep(0.1)
-    assert not second.done() and clock.most_inside == 1  # the hung session is not shared
+    # what comes after is refused at once, not queued behind the hung session
+    with pytest.raises(SamError, match="lost to this worker"):
+        await hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"])
+    assert clock.most_inside == 1 and clock.inside == 1
     gate.set()
-    assert await second == [b"s" * 64]
+    await asyncio.sleep(0.05)
+    assert clock.inside == 0 and not hsm.healthy  # a late answer does not make it healthy
+
+
+async def test_a_wait_for_a_busy_session_is_bounded(started: Callable[..., Any]) -> None:
+    gate = threading.Event()
+    clock = Clock(gate=gate)
+    hsm = await started(clock, sessions=1, timeout=0.3)
+    first = asyncio.ensure_future(hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"]))
+    await asyncio.sleep(0.2)
+    with pytest.raises(SamError, match=r"no HSM session was free within 0\.3 s"):
+        await hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"])
+    gate.set()
+    with contextlib.suppress(SamError):
+        await first
+
+
+async def test_the_sams_own_signatures_never_wait_behind_client_work(started: Callable[..., Any]) -> None:
+    """Audit checkpoints and seals have a session of their own: an SSA that fills every
+    signing session cannot make the audit trail miss its deadline for every tenant."""
+    gate = threading.Event()
+    clock = Clock(gate=gate)
+    hsm = await started(clock, sessions=2)
+    busy = [asyncio.ensure_future(hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"])) for _ in range(6)]
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(1):
+        assert await hsm.sign_audit_digest(b"d" * 32) == b"a" * 64
+        assert await hsm.sign_with_state_key(b"seal") == b"a" * 64
+    gate.set()
+    await asyncio.gather(*busy)
 
 
 async def test_a_caller_that_stops_waiting_does_not_free_a_session_still_in_the_hsm(
@@ -212,6 +249,6 @@ async def test_the_renewal_runs_with_no_call_in_the_hsm_and_closes_every_session
     await asyncio.gather(*(hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"]) for _ in range(200)))
     await asyncio.sleep(0.05)
     assert len(clock.renewals) >= 6 and hsm.renewals == len(clock.renewals)
-    assert clock.closed >= 5 * len(clock.renewals)  # 4 signing + 1 generation session each time
+    assert clock.closed >= 6 * len(clock.renewals)  # 4 signing, 1 generation, 1 own, each time
     for began, ended in clock.renewals:
         assert not [call for call in clock.calls if call[0] < ended and call[1] > began]

@@ -27,10 +27,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pkcs11.exceptions import PKCS11Error
 
@@ -60,12 +61,42 @@ class LaneMode(enum.StrEnum):
     inline = "inline"
 
 
+class _Threads:
+    """Daemon threads that run jobs and report each outcome on the loop. Not a
+    ``ThreadPoolExecutor``: its threads are joined when the interpreter exits, so one
+    stuck in the module would keep a worker that must restart from ever exiting."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], object]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._count = count
+        for index in range(count):
+            threading.Thread(target=self._serve, name=f"{name}_{index}", daemon=True).start()
+
+    def submit(self, job: Callable[[], Any], done: Callable[[Any], object]) -> None:
+        """Run ``job``; then ``done((True, result))`` or ``done((False, exception))``."""
+        self._jobs.put((job, done))
+
+    def _serve(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, done = item
+            try:
+                outcome: tuple[bool, Any] = (True, job())
+            except BaseException as exc:  # handed to the caller, whatever it is
+                outcome = (False, exc)
+            done(outcome)
+
+    def stop(self) -> None:
+        for _ in range(self._count):
+            self._jobs.put(None)
+
+
 @dataclass
 class _Pool:
     """Sessions for one kind of work, each used by one job at a time."""
 
     sessions: list[Pkcs11Session]
-    executor: ThreadPoolExecutor | None  # None: the jobs run on the loop thread
+    threads: _Threads | None  # None: the jobs run on the loop thread
     free: asyncio.Queue[Pkcs11Session] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
@@ -75,10 +106,12 @@ class _Pool:
 
 class HsmLane:
     """The ``Hsm`` port on ``sessions`` signing and ``generation_sessions`` generation
-    sessions (see the module). Errors as the port says; ``hsm_unavailable`` as well for a
-    call that outlasts ``timeout``. ``start`` opens every session (failing at start if the
-    SAM's keys are missing); ``close`` waits for what runs, then closes them and ends the
-    login (``logout``, as before a renewal: ``renew`` then renews the library)."""
+    sessions, and one more for the SAM's own signatures (see the module). Errors as the
+    port says; ``hsm_unavailable`` as well for an operation that outlasts ``timeout``,
+    waiting for a session included, and for everything after a hung one. ``start`` opens
+    every session (failing at start if the SAM's keys are missing); ``close`` waits for
+    what runs, then closes them and ends the login (``logout``, as before a renewal:
+    ``renew`` then renews the library)."""
 
     def __init__(
         self,
@@ -100,13 +133,14 @@ class HsmLane:
         inline = mode is LaneMode.inline
         signing = [new_session() for _ in range(1 if inline else sessions)]
         generation = [new_session() for _ in range(generation_sessions)]
-        self._signing = _Pool(
-            signing, None if inline else ThreadPoolExecutor(len(signing), thread_name_prefix="sam-hsm-sign")
-        )
-        self._generation = _Pool(
-            generation, ThreadPoolExecutor(len(generation), thread_name_prefix="sam-hsm-generate")
-        )
-        self._all = [*signing, *generation]
+        self._signing = _Pool(signing, None if inline else _Threads(len(signing), "sam-hsm-sign"))
+        self._generation = _Pool(generation, _Threads(len(generation), "sam-hsm-generate"))
+        # Audit checkpoints, seals and health probes on a session of their own: behind
+        # an SSA's 100-digest requests they would miss the audit deadline, and every
+        # tenant would get audit_unavailable. Inline, they share the one inline session.
+        own = [] if inline else [new_session()]
+        self._own = _Pool(own, _Threads(1, "sam-hsm-own")) if own else self._signing
+        self._all = [*signing, *generation, *own]
         self._kek_label = current_kek_label
         self._on_lost = on_lost
         self._logout = logout
@@ -117,12 +151,13 @@ class HsmLane:
         self._in_use = 0  # jobs inside the module, stuck ones included
         self._idle = asyncio.Event()  # set while none is
         self._idle.set()
-        self._renewing = False
+        self._renewing: asyncio.Task[None] | None = None
         self._resumed = asyncio.Event()  # set while no renewal holds new jobs back
         self._resumed.set()
         self._objects_at_renewal = 0
         self._healthy = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._lost = False
+        self._probe: asyncio.Task[None] | None = None
         self.renewals = 0
         self.mode = mode
 
@@ -133,27 +168,29 @@ class HsmLane:
         for session in self._all:
             await self._run(self._pool_of(session), lambda opened: opened.check(), session)
         self._healthy = True
-        self._spawn(self._probe_forever())
+        self._probe = asyncio.get_running_loop().create_task(self._probe_forever())
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._timeout):
+                if self._renewing is not None:  # C_Finalize must not meet a closing session
+                    await asyncio.shield(self._renewing)
                 await self._idle.wait()
         if self._in_use == 0:
             for session in self._all:
                 session.close()
             self._logout()
-        for pool in (self._signing, self._generation):
-            if pool.executor is not None:
-                pool.executor.shutdown(wait=False, cancel_futures=True)
+        for pool in {id(pool): pool for pool in (self._signing, self._generation, self._own)}.values():
+            if pool.threads is not None:
+                pool.threads.stop()
 
     @property
     def healthy(self) -> bool:
         """Whether the HSM answered the last probe (every ``probe_seconds``) with the
-        SAM's keys, and no call has hung since."""
-        return self._healthy
+        SAM's keys, and no operation has hung."""
+        return self._healthy and not self._lost
 
     @property
     def sessions(self) -> int:
@@ -182,46 +219,80 @@ class HsmLane:
         return await self._run(self._signing, lambda session: session.factor_mac(data))
 
     async def sign_with_state_key(self, data: bytes) -> bytes:
-        return await self._run(self._signing, lambda session: session.sign_with_state_key(data))
+        return await self._run(self._own, lambda session: session.sign_with_state_key(data))
 
     async def sign_audit_digest(self, digest: bytes) -> bytes:
-        return await self._run(self._signing, lambda session: session.sign_audit_digest(digest))
+        return await self._run(self._own, lambda session: session.sign_audit_digest(digest))
 
     # --- running jobs -------------------------------------------------------------------
 
     def _pool_of(self, session: Pkcs11Session) -> _Pool:
-        return self._signing if session in self._signing.sessions else self._generation
+        for pool in (self._signing, self._generation, self._own):
+            if session in pool.sessions:
+                return pool
+        raise ValueError("not a session of this lane")
 
-    async def _run(self, pool: _Pool, job: Callable[..., T], *args: Pkcs11Session) -> T:
-        """``job(session)`` on a free session of ``pool`` (or on ``args[0]``, at start)."""
+    def _refuse_if_lost(self) -> None:
+        if self._lost:
+            raise SamError(ErrorCode.hsm_unavailable, "the HSM is lost to this worker (it restarts)")
+
+    async def _run(self, pool: _Pool, job: Callable[[Pkcs11Session], T], *args: Pkcs11Session) -> T:
+        """``job(session)`` on a free session of ``pool`` (or on ``args[0]``, at start),
+        within ``timeout`` from the call: waiting for a session, for a renewal and the
+        job itself."""
+        self._refuse_if_lost()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         taken = not args
-        session = await pool.free.get() if taken else args[0]
         try:
+            async with asyncio.timeout_at(deadline):
+                session = await pool.free.get() if taken else args[0]
+        except TimeoutError:
+            raise SamError(
+                ErrorCode.hsm_unavailable, f"no HSM session was free within {self._timeout:g} s"
+            ) from None
+        try:
+            self._refuse_if_lost()
             # a session held while a renewal runs is closed under it and opens again
             # at its next use; what counts is that no job is inside the module
-            while self._renewing:
-                await self._resumed.wait()
+            async with asyncio.timeout_at(deadline):
+                while self._renewing is not None:
+                    await self._resumed.wait()
+        except TimeoutError:
+            if taken:
+                pool.free.put_nowait(session)
+            raise SamError(ErrorCode.hsm_unavailable, "the HSM session renewal took too long") from None
         except BaseException:
             if taken:
                 pool.free.put_nowait(session)
             raise
         self._in_use += 1
         self._idle.clear()
-        if pool.executor is None:
+        if pool.threads is None:
+            # inline: on the loop thread, so nothing here can bound the call (see LaneMode)
             try:
                 return job(session)
             finally:
                 self._settle(pool, session, taken)
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(pool.executor, job, session)
-        # the session goes back only when the thread is out of the module: a caller that
-        # stops waiting (cancelled, or timed out) must not let another job share it
-        future.add_done_callback(lambda _: self._settle(pool, session, taken))
-        done, _ = await asyncio.wait([future], timeout=self._timeout)
-        if not done:
+        outcome: asyncio.Future[T] = loop.create_future()
+
+        def done(result: tuple[bool, Any]) -> None:
+            # on the loop, once the thread is out of the module: only then may the
+            # session serve another job, whoever still waits for this one
+            self._settle(pool, session, taken)
+            if not outcome.done():
+                ok, value = result
+                if ok:
+                    outcome.set_result(value)
+                else:
+                    outcome.set_exception(value)
+
+        pool.threads.submit(lambda: job(session), lambda result: loop.call_soon_threadsafe(done, result))
+        finished, _ = await asyncio.wait([outcome], timeout=max(0.0, deadline - loop.time()))
+        if not finished:
             self._hung()
             raise SamError(ErrorCode.hsm_unavailable, f"the HSM did not answer within {self._timeout:g} s")
-        return future.result()
+        return outcome.result()
 
     def _settle(self, pool: _Pool, session: Pkcs11Session, taken: bool) -> None:
         """On the loop, once the job is out of the module."""
@@ -231,27 +302,18 @@ class HsmLane:
         if self._in_use == 0:
             self._idle.set()
         made = sum(session.objects_made for session in self._all) - self._objects_at_renewal
-        if self._renew is not None and not self._renewing and made >= self._objects_before_renewal:
-            self._renewing = True
+        if self._renew is not None and self._renewing is None and made >= self._objects_before_renewal:
             self._resumed.clear()
-            self._spawn(self._renewal())
+            self._renewing = asyncio.get_running_loop().create_task(self._renewal())
 
     def _hung(self) -> None:
-        if self._healthy:
-            log.critical("an HSM call did not return within %g s", self._timeout)
-        self._healthy = False
+        if not self._lost:
+            log.critical("an HSM operation did not end within %g s", self._timeout)
+        self._lost = True  # what waits for a session is refused from now on
         self._on_lost()
-
-    def _spawn(self, work: object) -> None:
-        assert asyncio.iscoroutine(work)
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _renewal(self) -> None:
         """With no session in use: close them all and renew the library (see the module)."""
-        while self._in_use:
-            await self._idle.wait()
         renew = self._renew
         assert renew is not None
 
@@ -264,18 +326,30 @@ class HsmLane:
                 renew()
 
         try:
-            await asyncio.get_running_loop().run_in_executor(self._generation.executor, renewed)
+            while self._in_use:
+                await self._idle.wait()
+            finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+
+            def done(result: tuple[bool, Any]) -> None:
+                if not finished.done():
+                    finished.set_result(None)
+
+            threads = self._generation.threads
+            assert threads is not None  # generation always runs on its thread
+            threads.submit(renewed, lambda result: loop.call_soon_threadsafe(done, result))
+            await finished
         finally:
             self._objects_at_renewal = sum(session.objects_made for session in self._all)
             self.renewals += 1
-            self._renewing = False
+            self._renewing = None
             self._resumed.set()
 
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self._probe_seconds)
             try:
-                self._healthy = await self._run(self._signing, lambda session: session.healthy())
+                self._healthy = await self._run(self._own, lambda session: session.healthy())
             except SamError:
                 self._healthy = False
 
