@@ -100,11 +100,12 @@ class WorkerSettings(BaseSettings):
         default=60.0,
         gt=0,
         description=(
-            "bound of one HSM operation (a signature request's unwrap, signatures and destroy; "
-            "a key generation), waiting for a session included: it then fails "
-            "(hsm_unavailable), and if it was in the HSM the worker drains and restarts. Keep "
-            "it well above the longest operation: 100 digests x 3 calls x the HSM's latency, "
-            "and an RSA-4096 generation"
+            "bound of the wait for an HSM session (then hsm_unavailable: the HSM is busy) and, "
+            "apart from it, of one operation inside the HSM (a signature request's unwrap, "
+            "signatures and destroy; a key generation): one that outlasts it is a hang, "
+            "answered hsm_unavailable, and the worker drains and restarts. Keep it well above "
+            "the longest operation: 100 digests x 3 calls x the HSM's latency, and an RSA-4096 "
+            "generation"
         ),
     )
     metrics_port: int | None = Field(

@@ -4,6 +4,7 @@ broker CPU per signature by number of workers, and the HSM lane's bound."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -15,6 +16,7 @@ from sam_devtools.bench import (
     Results,
     hsm_lane_rows,
     lane_bound,
+    paced_loop,
     ratios,
     scaling,
     table,
@@ -112,6 +114,25 @@ def test_scaling_is_broker_cpu_per_signature_by_workers() -> None:
         "broker_cpu_ms_per_signature": {"1": 2.0, "2": 1.5, "4": 4.0},
         "signatures_per_second": {"1": 250.0, "2": 800.0, "4": 300.0},
     }
+    results.points += [
+        point("sam.scale_paced.p256", 64, 2, 60, {"broker": 5.0, "workers": 3.0, "load": 1.0}),
+        point("sam.scale_paced.p256", 64, 1, 60, {"broker": 4.5, "workers": 3.0, "load": 1.0}),
+    ]
+    figures = scaling(results)
+    assert figures["paced_broker_cpu_ms_per_signature"] == {"1": 4.5, "2": 5.0}
+    assert figures["paced_signatures_per_second"] == {"1": 60.0, "2": 60.0}
+
+
+async def test_paced_loop_starts_calls_at_its_rate_whatever_they_take() -> None:
+    started: list[int] = []
+
+    async def call(n: int) -> None:
+        started.append(n)
+        await asyncio.sleep(0.05)  # 50 ms answers: a closed loop of 4 would do 80/s
+
+    count, _, latencies = await paced_loop(call, 200.0, 64, 0.5, 0.1)
+    assert 80 <= count <= 110  # 200/s over 0.5 s, after the warmup
+    assert len(started) >= 100 and all(latency >= 0.05 for latency in latencies)
 
 
 @pytest.mark.parametrize(

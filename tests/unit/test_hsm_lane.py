@@ -202,6 +202,20 @@ async def test_a_wait_for_a_busy_session_is_bounded(started: Callable[..., Any])
         await first
 
 
+async def test_a_job_that_waited_for_its_session_still_has_its_whole_time_in_the_hsm(
+    started: Callable[..., Any],
+) -> None:
+    """A queue of generations is no hang: only time inside the module counts as one."""
+    clock = Clock(generate_seconds=0.2)
+    lost: list[bool] = []
+    hsm = await started(clock, sessions=1, timeout=0.3, on_lost=lambda: lost.append(True))
+    first = asyncio.ensure_future(hsm.generate_key_pair(SPEC))
+    await asyncio.sleep(0.01)
+    second = await hsm.generate_key_pair(SPEC)  # 0.2 s waiting, then 0.2 s in the HSM
+    assert second.kek_label == "kek" and (await first).kek_label == "kek"
+    assert lost == [] and hsm.healthy
+
+
 async def test_the_sams_own_signatures_never_wait_behind_client_work(started: Callable[..., Any]) -> None:
     """Audit checkpoints and seals have a session of their own: an SSA that fills every
     signing session cannot make the audit trail miss its deadline for every tenant."""
@@ -252,3 +266,23 @@ async def test_the_renewal_runs_with_no_call_in_the_hsm_and_closes_every_session
     assert clock.closed >= 6 * len(clock.renewals)  # 4 signing, 1 generation, 1 own, each time
     for began, ended in clock.renewals:
         assert not [call for call in clock.calls if call[0] < ended and call[1] > began]
+
+
+async def test_the_renewal_does_not_hold_the_audit_trail_behind_a_generation(
+    started: Callable[..., Any],
+) -> None:
+    """A renewal waits until nothing is in the module and holds new jobs meanwhile: due
+    while a generation runs (seconds), it waits for the generation to end instead."""
+    clock = Clock(sign_seconds=0.001, generate_seconds=0.6)
+    renewals: list[float] = []
+    hsm = await started(clock, sessions=2, objects_before_renewal=5, renew=lambda: renewals.append(1))
+    generation = asyncio.ensure_future(hsm.generate_key_pair(SPEC))
+    await asyncio.sleep(0.05)
+    await asyncio.gather(*(hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"]) for _ in range(10)))
+    async with asyncio.timeout(0.2):  # not behind the generation
+        await hsm.sign_audit_digest(b"d" * 32)
+    assert renewals == [] and not generation.done()
+    await generation
+    await hsm.sign_with_wrapped_key(KEY, SCHEME, [b"d"])
+    await asyncio.sleep(0.05)
+    assert renewals == [1]

@@ -54,6 +54,8 @@ T = TypeVar("T")
 # library. A renewal holds the lane for ~5 ms: every 2,000 signatures that is ~3 µs each,
 # and what is held between two renewals stays under 0.4 MB.
 SESSION_OBJECTS_BEFORE_RENEWAL = 2_000
+# While a key generation runs the renewal waits, up to this many times the objects above.
+RENEWAL_DEFERRED_AT_MOST = 4
 
 
 class LaneMode(enum.StrEnum):
@@ -173,8 +175,9 @@ class HsmLane:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        # after a hang nothing will come back: the worker exits for a restart at once
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(0 if self._lost else self._timeout):
                 if self._renewing is not None:  # C_Finalize must not meet a closing session
                     await asyncio.shield(self._renewing)
                 await self._idle.wait()
@@ -237,9 +240,10 @@ class HsmLane:
             raise SamError(ErrorCode.hsm_unavailable, "the HSM is lost to this worker (it restarts)")
 
     async def _run(self, pool: _Pool, job: Callable[[Pkcs11Session], T], *args: Pkcs11Session) -> T:
-        """``job(session)`` on a free session of ``pool`` (or on ``args[0]``, at start),
-        within ``timeout`` from the call: waiting for a session, for a renewal and the
-        job itself."""
+        """``job(session)`` on a free session of ``pool`` (or on ``args[0]``, at start).
+        Waiting for a session and a renewal is bounded by ``timeout`` (the HSM is busy:
+        refused); the job itself has ``timeout`` of its own from when it starts (only a
+        job that outlasts that inside the module is a hang)."""
         self._refuse_if_lost()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -288,7 +292,7 @@ class HsmLane:
                     outcome.set_exception(value)
 
         pool.threads.submit(lambda: job(session), lambda result: loop.call_soon_threadsafe(done, result))
-        finished, _ = await asyncio.wait([outcome], timeout=max(0.0, deadline - loop.time()))
+        finished, _ = await asyncio.wait([outcome], timeout=self._timeout)
         if not finished:
             self._hung()
             raise SamError(ErrorCode.hsm_unavailable, f"the HSM did not answer within {self._timeout:g} s")
@@ -302,7 +306,12 @@ class HsmLane:
         if self._in_use == 0:
             self._idle.set()
         made = sum(session.objects_made for session in self._all) - self._objects_at_renewal
-        if self._renew is not None and self._renewing is None and made >= self._objects_before_renewal:
+        if self._renew is None or self._renewing is not None or made < self._objects_before_renewal:
+            return
+        # A renewal holds new jobs, the audit trail's included, until none is in the
+        # module: not while a generation (seconds) runs, unless memory must come first.
+        generating = self._generation.free.qsize() < len(self._generation.sessions)
+        if not generating or made >= RENEWAL_DEFERRED_AT_MOST * self._objects_before_renewal:
             self._resumed.clear()
             self._renewing = asyncio.get_running_loop().create_task(self._renewal())
 

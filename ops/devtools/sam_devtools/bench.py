@@ -68,6 +68,7 @@ ECHO_HEADERS = {HEADER_REQUEST_JWS: "x" * 400, HEADER_SAD: "x" * 900}
 SCALE_WORKERS = (1, 2, 4)
 BENCH_WORKERS = tuple(f"bench-{n}" for n in range(1, max(SCALE_WORKERS) + 1))
 LANE_WORKER = "bench-lane"
+SCALE_PACED_RATE = 60.0  # requests per second: below what one worker does here
 # HSM round trips (each delayed by the shim) per single-signature request: the stateless
 # cycle. PKCS#11 needs four (C_UnwrapKey, C_SignInit, C_Sign, C_DestroyObject);
 # python-pkcs11 0.10 makes seven, timed through the shim: C_UnwrapKey and two
@@ -164,8 +165,10 @@ async def profiled_loop(
     seconds: float,
     warmup: float,
     parts: dict[str, list[int]],
+    rate: float | None = None,
 ) -> tuple[tuple[int, float, list[float]], dict[str, float]]:
-    """``closed_loop`` and the CPU milliseconds each part spent per call meanwhile."""
+    """``closed_loop`` (or ``paced_loop`` at ``rate``, with ``concurrency`` calls in flight
+    at most) and the CPU milliseconds each part spent per call meanwhile."""
     calls = 0
 
     async def counted(n: int) -> None:
@@ -181,9 +184,44 @@ async def profiled_loop(
         }
 
     before = snapshot()
-    result = await closed_loop(counted, concurrency, seconds, warmup)
+    if rate is None:
+        result = await closed_loop(counted, concurrency, seconds, warmup)
+    else:
+        result = await paced_loop(counted, rate, concurrency, seconds, warmup)
     after = snapshot()
     return result, {name: round((after[name] - before[name]) * 1000 / max(calls, 1), 3) for name in parts}
+
+
+async def paced_loop(
+    call: Callable[[int], Awaitable[None]], rate: float, most: int, seconds: float, warmup: float
+) -> tuple[int, float, list[float]]:
+    """Calls started ``rate`` times a second whatever the answers (an open loop, at most
+    ``most`` in flight): the work per call is then compared at one rate, not at whatever
+    rate each setup reaches. Latencies of calls started after the warmup."""
+    latencies: list[float] = []
+    slots = asyncio.Semaphore(most)
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(n: int, started: float) -> None:
+        try:
+            await call(n)
+            if started >= measure_from:
+                latencies.append(time.perf_counter() - started)
+        finally:
+            slots.release()
+
+    n = 0
+    while (now := time.perf_counter()) < stop_at:
+        await slots.acquire()
+        n += 1
+        task = asyncio.get_running_loop().create_task(one(n, now))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
+    await asyncio.gather(*pending)
+    return len(latencies), seconds, latencies
 
 
 async def closed_loop(
@@ -609,10 +647,11 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False, l
         servers: list[subprocess.Popen[bytes]] | list[subprocess.Popen[str]],
         per_request: int = 1,
         window: tuple[float, float] = (seconds, warmup),
+        rate: float | None = None,
     ) -> None:
         """One end-to-end point, with the CPU per request of broker, servers and load."""
         parts = {"broker": [broker], "workers": [s.pid for s in servers], "load": [os.getpid()]}
-        outcome, cpu = await profiled_loop(call, concurrency, *window, parts)
+        outcome, cpu = await profiled_loop(call, concurrency, *window, parts, rate=rate)
         point = _point(name, concurrency, processes, outcome, per_request)
         point.cpu_ms_per_request = cpu
         results.points.append(point)
@@ -692,6 +731,14 @@ async def run(stack: Stack, quick: bool, out: Path, memory_only: bool = False, l
                 load.prepare_for(sum(short), 60)
                 say(f"SAM p256 x1, c=64, {count} worker(s): broker CPU per signature")
                 await measure("sam.scale.p256", load.call, 64, count, workers, window=short)
+                # and at one rate for every count: the broker's CPU per request also
+                # falls as its rate rises (fixed costs spread), which hides the readers
+                load = workload(ec, "bench-ec", EC_SHA256)
+                load.prepare_for(sum(short), SCALE_PACED_RATE)
+                say(f"SAM p256 x1, {SCALE_PACED_RATE:g} req/s, {count} worker(s): broker CPU per signature")
+                await measure(
+                    "sam.scale_paced.p256", load.call, 64, count, workers, window=short, rate=SCALE_PACED_RATE
+                )
 
             if memory_only or not quick:
                 say("memory: 100,000 requests on one worker")
@@ -814,15 +861,28 @@ def ratios(results: Results) -> dict[str, float]:
 
 def scaling(results: Results) -> dict[str, dict[str, float]]:
     """Broker CPU milliseconds per signature and signatures per second of the scale points,
-    by number of SAM workers."""
-    points = sorted((p for p in results.points if p.name == "sam.scale.p256"), key=lambda p: p.processes)
-    return {
-        "broker_cpu_ms_per_signature": {
+    by number of SAM workers: at c=64 (each count at its own rate) and paced (one rate)."""
+
+    def by_workers(name: str) -> list[Point]:
+        return sorted((p for p in results.points if p.name == name), key=lambda p: p.processes)
+
+    def broker(points: list[Point]) -> dict[str, float]:
+        return {
             str(p.processes): round(p.cpu_ms_per_request.get("broker", 0.0) / p.per_request, 3)
             for p in points
-        },
-        "signatures_per_second": {str(p.processes): round(p.signatures_per_second, 1) for p in points},
+        }
+
+    closed, paced = by_workers("sam.scale.p256"), by_workers("sam.scale_paced.p256")
+    figures = {
+        "broker_cpu_ms_per_signature": broker(closed),
+        "signatures_per_second": {str(p.processes): round(p.signatures_per_second, 1) for p in closed},
     }
+    if paced:
+        figures["paced_broker_cpu_ms_per_signature"] = broker(paced)
+        figures["paced_signatures_per_second"] = {
+            str(p.processes): round(p.signatures_per_second, 1) for p in paced
+        }
+    return figures
 
 
 def ceilings(results: Results) -> dict[str, float]:
@@ -895,6 +955,12 @@ def table(results: Results) -> str:
             "broker CPU ms per signature (P-256, c=64) by SAM workers: "
             + ", ".join(f"{n}: {broker[n]:.2f} ({rate[n]:.0f} sig/s)" for n in broker)
         )
+        paced = results.scaling.get("paced_broker_cpu_ms_per_signature")
+        if paced:
+            lines.append(
+                f"broker CPU ms per signature (P-256, {SCALE_PACED_RATE:g} req/s) by SAM workers: "
+                + ", ".join(f"{n}: {paced[n]:.2f}" for n in paced)
+            )
     lane = results.ratios.get("hsm_lane")
     if isinstance(lane, list):
         columns = f"{'ms/call':>8} {'sessions':>8} {'sig/s':>8} {'bound':>8}"
