@@ -10,7 +10,6 @@ Usage: python -m tests.integration.hsm_delay_probe MODULE INFRASTRUCTURE PIN_FIL
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import sys
@@ -28,45 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
+from worker.hsm import library as pkcs11_library
 from worker.settings import load_infrastructure, read_secret
 
 THREADS = 4
 DIGEST = hashlib.sha256(b"data to be signed").digest()
-CKF_OS_LOCKING_OK = 0x2
-
-_Call = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
-
-
-class _InitializeArgs(ctypes.Structure):
-    _fields_ = (
-        ("create_mutex", ctypes.c_void_p),
-        ("destroy_mutex", ctypes.c_void_p),
-        ("lock_mutex", ctypes.c_void_p),
-        ("unlock_mutex", ctypes.c_void_p),
-        ("flags", ctypes.c_ulong),
-        ("reserved", ctypes.c_void_p),
-    )
-
-
-class _FunctionListHead(ctypes.Structure):
-    # CK_FUNCTION_LIST opens with the version, then C_Initialize and C_Finalize
-    _fields_ = (("version", ctypes.c_ubyte * 2), ("initialize", _Call), ("finalize", _Call))
-
-
-def checked(call: str, rv: int) -> None:
-    if rv != 0:
-        raise SystemExit(f"{call} failed (CKR 0x{rv:x})")
-
-
-def initialize_with_os_locking(module: str) -> None:
-    """C_Finalize, then C_Initialize with CKF_OS_LOCKING_OK, through the module's own
-    function list: python-pkcs11 initialized it with NULL (one thread only: SoftHSM then
-    takes no lock) and goes on using the same function pointers."""
-    head = ctypes.POINTER(_FunctionListHead)()
-    checked("C_GetFunctionList", ctypes.CDLL(module).C_GetFunctionList(ctypes.byref(head)))
-    checked("C_Finalize", head.contents.finalize(None))
-    arguments = _InitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
-    checked("C_Initialize", head.contents.initialize(ctypes.cast(ctypes.pointer(arguments), ctypes.c_void_p)))
 
 
 def key_pair(session: Any) -> tuple[Any, ec.EllipticCurvePublicKey]:
@@ -101,7 +66,7 @@ def main() -> None:
     count = int(signatures)
     token_label = load_infrastructure(Path(infrastructure_file)).token_label
     library = pkcs11.lib(module)
-    initialize_with_os_locking(module)
+    pkcs11_library.renew(module)  # the worker's own C_Finalize + C_Initialize(CKF_OS_LOCKING_OK)
     token = library.get_token(token_label=token_label)
     login = token.open(user_pin=read_secret(Path(pin_file)))  # the others see its login
 

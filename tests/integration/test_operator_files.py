@@ -91,6 +91,22 @@ def content(path: Path) -> bytes:
 
 @contextlib.asynccontextmanager
 async def worker_as(harness: Harness, instance: str, audit_dir: Path, user: str) -> AsyncIterator[int]:
+    # the account owns its token store, as the README says: SoftHSM locks each object file
+    # when several threads use it, and a store the worker can only read fails at start
+    tokens = harness.stack.path("softhsm", "tokens")
+    owned = [tokens, *tokens.rglob("*")]
+    for path in owned:
+        shutil.chown(path, user, user)
+    try:
+        async with _started_as(harness, instance, audit_dir, user) as pid:
+            yield pid
+    finally:
+        for path in owned:
+            shutil.chown(path, "root", "root")
+
+
+@contextlib.asynccontextmanager
+async def _started_as(harness: Harness, instance: str, audit_dir: Path, user: str) -> AsyncIterator[int]:
     async with harness.without_shared_workers():
         process = await asyncio.to_thread(
             harness.start_worker, instance, env={"SAM_AUDIT_DIR": str(audit_dir)}, user=user
