@@ -75,9 +75,23 @@ class _Threads:
         for index in range(count):
             threading.Thread(target=self._serve, name=f"{name}_{index}", daemon=True).start()
 
-    def submit(self, job: Callable[[], Any], done: Callable[[Any], object]) -> None:
-        """Run ``job``; then ``done((True, result))`` or ``done((False, exception))``."""
-        self._jobs.put((job, done))
+    def run(self, job: Callable[[], T], settle: Callable[[], None] = lambda: None) -> asyncio.Future[T]:
+        """``job`` on a thread; its outcome in the returned future. ``settle`` runs on the
+        loop once the thread is out of ``job`` (only then, whoever still waits)."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[T] = loop.create_future()
+
+        def done(result: tuple[bool, Any]) -> None:
+            settle()
+            if not outcome.done():
+                ok, value = result
+                if ok:
+                    outcome.set_result(value)
+                else:
+                    outcome.set_exception(value)
+
+        self._jobs.put((job, lambda result: loop.call_soon_threadsafe(done, result)))
+        return outcome
 
     def _serve(self) -> None:
         while (item := self._jobs.get()) is not None:
@@ -109,8 +123,9 @@ class _Pool:
 class HsmLane:
     """The ``Hsm`` port on ``sessions`` signing and ``generation_sessions`` generation
     sessions, and one more for the SAM's own signatures (see the module). Errors as the
-    port says; ``hsm_unavailable`` as well for an operation that outlasts ``timeout``,
-    waiting for a session included, and for everything after a hung one. ``start`` opens
+    port says; ``hsm_unavailable`` as well for a wait for a session that outlasts
+    ``timeout``, for an operation that outlasts it inside the module (a hang), and for
+    everything after a hang. ``start`` opens
     every session (failing at start if the SAM's keys are missing); ``close`` waits for
     what runs, then closes them and ends the login (``logout``, as before a renewal:
     ``renew`` then renews the library)."""
@@ -140,9 +155,9 @@ class HsmLane:
         # Audit checkpoints, seals and health probes on a session of their own: behind
         # an SSA's 100-digest requests they would miss the audit deadline, and every
         # tenant would get audit_unavailable. Inline, they share the one inline session.
-        own = [] if inline else [new_session()]
-        self._own = _Pool(own, _Threads(1, "sam-hsm-own")) if own else self._signing
-        self._all = [*signing, *generation, *own]
+        self._own = self._signing if inline else _Pool([new_session()], _Threads(1, "sam-hsm-own"))
+        self._pools = [self._signing, self._generation] + ([] if inline else [self._own])
+        self._all = [session for pool in self._pools for session in pool.sessions]
         self._kek_label = current_kek_label
         self._on_lost = on_lost
         self._logout = logout
@@ -167,8 +182,9 @@ class HsmLane:
 
     async def start(self) -> None:
         """Open every session and find the SAM's keys in each (``hsm_unavailable`` if not)."""
-        for session in self._all:
-            await self._run(self._pool_of(session), lambda opened: opened.check(), session)
+        for pool in self._pools:
+            for session in pool.sessions:
+                await self._run(pool, lambda opened: opened.check(), session)
         self._healthy = True
         self._probe = asyncio.get_running_loop().create_task(self._probe_forever())
 
@@ -185,7 +201,7 @@ class HsmLane:
             for session in self._all:
                 session.close()
             self._logout()
-        for pool in {id(pool): pool for pool in (self._signing, self._generation, self._own)}.values():
+        for pool in self._pools:
             if pool.threads is not None:
                 pool.threads.stop()
 
@@ -228,12 +244,6 @@ class HsmLane:
         return await self._run(self._own, lambda session: session.sign_audit_digest(digest))
 
     # --- running jobs -------------------------------------------------------------------
-
-    def _pool_of(self, session: Pkcs11Session) -> _Pool:
-        for pool in (self._signing, self._generation, self._own):
-            if session in pool.sessions:
-                return pool
-        raise ValueError("not a session of this lane")
 
     def _refuse_if_lost(self) -> None:
         if self._lost:
@@ -278,20 +288,8 @@ class HsmLane:
                 return job(session)
             finally:
                 self._settle(pool, session, taken)
-        outcome: asyncio.Future[T] = loop.create_future()
-
-        def done(result: tuple[bool, Any]) -> None:
-            # on the loop, once the thread is out of the module: only then may the
-            # session serve another job, whoever still waits for this one
-            self._settle(pool, session, taken)
-            if not outcome.done():
-                ok, value = result
-                if ok:
-                    outcome.set_result(value)
-                else:
-                    outcome.set_exception(value)
-
-        pool.threads.submit(lambda: job(session), lambda result: loop.call_soon_threadsafe(done, result))
+        # the session serves another job only once the thread is out of the module
+        outcome = pool.threads.run(lambda: job(session), lambda: self._settle(pool, session, taken))
         finished, _ = await asyncio.wait([outcome], timeout=self._timeout)
         if not finished:
             self._hung()
@@ -337,17 +335,11 @@ class HsmLane:
         try:
             while self._in_use:
                 await self._idle.wait()
-            finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            loop = asyncio.get_running_loop()
-
-            def done(result: tuple[bool, Any]) -> None:
-                if not finished.done():
-                    finished.set_result(None)
-
             threads = self._generation.threads
             assert threads is not None  # generation always runs on its thread
-            threads.submit(renewed, lambda result: loop.call_soon_threadsafe(done, result))
-            await finished
+            # what renewed() meets shows at the next session open (see there)
+            with contextlib.suppress(Exception):
+                await threads.run(renewed)
         finally:
             self._objects_at_renewal = sum(session.objects_made for session in self._all)
             self.renewals += 1
