@@ -30,7 +30,7 @@ from worker.hsm import softhsm
 from worker.hsm.pkcs11_errors import INPUT_REJECTED, translated
 from worker.ports import GeneratedKeyPair, WrappedKey
 
-__all__ = ["Pkcs11Session", "Token", "open_session", "spki_of"]
+__all__ = ["UNWRAP_TEMPLATE", "Pkcs11Session", "Token", "open_session", "spki_of"]
 
 _WRAP_MECHANISMS = {"AES_KEY_WRAP_PAD": Mechanism.AES_KEY_WRAP_PAD}
 _SIGN_MECHANISMS = {
@@ -46,7 +46,7 @@ _PSS_HASHES = {
 
 # SoftHSM refuses an unwrap template that carries these (AttributeTypeInvalid), so
 # they are removed from python-pkcs11's defaults for a private key.
-_UNWRAP_TEMPLATE: dict[Any, Any] = {
+UNWRAP_TEMPLATE: dict[Any, Any] = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
     Attribute.ENCRYPT: pkcs11.DEFAULT,
@@ -295,7 +295,7 @@ class Pkcs11Session:
                 mechanism=wrap,
                 store=False,
                 capabilities=MechanismFlag.SIGN,
-                template={**_UNWRAP_TEMPLATE, Attribute.EXTRACTABLE: extractable},
+                template={**UNWRAP_TEMPLATE, Attribute.EXTRACTABLE: extractable},
             )
         # python-pkcs11 would ask the HSM for the key type (a cached property) before the
         # first signature; the template just set it. With an HSM on the network that is

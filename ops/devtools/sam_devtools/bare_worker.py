@@ -15,6 +15,7 @@ import asyncio
 import base64
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from worker.domain.configuration import Limits
 from worker.domain.contract import HEADER_REQUEST_JWS, HEADER_STATUS
 from worker.domain.keys import RegisteredKey, load_public_key
 from worker.errors import SamError
+from worker.hsm.pkcs11_hsm import UNWRAP_TEMPLATE
 from worker.settings import load_infrastructure, read_secret
 from worker.transport.amqp import connect
 
@@ -39,6 +41,7 @@ __all__ = [
     "BARE_KEYS",
     "BARE_QUEUE",
     "BenchKey",
+    "answer_forever",
     "bare_server",
     "make_bench_key",
     "open_bench_session",
@@ -52,14 +55,6 @@ BARE_KEYS = ("p256", "rsa2048")
 SIGN_OPERATION = "signatures.create"
 
 _SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
-# as the SAM unwraps (worker.hsm.pkcs11_hsm): SoftHSM refuses python-pkcs11's defaults
-_UNWRAP_TEMPLATE: dict[Any, Any] = {
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.ENCRYPT: pkcs11.DEFAULT,
-    Attribute.VERIFY: pkcs11.DEFAULT,
-    Attribute.WRAP: pkcs11.DEFAULT,
-}
 
 
 @dataclass(frozen=True)
@@ -120,7 +115,7 @@ def stateless_sign(kek: Any, key: BenchKey, inputs: list[bytes]) -> list[bytes]:
         mechanism=Mechanism.AES_KEY_WRAP_PAD,
         store=False,
         capabilities=MechanismFlag.SIGN,
-        template=_UNWRAP_TEMPLATE,
+        template=UNWRAP_TEMPLATE,  # as the SAM unwraps
     )
     try:
         return [bytes(private.sign(data, mechanism=key.mechanism)) for data in inputs]
@@ -154,13 +149,8 @@ async def bare_server(profile: ClientProfile, ssa: RegisteredKey, prefetch: int)
     for name in BARE_KEYS:
         keys[name], private = make_bench_key(session, kek, name)
         private.destroy()  # from here on only the wrapped key, as in the SAM
-    connection = await connect(profile.url, profile.tls_files())
-    publish = await connection.channel(publisher_confirms=True)
-    consume = await connection.channel()
-    await consume.set_qos(prefetch_count=prefetch)
-    queue = await consume.declare_queue(BARE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
 
-    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    def answer(message: aio_pika.abc.AbstractIncomingMessage) -> tuple[bytes, int]:
         token = (message.headers or {}).get(HEADER_REQUEST_JWS)
         if isinstance(token, bytes):  # long strings arrive as bytes
             token = token.decode("ascii", errors="replace")
@@ -171,10 +161,32 @@ async def bare_server(profile: ClientProfile, ssa: RegisteredKey, prefetch: int)
             verify_request_jws(
                 token if isinstance(token, str) else None, ssa, binding, int(time.time()), max_age
             )
-            reply, status = _signatures(kek, keys, message.body), 200
+            return _signatures(kek, keys, message.body), 200
         except (SamError, PKCS11Error, ValueError, KeyError, TypeError) as exc:
             # the bench counts any refusal as a failed run: the name says enough
-            reply, status = orjson.dumps({"error": type(exc).__name__}), 400
+            return orjson.dumps({"error": type(exc).__name__}), 400
+
+    await answer_forever(profile, BARE_QUEUE, prefetch, answer)
+
+
+async def answer_forever(
+    profile: ClientProfile,
+    queue_name: str,
+    prefetch: int,
+    answer: Callable[[aio_pika.abc.AbstractIncomingMessage], tuple[bytes, int]],
+) -> None:
+    """The baselines' servers (echo and bare): consume ``queue_name`` (a quorum queue,
+    ``prefetch`` unacknowledged), publish ``answer(message)``'s body and status on its
+    ``reply_to`` with confirms, then ack — as a worker does; prints ``ready`` once
+    consuming. One path for both, so they differ only in ``answer``."""
+    connection = await connect(profile.url, profile.tls_files())
+    publish = await connection.channel(publisher_confirms=True)
+    consume = await connection.channel()
+    await consume.set_qos(prefetch_count=prefetch)
+    queue = await consume.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        reply, status = answer(message)
         await publish.default_exchange.publish(
             aio_pika.Message(reply, correlation_id=message.correlation_id, headers={HEADER_STATUS: status}),
             routing_key=message.reply_to or "",

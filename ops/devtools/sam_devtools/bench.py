@@ -39,6 +39,7 @@ from sam_devtools.authorization_server import DevAuthorizationServer
 from sam_devtools.bare_worker import (
     BARE_QUEUE,
     SIGN_OPERATION,
+    answer_forever,
     make_bench_key,
     open_bench_session,
     serve,
@@ -54,7 +55,6 @@ from worker.domain.contract import (
     DynamicConfiguration,
     KeyPairObject,
 )
-from worker.settings import TlsFiles
 from worker.transport.amqp import connect
 
 __all__ = ["main"]
@@ -309,26 +309,7 @@ def hsm_rate(stack: Stack, kind: str, mode: str, processes: int, seconds: float,
 async def echo_server(profile_file: Path, prefetch: int) -> None:
     """Consume bench.echo, answer on reply_to with confirms, ack after — as a worker does."""
     profile = ClientProfile.model_validate_json(profile_file.read_text())
-    tls = TlsFiles(ca_file=profile.ca_file, cert_file=profile.cert_file, key_file=profile.key_file)
-    connection = await connect(profile.url, tls)
-    publish = await connection.channel(publisher_confirms=True)
-    consume = await connection.channel()
-    await consume.set_qos(prefetch_count=prefetch)
-    queue = await consume.declare_queue(ECHO_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-
-    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        await publish.default_exchange.publish(
-            aio_pika.Message(
-                message.body, correlation_id=message.correlation_id, headers={"sam-status": 200}
-            ),
-            routing_key=message.reply_to or "",
-            mandatory=False,
-        )
-        await message.ack()
-
-    await queue.consume(on_message)
-    print("ready", flush=True)
-    await asyncio.Future()
+    await answer_forever(profile, ECHO_QUEUE, prefetch, lambda message: (message.body, 200))
 
 
 class RpcClient:
