@@ -34,7 +34,7 @@ from worker.transport.amqp import connect, connect_worker, rotated
 from worker.transport.consumer import RequestConsumer
 from worker.transport.http import HealthServer
 from worker.transport.ledger import StreamLedger
-from worker.transport.results import StreamResultStore
+from worker.transport.results import MarkedResults, StreamResultStore
 from worker.transport.topology import (
     AUDIT_ARCHIVE_STREAM,
     AUDIT_EXCHANGE,
@@ -165,6 +165,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         await results_channel.set_qos(prefetch_count=200)
         results_channel.close_callbacks.add(lost("a broker channel was closed"))
         results = StreamResultStore(publish_channel, results_channel, settings.ledger_timeout_seconds)
+        marked_results = MarkedResults(results_channel, settings.ledger_timeout_seconds)
         service = SamService(
             static,
             configuration,
@@ -175,6 +176,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             sealer,
             audit,
             results,
+            marked_results,
             metrics=metrics,
         )
         consumer = RequestConsumer(
@@ -224,6 +226,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
         await results.stop()
+        await marked_results.stop()
         await audit.close()
         if health is not None:
             await health.stop()

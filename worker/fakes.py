@@ -30,7 +30,15 @@ from worker.domain.ledgers import Reducer, Verdict
 from worker.errors import ErrorCode, SamError
 from worker.ports import GeneratedKeyPair, StoredResult, WrappedKey
 
-__all__ = ["MemoryAudit", "MemoryLedger", "MemoryResults", "ReplicaLedger", "SharedStream", "SoftwareHsm"]
+__all__ = [
+    "MarkedResultsIn",
+    "MemoryAudit",
+    "MemoryLedger",
+    "MemoryResults",
+    "ReplicaLedger",
+    "SharedStream",
+    "SoftwareHsm",
+]
 
 _CURVES: dict[str, ec.EllipticCurve] = {
     "secp256r1": ec.SECP256R1(),
@@ -173,9 +181,11 @@ class MemoryLedger:
     def __init__(self, reducer: Reducer) -> None:
         self.reducer = reducer
         self.position = -1
+        self.records: list[dict[str, Any]] = []
 
     async def append(self, data: dict[str, Any]) -> Verdict:
         self.position += 1
+        self.records.append(data)
         return self.reducer.apply(data)
 
     async def read_to(self, position: int) -> None:
@@ -201,6 +211,28 @@ class MemoryResults:
         if self.failing or found is None:
             raise SamError(ErrorCode.ledger_unavailable, "sam.results has no such result")
         return found
+
+
+class MarkedResultsIn:
+    """The ``ResultReader`` of results that travelled in their ``answered`` mark, over a
+    log's ``records`` (``MemoryLedger.records``, ``SharedStream.records``): found only by
+    the request and attempt they were kept for, as ``MarkedResults`` finds them."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
+        for record in self.records:
+            result = record.get("result") if "answered" in record else None
+            if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (
+                request,
+                attempt,
+            ):
+                try:
+                    return StoredResult.from_record(result)
+                except (KeyError, TypeError, ValueError):
+                    break
+        raise SamError(ErrorCode.ledger_unavailable, "sam.sad-use has no such result")
 
 
 class SharedStream:

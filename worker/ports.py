@@ -12,7 +12,8 @@ the codes named on the method.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ __all__ = [
     "IncomingRequest",
     "Ledger",
     "Reply",
+    "ResultReader",
     "ResultStore",
     "StoredResult",
     "WrappedKey",
@@ -113,21 +115,45 @@ class StoredResult:
     body: bytes
     trace: dict[str, Any]
 
+    def as_record(self, request: str, attempt: int) -> dict[str, Any]:
+        """The result as JSON, named by ``request`` (``RequestIdentity.exact``) and
+        ``attempt``."""
+        return {
+            "request": request,
+            "attempt": attempt,
+            "status": self.status,
+            "body": base64.b64encode(self.body).decode(),
+            "trace": self.trace,
+        }
 
-class ResultStore(Protocol):
-    """Where results wait for repeats of their request (``sam.results`` in production): written
-    once per answered request, read only when a repeat comes — so no worker holds or reads
-    the results of others on the way of an ordinary request.
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> StoredResult:
+        """The result ``as_record`` wrote; ``KeyError``, ``TypeError`` or ``ValueError``
+        when it is not one."""
+        trace = record["trace"]
+        if not isinstance(trace, dict):
+            raise TypeError("trace")
+        return cls(int(record["status"]), base64.b64decode(record["body"], validate=True), trace)
+
+
+class ResultReader(Protocol):
+    """Where results wait for repeats of their request, read only when a repeat comes — so
+    no worker holds or reads the results of others on the way of an ordinary request.
 
     Errors: ``SamError(ledger_unavailable)`` when the store does not answer in time."""
 
-    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
-        """Return once the result of ``attempt`` of ``request`` (``RequestIdentity.exact``)
-        is durable."""
+    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
+        """The result of ``attempt`` of ``request`` (``RequestIdentity.exact``), stored at
+        ``stored_at`` (epoch seconds)."""
         ...
 
-    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
-        """The result of ``attempt`` of ``request``, stored at ``stored_at`` (epoch seconds)."""
+
+class ResultStore(ResultReader, Protocol):
+    """A ``ResultReader`` written once per answered request whose result is too large to
+    travel in its ``answered`` mark (``sam.results`` in production)."""
+
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        """Return once the result of ``attempt`` of ``request`` is durable."""
         ...
 
 

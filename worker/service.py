@@ -12,8 +12,9 @@ reply exists; if the record cannot be made durable the reply becomes
 ``audit_unavailable`` and the result is not released.
 
 Requests that act (sign, generate, change a key pair: ``IDEMPOTENT``) are claimed in
-``sam.sad-use`` before they do, and their result is stored (``ResultStore``) and marked
-answered there before the audit record is written. A repeat of such a request — a copy
+``sam.sad-use`` before they do, and their result is kept — in the answered mark itself
+when it is small, else first in the ``ResultStore`` — and marked answered there before
+the audit record is written. A repeat of such a request — a copy
 the SDK sent again, a redelivery after a worker died — is answered with the stored
 result, or, when no attempt answered with one, takes the request over; see
 ``SadUseLog`` for why exactly one attempt of a request can answer with a result.
@@ -91,12 +92,13 @@ from worker.ports import (
     IncomingRequest,
     Ledger,
     Reply,
+    ResultReader,
     ResultStore,
     StoredResult,
     WrappedKey,
 )
 
-__all__ = ["IDEMPOTENT", "SamService", "error_reply"]
+__all__ = ["IDEMPOTENT", "RESULT_IN_MARK_BYTES", "SamService", "error_reply"]
 
 # The operations that act: claimed before they do, their result kept for repeats. The
 # others change nothing (configurations.dynamic.get), are versioned (.put: a repeat meets
@@ -113,6 +115,12 @@ IDEMPOTENT = frozenset(
         Operation.key_pairs_bind,
     }
 )
+
+# A result this small (a reply body of a few signatures, most key-pair changes) travels
+# in its answered mark in sam.sad-use: one broker message fewer, and one confirmation
+# fewer to wait for, per request. Every worker reads every mark, so larger results (100
+# digests, a new RSA key pair) go to sam.results, which only repeats read.
+RESULT_IN_MARK_BYTES = 4096
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +258,10 @@ class SamService:
         sealer: KeyPairSealer,
         audit: AuditSink,
         results: ResultStore,
+        marked_results: ResultReader,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        result_in_mark_bytes: int = RESULT_IN_MARK_BYTES,
     ) -> None:
         self._metrics = metrics
         self._static = static
@@ -265,6 +275,8 @@ class SamService:
         self._sealer = sealer
         self._audit = audit
         self._results = results
+        self._marked_results = marked_results
+        self._result_in_mark_bytes = result_in_mark_bytes
         self._clock = clock
         self._handlers: dict[Operation, Callable[[_Caller], Awaitable[Reply]]] = {
             Operation.configurations_dynamic_put: self._put_configuration,
@@ -433,19 +445,23 @@ class SamService:
             self._count_repeat(RepeatAnswer.takeover)
 
     async def _settle(self, caller: _Caller, claim: _Claim, reply: Reply) -> None:
-        """Store the result for repeats, then mark this attempt answered; refused
+        """Keep the result for repeats and mark this attempt answered; refused
         (``request_taken_over``) when a repeat took the request over meanwhile — the
         result is then dropped, and the repeat's answer is the one that counts."""
         assert claim.attempt is not None
         started = time.perf_counter()
-        stored_at = int(self._clock())  # taken before the put: the result is in the stream after it
+        stored_at = int(self._clock())  # taken before either write: both land after it
         stored = StoredResult(reply.status, reply.body, caller.trace.stored())
-        await self._results.put(claim.identity.exact, claim.attempt, stored)
+        in_mark = None
+        if len(reply.body) <= self._result_in_mark_bytes:
+            in_mark = stored.as_record(claim.identity.exact, claim.attempt)
+        else:
+            await self._results.put(claim.identity.exact, claim.attempt, stored)
         # the last moment a result can still be kept from a caller that stopped waiting:
         # once marked answered, repeats get it
         self._check_still_awaited(caller.envelope, dropping=True)
         verdict = await self._sad_ledger.append(
-            SadUseLog.answered(claim.identity, claim.attempt, stored_at, int(self._clock()))
+            SadUseLog.answered(claim.identity, claim.attempt, stored_at, int(self._clock()), in_mark)
         )
         if self._metrics is not None:
             self._metrics.result_store_seconds.observe(time.perf_counter() - started)
@@ -463,7 +479,8 @@ class SamService:
     async def _stored(self, identity: RequestIdentity, verdict: Claimed, trace: _Trace) -> Reply:
         assert verdict.answered_at is not None
         self._count_repeat(RepeatAnswer.stored_result)
-        result = await self._results.get(identity.exact, verdict.attempt, verdict.answered_at)
+        store = self._marked_results if verdict.in_mark else self._results
+        result = await store.get(identity.exact, verdict.attempt, verdict.answered_at)
         trace.restore(result.trace)
         trace.note = f"a repeat: answered with the result of attempt {verdict.attempt}"
         return Reply(result.status, result.body, repeat=True)

@@ -2,21 +2,27 @@
 ``StreamResultStore`` on a real RabbitMQ stream of the test session: a result comes back
 as stored, found by its request and attempt among others; one never stored is
 ``ledger_unavailable`` within the bound, not a hang; a store that cannot take a result
-says so (``ledger_unavailable``) rather than pretending."""
+says so (``ledger_unavailable``) rather than pretending. And one for the ``ResultReader``
+of results kept in their answered marks, over ``MarkedResultsIn`` on a ``MemoryLedger``
+and over ``MarkedResults`` on a ``StreamLedger``'s real stream: the same two promises,
+among claims and marks without a result."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from sam_devtools.stack import Stack
 from tests.contract import bench_stream
+from worker.domain.ledgers import RequestIdentity, SadUseLog
 from worker.errors import ErrorCode, SamError
-from worker.fakes import MemoryResults
-from worker.ports import ResultStore, StoredResult
-from worker.transport.results import StreamResultStore
+from worker.fakes import MarkedResultsIn, MemoryLedger, MemoryResults
+from worker.ports import ResultReader, ResultStore, StoredResult
+from worker.transport.ledger import StreamLedger
+from worker.transport.results import MarkedResults, StreamResultStore
 
 TIMEOUT = 2.0
 
@@ -67,3 +73,68 @@ async def test_a_store_without_its_stream_refuses_to_take_a_result(stack: Stack)
         with pytest.raises(SamError) as refused:
             await missing.put("request-1", 0, _result(1))
         assert refused.value.code is ErrorCode.ledger_unavailable
+
+
+# --- results kept in their answered marks ------------------------------------------------
+
+Append = Callable[[dict[str, Any]], Awaitable[object]]
+Marks = tuple[Append, ResultReader]
+
+
+async def _stream_marks(stack: Stack) -> AsyncIterator[tuple[Append, ResultReader]]:
+    async with bench_stream(stack, "marks") as (connection, _, name):
+        consume, publish = await connection.channel(), await connection.channel(publisher_confirms=True)
+        await consume.set_qos(prefetch_count=100)
+        ledger = StreamLedger(name, SadUseLog(30), consume, publish, TIMEOUT)
+        await ledger.start()
+        read = await connection.channel()
+        await read.set_qos(prefetch_count=200)
+        reader = MarkedResults(read, TIMEOUT, stream=name)
+        try:
+            yield ledger.append, reader
+        finally:
+            await reader.stop()
+            await ledger.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("stream", marks=pytest.mark.integration)])
+async def marks(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Append, ResultReader]]:
+    if request.param == "memory":
+        ledger = MemoryLedger(SadUseLog(30))
+        yield ledger.append, MarkedResultsIn(ledger.records)
+        return
+    async for opened in _stream_marks(request.getfixturevalue("stack")):
+        yield opened
+
+
+async def _answer(append: Append, n: int, with_result: bool = True) -> RequestIdentity:
+    """Request ``n`` claimed and answered, its result in the mark (or not)."""
+    identity = RequestIdentity.of("ssa-1", f"message-{n}", "signatures.create", b"%d" % n, None)
+    now = int(time.time())
+    await append(SadUseLog.claim(identity, now, now + 60))
+    result = _result(n).as_record(identity.exact, 0) if with_result else None
+    await append(SadUseLog.answered(identity, 0, now, now, result))
+    return identity
+
+
+async def test_a_result_in_its_mark_comes_back_as_kept_among_others(
+    marks: tuple[Append, ResultReader],
+) -> None:
+    append, reader = marks
+    identities = [await _answer(append, n, with_result=n % 3 != 0) for n in range(9)]
+    now = int(time.time())
+    assert await reader.get(identities[4].exact, 0, now) == _result(4)
+    assert await reader.get(identities[8].exact, 0, now) == _result(8)
+
+
+async def test_a_result_in_no_mark_is_unavailable_within_the_bound(
+    marks: tuple[Append, ResultReader],
+) -> None:
+    append, reader = marks
+    without, with_result = await _answer(append, 3, with_result=False), await _answer(append, 4)
+    started = time.monotonic()
+    for request, attempt in ((without.exact, 0), (with_result.exact, 1)):
+        with pytest.raises(SamError) as refused:
+            await reader.get(request, attempt, int(time.time()))
+        assert refused.value.code is ErrorCode.ledger_unavailable
+    assert time.monotonic() - started < 2 * TIMEOUT + 1

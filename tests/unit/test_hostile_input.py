@@ -32,7 +32,7 @@ from worker.domain.key_pair import KeyPairSealer, SealedKeyPair
 from worker.domain.keys import load_public_key
 from worker.domain.ledgers import ConfigurationLog, KeyEventLog, SadUseLog
 from worker.errors import ErrorCode
-from worker.fakes import MemoryAudit, MemoryLedger, MemoryResults, SoftwareHsm
+from worker.fakes import MarkedResultsIn, MemoryAudit, MemoryLedger, MemoryResults, SoftwareHsm
 from worker.ports import IncomingRequest
 from worker.service import SamService
 
@@ -74,6 +74,7 @@ class World:
         )
         self.audit = MemoryAudit()
         self.results = MemoryResults()
+        sad_use_ledger = MemoryLedger(self.sad_use)
         self.service = SamService(
             static,
             self.configuration,
@@ -82,12 +83,13 @@ class World:
             {
                 "config": MemoryLedger(self.configuration),
                 "key_events": MemoryLedger(self.key_events),
-                "sad_use": MemoryLedger(self.sad_use),
+                "sad_use": sad_use_ledger,
             },
             self.hsm,
             self.sealer,
             self.audit,
             self.results,
+            MarkedResultsIn(sad_use_ledger.records),
         )
         self.loop = asyncio.new_event_loop()
         generated = self.loop.run_until_complete(

@@ -8,25 +8,33 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from tests.unit.test_hostile_input import EC_SHA256, World
 from worker.domain.ledgers import KeyEventLog, SadUseLog
-from worker.fakes import MemoryLedger, ReplicaLedger, SharedStream
+from worker.fakes import MarkedResultsIn, MemoryLedger, ReplicaLedger, SharedStream
 from worker.ports import ResultStore
-from worker.service import SamService
+from worker.service import RESULT_IN_MARK_BYTES, SamService
 
 
 class Replicas:
     """Two replicas of the service over shared in-memory streams (and ``results``, or the
-    world's result store)."""
+    world's result store; ``sad_use_ledger`` makes each replica's view of sam.sad-use).
+    ``result_in_mark_bytes``: the largest result kept in its answered mark."""
 
-    def __init__(self, results: ResultStore | None = None) -> None:
+    def __init__(
+        self,
+        results: ResultStore | None = None,
+        sad_use_ledger: Callable[[SharedStream, SadUseLog], ReplicaLedger] = ReplicaLedger,
+        result_in_mark_bytes: int = RESULT_IN_MARK_BYTES,
+    ) -> None:
         self.world = World()
         self.results = results or self.world.results
         self.key_events, self.sad_use = SharedStream(), SharedStream()
+        self._sad_use_ledger, self._in_mark = sad_use_ledger, result_in_mark_bytes
         self.replicas = [self._replica() for _ in range(2)]
 
     def _replica(self) -> tuple[SamService, KeyEventLog]:
@@ -40,12 +48,14 @@ class Replicas:
             {
                 "config": MemoryLedger(world.configuration),
                 "key_events": ReplicaLedger(self.key_events, key_events),
-                "sad_use": ReplicaLedger(self.sad_use, sad_use),
+                "sad_use": self._sad_use_ledger(self.sad_use, sad_use),
             },
             world.hsm,
             world.sealer,
             world.audit,
             self.results,
+            MarkedResultsIn(self.sad_use.records),
+            result_in_mark_bytes=self._in_mark,
         )
         return service, key_events
 

@@ -140,6 +140,15 @@ def _verdict(verdict: object) -> object:
             ],
             [Claimed(0), None, Claimed(0, 7)],
         ),
+        # ... and whether the answer travelled in the mark itself
+        (
+            [
+                SadUseLog.claim(_A, _NOW, _FAR, "as-1", "j"),
+                SadUseLog.answered(_A, 0, 7, _NOW, {"request": _A.exact, "attempt": 0}),
+                SadUseLog.claim(_A, _NOW, _FAR),
+            ],
+            [Claimed(0), None, Claimed(0, 7, in_mark=True)],
+        ),
         # a repeat before any answer takes over; the first attempt's mark is then refused
         (
             [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import time
 import uuid
@@ -21,33 +22,71 @@ import pytest
 from tests.unit.test_hostile_input import EC_SHA256
 from tests.unit.test_key_event_marks import Replicas
 from worker.domain.audit import Outcome
-from worker.domain.ledgers import RequestIdentity, SadUseLog
-from worker.fakes import MemoryResults
+from worker.domain.ledgers import Reducer, RequestIdentity, SadUseLog, Verdict
+from worker.errors import ErrorCode, SamError
+from worker.fakes import MemoryResults, ReplicaLedger, SharedStream
 from worker.ports import IncomingRequest, Reply, StoredResult
-from worker.service import SamService
+from worker.service import RESULT_IN_MARK_BYTES, SamService
 
 
-class GatedResults(MemoryResults):
-    """Results whose ``put`` for attempt 0 waits until ``release`` is set: an attempt
-    that signed and then hung (SIGSTOP) before its result was stored."""
+class Gate:
+    """Holds attempt 0 of a request between signing and keeping its result, until
+    ``release`` is set (an attempt that signed and then hung: SIGSTOP); ``failing``: the
+    result cannot be kept (the store or the log does not answer)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.gate_first = False
+        self.failing = False
         self.release = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+    async def passing(self, attempt: int) -> None:
         if self.gate_first and attempt == 0:
             self.waiting.set()
             await self.release.wait()
+        if self.failing:
+            raise SamError(ErrorCode.ledger_unavailable, "the result could not be kept")
+
+
+class GatedResults(MemoryResults):
+    """A result store whose ``put`` passes the gate first."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        await self.gate.passing(attempt)
         await super().put(request, attempt, result)
 
 
+class GatedMarks(ReplicaLedger):
+    """A replica's sam.sad-use whose answered marks that carry their result pass the gate
+    first."""
+
+    def __init__(self, gate: Gate, stream: SharedStream, reducer: Reducer) -> None:
+        super().__init__(stream, reducer)
+        self.gate = gate
+
+    async def append(self, data: dict[str, Any]) -> Verdict:
+        if "result" in data:
+            await self.gate.passing(int(data["attempt"]))
+        return await super().append(data)
+
+
 class Cluster(Replicas):
-    def __init__(self) -> None:
-        self.gated = GatedResults()
-        super().__init__(self.gated)
+    """Two replicas; ``in_mark``: results travel in their answered marks (small ones do
+    in production), else through the result store (large ones)."""
+
+    def __init__(self, in_mark: bool) -> None:
+        self.gated = Gate()
+        self.in_mark = in_mark
+        self.store = GatedResults(self.gated)
+        super().__init__(
+            self.store,
+            functools.partial(GatedMarks, self.gated),
+            RESULT_IN_MARK_BYTES if in_mark else 0,
+        )
 
     def signature_request(self, text: bytes = b"document", message_id: str | None = None) -> IncomingRequest:
         digest = hashlib.sha256(text).digest()
@@ -69,6 +108,11 @@ class Cluster(Replicas):
         return self.world.loop.run_until_complete(self.service(replica).process(request))
 
 
+@pytest.fixture(params=[True, False], ids=["result in its mark", "result in the store"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    return Cluster(request.param)
+
+
 def _code(reply: Reply) -> str | None:
     return orjson.loads(reply.body)["error"]["code"] if reply.status >= 400 else None
 
@@ -80,8 +124,7 @@ def _again(request: IncomingRequest, **changes: Any) -> IncomingRequest:
 
 
 @pytest.mark.parametrize("replica", [0, 1])
-def test_a_repeat_of_an_answered_signature_gets_the_same_signature(replica: int) -> None:
-    cluster = Cluster()
+def test_a_repeat_of_an_answered_signature_gets_the_same_signature(cluster: Cluster, replica: int) -> None:
     request = cluster.signature_request()
     first = cluster.process(0, request)
     again = cluster.process(replica, _again(request))
@@ -92,8 +135,7 @@ def test_a_repeat_of_an_answered_signature_gets_the_same_signature(replica: int)
     assert record.dtbs_sha256 == cluster.world.audit.events[-2].dtbs_sha256  # said of the request again
 
 
-def test_another_request_with_a_spent_sad_is_still_a_replay() -> None:
-    cluster = Cluster()
+def test_another_request_with_a_spent_sad_is_still_a_replay(cluster: Cluster) -> None:
     request = cluster.signature_request()
     assert cluster.process(0, request).status == 200
     another = cluster.world.request("signatures.create", request.body, sad=str(request.sad))
@@ -101,8 +143,7 @@ def test_another_request_with_a_spent_sad_is_still_a_replay() -> None:
     assert _code(replay) == "sad_replayed"
 
 
-def test_a_reused_message_id_for_another_request_is_refused() -> None:
-    cluster = Cluster()
+def test_a_reused_message_id_for_another_request_is_refused(cluster: Cluster) -> None:
     message_id = str(uuid.uuid4())
     assert cluster.process(0, cluster.signature_request(b"one", message_id)).status == 200
     for replica in (0, 1):  # known locally, or learnt from the log at the claim
@@ -111,11 +152,12 @@ def test_a_reused_message_id_for_another_request_is_refused() -> None:
 
 
 @pytest.mark.parametrize("repeat_on", [0, 1])
-def test_a_repeat_takes_over_from_an_attempt_that_hung_after_signing(repeat_on: int) -> None:
+def test_a_repeat_takes_over_from_an_attempt_that_hung_after_signing(
+    cluster: Cluster, repeat_on: int
+) -> None:
     """The first attempt signs and hangs before its result is stored; the repeat (on the
     same replica, which knows the claim; or on another, which learns it at its own claim)
     takes over and signs; the hung attempt, resumed, is refused and releases nothing."""
-    cluster = Cluster()
     cluster.gated.gate_first = True
     request = cluster.signature_request()
 
@@ -134,8 +176,7 @@ def test_a_repeat_takes_over_from_an_attempt_that_hung_after_signing(repeat_on: 
     assert cluster.process(1 - repeat_on, _again(request)).body == repeat.body
 
 
-def test_a_repeat_takes_over_from_an_attempt_that_died_after_its_claim() -> None:
-    cluster = Cluster()
+def test_a_repeat_takes_over_from_an_attempt_that_died_after_its_claim(cluster: Cluster) -> None:
     request = cluster.signature_request()
     identity = RequestIdentity.of(
         "ssa-1", str(request.message_id), "signatures.create", request.body, str(request.sad)
@@ -152,11 +193,10 @@ def test_a_repeat_takes_over_from_an_attempt_that_died_after_its_claim() -> None
     assert log.apply(SadUseLog.answered(identity, 0, 0, int(time.time()))).code.name == "request_taken_over"  # type: ignore[union-attr]
 
 
-def test_a_key_pair_change_taken_over_finds_its_own_change_made() -> None:
+def test_a_key_pair_change_taken_over_finds_its_own_change_made(cluster: Cluster) -> None:
     """A deletion hung after its key event and before its result: the repeat on another
     replica finds the key pair deleted — by this very request — and answers as the
     deletion would have; the hung attempt releases nothing."""
-    cluster = Cluster()
     cluster.gated.gate_first = True
     body = orjson.dumps({"key_pair": cluster.world.key_pair, "signer": {"id": "alice"}})
     request = cluster.world.request("key_pairs.delete", body)
@@ -176,8 +216,7 @@ def test_a_key_pair_change_taken_over_finds_its_own_change_made() -> None:
     assert _code(after) == "key_pair_deleted"
 
 
-def test_a_repeat_of_a_key_pair_creation_gets_the_same_key_pair() -> None:
-    cluster = Cluster()
+def test_a_repeat_of_a_key_pair_creation_gets_the_same_key_pair(cluster: Cluster) -> None:
     body = b'{"key_template": {"algorithm": "ECDSA", "named_curve": "secp256r1"}}'
     request = cluster.world.request("key_pairs.create", body)
     first = cluster.process(0, request)
@@ -186,8 +225,7 @@ def test_a_repeat_of_a_key_pair_creation_gets_the_same_key_pair() -> None:
     assert orjson.loads(again.body)["key_pair"]["id"] == orjson.loads(first.body)["key_pair"]["id"]
 
 
-def test_a_result_that_could_not_be_stored_is_not_released_and_a_repeat_signs() -> None:
-    cluster = Cluster()
+def test_a_result_that_could_not_be_stored_is_not_released_and_a_repeat_signs(cluster: Cluster) -> None:
     request = cluster.signature_request()
     cluster.gated.failing = True
     failed = cluster.process(0, request)
@@ -196,10 +234,9 @@ def test_a_result_that_could_not_be_stored_is_not_released_and_a_repeat_signs() 
     assert cluster.process(1, _again(request)).status == 200  # not sad_replayed
 
 
-def test_a_dead_letter_of_an_answered_request_gets_its_result() -> None:
+def test_a_dead_letter_of_an_answered_request_gets_its_result(cluster: Cluster) -> None:
     """A request answered whose reply could not be confirmed goes back to its queue; past
     the delivery limit it dies — and its dead letter still gets the result."""
-    cluster = Cluster()
     request = cluster.signature_request()
     answered = cluster.process(0, request)
     dead = cluster.process(0, _again(request, dead_letter="delivery_limit"))
@@ -214,12 +251,11 @@ def _forget_claims(cluster: Cluster) -> None:
         cluster.service(replica)._sad_use.forget_expired(2**40)
 
 
-def test_a_message_id_used_again_after_its_window_is_a_new_request_not_a_repeat() -> None:
+def test_a_message_id_used_again_after_its_window_is_a_new_request_not_a_repeat(cluster: Cluster) -> None:
     """Once a claim is forgotten, the same message_id is a new request: it must not
     inherit the first request's standing — not its key event (a second assignment of one
     key pair, to another signer), not its stored result (a signature over another
     document)."""
-    cluster = Cluster()
     body = b'{"key_template": {"algorithm": "ECDSA", "named_curve": "secp256r1"}}'
     created = orjson.loads(cluster.process(0, cluster.world.request("key_pairs.create", body)).body)[
         "key_pair"
@@ -254,27 +290,61 @@ def test_a_message_id_used_again_after_its_window_is_a_new_request_not_a_repeat(
     assert again.repeat and again.body == signed_b.body != signed_a.body
 
 
-def test_no_result_is_released_once_the_caller_stopped_waiting() -> None:
+def test_no_result_is_released_once_the_caller_stopped_waiting(cluster: Cluster) -> None:
     """``sam-answer-by`` passed: refused before anything runs; passed while the attempt
     was held up after signing: its result is dropped, not marked answered — and the
     caller's later repeat takes the request over instead of being told it was replayed."""
-    cluster = Cluster()
     late = _again(cluster.signature_request(), answer_by=int((time.time() - 1) * 1000))
     records = len(cluster.sad_use.records)
     assert _code(cluster.process(0, late)) == "request_expired"
     assert len(cluster.sad_use.records) == records  # nothing claimed, no SAD spent
 
-    cluster.gated.gate_first = True
     request = _again(cluster.signature_request(), answer_by=int((time.time() + 0.3) * 1000))
+    hsm, signed, release = cluster.world.hsm, asyncio.Event(), asyncio.Event()
+    sign = hsm.sign_with_wrapped_key
+
+    async def sign_and_hang(*args: Any, **kwargs: Any) -> Any:
+        signatures = await sign(*args, **kwargs)
+        signed.set()
+        await release.wait()
+        return signatures
 
     async def held_past_its_deadline() -> Reply:
         first = asyncio.ensure_future(cluster.service(0).process(request))
-        await cluster.gated.waiting.wait()
+        await signed.wait()
         await asyncio.sleep(0.5)
-        cluster.gated.release.set()
+        release.set()
         return await first
 
+    hsm.sign_with_wrapped_key = sign_and_hang  # type: ignore[method-assign]
+
     dropped = cluster.world.loop.run_until_complete(held_past_its_deadline())
+    hsm.sign_with_wrapped_key = sign  # type: ignore[method-assign]
     assert _code(dropped) == "request_expired"
     again = cluster.process(1, _again(request, answer_by=None))
     assert again.status == 200 and not again.repeat
+
+
+@pytest.mark.parametrize(("digests", "in_mark"), [(1, True), (60, False)])
+def test_a_small_result_travels_in_its_mark_and_a_large_one_in_the_store(digests: int, in_mark: bool) -> None:
+    """With the production bound (``RESULT_IN_MARK_BYTES``): one signature's result rides
+    in its answered mark and costs the store nothing; sixty's goes to the store and the
+    mark only says when. A repeat on the other replica gets it either way."""
+    cluster = Cluster(in_mark=True)
+    dtbs = [hashlib.sha256(b"%d" % n).digest() for n in range(digests)]
+    body = orjson.dumps(
+        {
+            "signature_algorithm": EC_SHA256,
+            "requests": [{"dtbs": base64.b64encode(d).decode()} for d in dtbs],
+            "key_pair": cluster.world.key_pair,
+            "signer": {"id": "alice"},
+        }
+    )
+    sad = cluster.world.authority.issue_sad("sam-1", "alice", cluster.world.key_pair["id"], dtbs)
+    request = cluster.world.request("signatures.create", body, sad=sad)
+    first = cluster.process(0, request)
+    marks = [r for r in cluster.sad_use.records if "answered" in r]
+    assert first.status == 200 and len(marks) == 1
+    assert ("result" in marks[0], len(cluster.store.results)) == (in_mark, 0 if in_mark else 1)
+    again = cluster.process(1, _again(request))
+    assert (again.status, again.body, again.repeat) == (200, first.body, True)

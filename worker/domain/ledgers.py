@@ -49,10 +49,12 @@ __all__ = [
 class Claimed:
     """The verdict on a request claim: the attempt that now owns the request (0: the first;
     more: a repeat took it over from an attempt that never answered with a result), or,
-    with ``answered_at``, the attempt whose result was stored then — the repeat gets it."""
+    with ``answered_at``, the attempt whose result was stored then — the repeat gets it,
+    from the ``answered`` mark itself when ``in_mark``, else from the result store."""
 
     attempt: int
     answered_at: int | None = None
+    in_mark: bool = False
 
 
 # What a record gets in log order: accepted (None), refused (the SamError) or, for a
@@ -113,6 +115,7 @@ class RequestClaim:
     exp: int
     attempt: int = 0
     answered_at: int | None = None
+    in_mark: bool = False  # the result travels in the answered mark
 
 
 class ConfigurationLog:
@@ -305,9 +308,16 @@ class SadUseLog:
         return record
 
     @staticmethod
-    def answered(request: RequestIdentity, attempt: int, at: int, now: int) -> dict[str, Any]:
-        """The mark that ``attempt``'s result is stored (``at``: when, to find it)."""
-        return {"answered": request.key, "attempt": attempt, "at": at, "t": now}
+    def answered(
+        request: RequestIdentity, attempt: int, at: int, now: int, result: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The mark that ``attempt``'s result is stored (``at``: when, to find it) — in the
+        mark itself, as ``result``, when given. A replica keeps only that it is there: the
+        result is read back from the log when a repeat wants it."""
+        record = {"answered": request.key, "attempt": attempt, "at": at, "t": now}
+        if result is not None:
+            record["result"] = result
+        return record
 
     @staticmethod
     def key_events_mark(position: int) -> dict[str, Any]:
@@ -328,7 +338,7 @@ class SadUseLog:
         known = self.request(request, now)
         if known is None or known.answered_at is None or known.fingerprint != request.fingerprint:
             return None
-        return Claimed(known.attempt, known.answered_at)
+        return Claimed(known.attempt, known.answered_at, known.in_mark)
 
     def request(self, request: RequestIdentity, now: int) -> RequestClaim | None:
         """What this replica has applied of ``request``'s claims, if its window is not past
@@ -353,7 +363,9 @@ class SadUseLog:
             if "claim" in data:
                 return self._claim(data)
             if "answered" in data:
-                return self._answered(str(data["answered"]), int(data["attempt"]), int(data["at"]))
+                return self._answered(
+                    str(data["answered"]), int(data["attempt"]), int(data["at"]), "result" in data
+                )
             exp = int(data.get("exp", 0))
         except (KeyError, TypeError, ValueError):
             return SamError(ErrorCode.internal_error, "unreadable SAD-use record")
@@ -397,13 +409,13 @@ class SadUseLog:
         # a repeat does not extend the window: it is its first claim's, which every
         # replica, one started later too, has read
         if known.answered_at is not None:
-            return Claimed(known.attempt, known.answered_at)
+            return Claimed(known.attempt, known.answered_at, known.in_mark)
         known.attempt += 1
         return Claimed(known.attempt)
 
-    def _answered(self, request: str, attempt: int, at: int) -> SamError | None:
+    def _answered(self, request: str, attempt: int, at: int, in_mark: bool) -> SamError | None:
         known = self.requests.get(request)
         if known is None or known.attempt != attempt or known.answered_at is not None:
             return SamError(ErrorCode.request_taken_over)
-        known.answered_at = at
+        known.answered_at, known.in_mark = at, in_mark
         return None

@@ -159,9 +159,12 @@ class StreamLedger:
             self._sent[batch.id] = batch
             body = orjson.dumps({"id": batch.id, "records": batch.records})
             try:
-                await self._publish_channel.default_exchange.publish(
-                    aio_pika.Message(body, content_type="application/json"), routing_key=self.stream
+                # stamped, so a reader looking for the results marks carry (``MarkedResults``)
+                # knows when it has read past a time
+                message = aio_pika.Message(
+                    body, content_type="application/json", timestamp=datetime.datetime.now(datetime.UTC)
                 )
+                await self._publish_channel.default_exchange.publish(message, routing_key=self.stream)
             except Exception as exc:  # the publisher must outlive any one failure
                 self._failed()
                 self._sent.pop(batch.id, None)

@@ -1,22 +1,25 @@
-"""``sam.results``: results kept for repeats of their request (the ``ResultStore`` port).
+"""Results kept for repeats of their request: ``sam.results`` (the ``ResultStore`` port)
+and the ``answered`` marks of ``sam.sad-use`` (a ``ResultReader``).
 
-Every request that acted (signed, generated, changed a key pair) puts its result here,
-confirmed, before its ``answered`` mark goes to ``sam.sad-use``. Nobody tails this
-stream: a worker reads it only while repeats of answered requests wait for their
-results, from a little before the earliest time their marks name, and stops when none
-waits — so an ordinary request costs one confirmed publish, no worker holds or reads the
-results of others, and a burst of repeats (a caller retrying many requests at once)
-costs one pass over the stream, not one each. The stream's retention outlives the
-longest repeat window.
+Every request that acted (signed, generated, changed a key pair) keeps its result before
+its ``answered`` mark is read back from ``sam.sad-use``. A small result (a few
+signatures, most key-pair changes) travels in the mark itself, so it costs no message of
+its own; a larger one is put here first, confirmed, and the mark names only when. Nobody
+tails ``sam.results``, and no worker keeps the results it reads in ``sam.sad-use``: a
+reader reads a stream only while repeats of answered requests wait for their results,
+from a little before the earliest time their marks name, and stops when none waits — so
+no worker holds the results of others, and a burst of repeats (a caller retrying many
+requests at once) costs one pass over the stream, not one each. Both streams' retention
+outlives the longest repeat window.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import datetime
+from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -25,9 +28,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker.errors import ErrorCode, SamError
 from worker.ports import StoredResult
-from worker.transport.topology import RESULTS_STREAM
+from worker.transport.topology import RESULTS_STREAM, SAD_USE_STREAM
 
-__all__ = ["StreamResultStore"]
+__all__ = ["MarkedResults", "StreamResultStore"]
 
 _REQUEST_HEADER = "sam-request"
 _ATTEMPT_HEADER = "sam-attempt"
@@ -40,22 +43,15 @@ _READ_BACK_SECONDS = 2
 _KEPT = 256
 
 
-class StreamResultStore:
-    """The ``ResultStore`` on ``sam.results``: ``put`` publishes with confirms on
-    ``publish_channel`` (mandatory: no route is a failure); ``get`` waits for one reader,
-    shared by every waiting ``get``, that consumes on ``read_channel`` (with a prefetch
-    set) from the earliest time wanted and stops when nothing is wanted any more. The
-    read channel stays open: closing a channel while deliveries on it are still being
-    acked makes RabbitMQ close the whole connection (504, "expected 'channel.open'")."""
+class _StreamResults:
+    """Results read from a stream on demand: ``get`` waits for one reader, shared by every
+    waiting ``get``, that consumes on ``read_channel`` (with a prefetch set) from the
+    earliest time wanted and stops when nothing is wanted any more. The read channel stays
+    open: closing a channel while deliveries on it are still being acked makes RabbitMQ
+    close the whole connection (504, "expected 'channel.open'"). ``_results_in`` says which
+    results a message holds."""
 
-    def __init__(
-        self,
-        publish_channel: AbstractChannel,
-        read_channel: AbstractChannel,
-        timeout: float,
-        stream: str = RESULTS_STREAM,
-    ) -> None:
-        self._channel = publish_channel
+    def __init__(self, read_channel: AbstractChannel, timeout: float, stream: str) -> None:
         self._reader = read_channel
         self._timeout = timeout
         self._stream = stream
@@ -63,11 +59,16 @@ class StreamResultStore:
         self._wakeup = asyncio.Event()
         self._scanning: asyncio.Task[None] | None = None
         self._start = 0  # the time the running pass started at
-        self._passed = 0.0  # the latest time stamped on a result the running pass read
+        self._passed = 0.0  # the latest time stamped on a message the running pass read
         self._rewind = False  # a result wanted now may lie behind the running pass
         # by request, attempt and time: the same request sent again after its window is
         # claimed anew, and its attempt 0 is not the earlier one's
         self._kept: collections.OrderedDict[tuple[str, int, int], StoredResult] = collections.OrderedDict()
+
+    def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """(request, attempt, record for ``StoredResult.from_record``) of each result in
+        ``message``."""
+        raise NotImplementedError
 
     async def stop(self) -> None:
         """Stop reading (at shutdown): repeats still waiting get ``ledger_unavailable``."""
@@ -75,29 +76,6 @@ class StreamResultStore:
             self._scanning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scanning
-
-    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
-        body = orjson.dumps(
-            {"status": result.status, "body": base64.b64encode(result.body).decode(), "trace": result.trace}
-        )
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={_REQUEST_HEADER: request, _ATTEMPT_HEADER: attempt},
-            # not before the time the answered mark names: a reader that has passed a
-            # result stamped later than a wanted time knows to go back for it
-            timestamp=datetime.datetime.now(datetime.UTC),
-        )
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._channel.default_exchange.publish(
-                    message, routing_key=self._stream, mandatory=True
-                )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            raise SamError(
-                ErrorCode.ledger_unavailable, f"{self._stream} did not take a result ({type(exc).__name__})"
-            ) from exc
 
     async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
         key, kept_as = (request, attempt), (request, attempt, stored_at)
@@ -161,27 +139,83 @@ class StreamResultStore:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if isinstance(message.timestamp, datetime.datetime):
             self._passed = max(self._passed, message.timestamp.timestamp())
-        headers = message.headers or {}
-        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
-        wanted = (
-            self._wanted.pop((request, attempt), None)
-            if isinstance(request, str) and isinstance(attempt, int)
-            else None
-        )
-        if wanted is not None and not wanted[1].done():
+        if self._wanted:
             try:
-                wanted[1].set_result(_parsed(message.body))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                wanted[1].set_exception(
-                    SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds an unreadable result")
-                )
-            self._wakeup.set()
+                found = list(self._results_in(message))
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                found = []  # not one of ours: nothing a repeat waits for can be in it
+            for request, attempt, record in found:
+                wanted = self._wanted.pop((request, attempt), None)
+                if wanted is None or wanted[1].done():
+                    continue
+                try:
+                    wanted[1].set_result(StoredResult.from_record(record))
+                except (KeyError, TypeError, ValueError):
+                    wanted[1].set_exception(
+                        SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds an unreadable result")
+                    )
+                self._wakeup.set()
         await message.ack()
 
 
-def _parsed(body: bytes) -> StoredResult:
-    content: dict[str, Any] = orjson.loads(body)
-    trace = content["trace"]
-    if not isinstance(trace, dict):
-        raise TypeError("trace")
-    return StoredResult(int(content["status"]), base64.b64decode(content["body"]), trace)
+class StreamResultStore(_StreamResults):
+    """The ``ResultStore`` on ``sam.results``: ``put`` publishes one message a result, with
+    confirms, on ``publish_channel`` (mandatory: no route is a failure)."""
+
+    def __init__(
+        self,
+        publish_channel: AbstractChannel,
+        read_channel: AbstractChannel,
+        timeout: float,
+        stream: str = RESULTS_STREAM,
+    ) -> None:
+        super().__init__(read_channel, timeout, stream)
+        self._channel = publish_channel
+
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        record = result.as_record(request, attempt)
+        message = aio_pika.Message(
+            orjson.dumps(record),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={_REQUEST_HEADER: request, _ATTEMPT_HEADER: attempt},
+            # not before the time the answered mark names: a reader that has passed a
+            # result stamped later than a wanted time knows to go back for it
+            timestamp=datetime.datetime.now(datetime.UTC),
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._channel.default_exchange.publish(
+                    message, routing_key=self._stream, mandatory=True
+                )
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise SamError(
+                ErrorCode.ledger_unavailable, f"{self._stream} did not take a result ({type(exc).__name__})"
+            ) from exc
+
+    def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        headers = message.headers or {}
+        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
+        if isinstance(request, str) and isinstance(attempt, int):
+            try:
+                record = orjson.loads(message.body)
+            except orjson.JSONDecodeError:
+                record = {}  # wanted and unreadable: said so, not waited out
+            yield request, attempt, record if isinstance(record, dict) else {}
+
+
+class MarkedResults(_StreamResults):
+    """The ``ResultReader`` of results that travelled in their ``answered`` mark
+    (``SadUseLog.answered``) in ``sam.sad-use``, whose messages are ``StreamLedger``
+    batches of records."""
+
+    def __init__(self, read_channel: AbstractChannel, timeout: float, stream: str = SAD_USE_STREAM) -> None:
+        super().__init__(read_channel, timeout, stream)
+
+    def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        for record in orjson.loads(message.body).get("records") or ():
+            result = record.get("result") if isinstance(record, dict) and "answered" in record else None
+            if isinstance(result, dict):
+                request, attempt = result.get("request"), result.get("attempt")
+                if isinstance(request, str) and isinstance(attempt, int):
+                    yield request, attempt, result
