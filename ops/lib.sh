@@ -33,7 +33,7 @@ ensure_venv() {
   local log="$ROOT/.stack/pip-install.log"
   if ! { "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1" &&
     # the package with its extras, and the test tooling: a distribution of its own
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,pdf]" -e "$ROOT/ops/devtools"; } >"$log" 2>&1; then
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,pdf,csc]" -e "$ROOT/ops/devtools"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "installing the Python packages failed (log: $log)" >&2
     return 1

@@ -64,7 +64,7 @@ def test_the_wheel_carries_one_version_the_license_py_typed_and_no_test_tooling(
     pdf = [r for r in requires if r.lower().startswith("pyhanko")]
     assert pdf and all('extra == "pdf"' in r for r in pdf), pdf
     assert not [r for r in requires if "devtools" in r], requires
-    assert set(metadata.get_all("Provides-Extra") or []) == {"pdf", "dev", "bench"}
+    assert set(metadata.get_all("Provides-Extra") or []) == {"pdf", "csc", "dev", "bench"}
     assert metadata["License-Expression"] == "Apache-2.0"
     assert "worker/py.typed" in names
     assert wheel.name.startswith(f"sam_worker-{worker.__version__}-")

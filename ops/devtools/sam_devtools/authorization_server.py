@@ -77,6 +77,25 @@ class DevAuthorizationServer:
     ) -> str:
         return self.sign_claims(self.sad_claims(audience, signer, key_pair_id, digests, **options))
 
+    def issue_service_token(
+        self, audience: str, user: str, lifetime: int = 600, scope: str = "service", **claims: Any
+    ) -> str:
+        """A CSC service access token (scope ``service``) for ``user`` at ``audience`` (a
+        CSC gateway's id)."""
+        now = int(time.time())
+        return self.sign_claims(
+            {
+                "iss": self.id,
+                "aud": audience,
+                "sub": user,
+                "iat": now,
+                "exp": now + lifetime,
+                "jti": str(uuid.uuid4()),
+                "scope": scope,
+                **claims,
+            }
+        )
+
     def issue_skad(self, audience: str, signer: str, key_pair_id: str, **options: Any) -> str:
         """The signer's consent to have ``key_pair_id`` assigned to them."""
         claims = self.sad_claims(

@@ -1,0 +1,281 @@
+"""The CSC gateway (``sam-csc``) against the test session's SAM: a credential enrolled
+through the SAM with the dev CA, then clients no one here wrote sign through it —
+pyHanko's ``CSCSigner`` makes a PAdES B-B signature that pyHanko and poppler's
+``pdfsig`` both validate. And what each bad call gets: no token, a token of another
+gateway or without the ``service`` scope → 401/403 ``invalid_token``/``insufficient_scope``;
+another user's ``credentialID`` → the same ``invalid_request`` as one that does not exist,
+with nothing of it shown; a SAD for other hashes → ``invalid_request`` naming the SAD; a
+signHash sent again after a lost response → the same signatures, not ``sad_replayed``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+from pyhanko.pdf_utils.reader import PdfFileReader
+from pyhanko.sign import signers
+from pyhanko.sign.fields import SigSeedSubFilter
+from pyhanko.sign.signers.csc_signer import (
+    CSCAuthorizationInfo,
+    CSCAuthorizationManager,
+    CSCServiceSessionInfo,
+    CSCSigner,
+    fetch_certs_in_csc_credential,
+)
+from pyhanko.sign.validation import async_validate_pdf_signature
+from pyhanko_certvalidator import ValidationContext
+
+from sam_devtools.authorization_server import DevAuthorizationServer
+from tests.conftest import PORT_BASE
+from tests.integration.conftest import Harness
+from worker.client import SamClient
+from worker.csc import enrolment
+from worker.csc.server import running
+from worker.csc.settings import CscSettings
+from worker.csc.store import Credential, SqliteCredentialStore
+from worker.integrations.pdf import blank_pdf
+
+pytestmark = pytest.mark.integration
+
+GATEWAY = "csc-test-gateway"
+PORT = PORT_BASE + 51
+
+
+class DevAsAuthorizationManager(CSCAuthorizationManager):
+    """pyHanko's authorization manager, answered by the dev AS: a SAD (a credential-scoped
+    token) for exactly the hashes pyHanko is about to have signed."""
+
+    def __init__(
+        self,
+        session_info: CSCServiceSessionInfo,
+        info: Any,
+        authority: DevAuthorizationServer,
+        sam_id: str,
+        user: str,
+    ) -> None:
+        super().__init__(session_info, info)
+        self.authority, self.sam_id, self.user = authority, sam_id, user
+
+    async def authorize_signature(self, hash_b64s: list[str]) -> CSCAuthorizationInfo:
+        digests = [base64.b64decode(h) for h in hash_b64s]
+        sad = self.authority.issue_sad(self.sam_id, self.user, self.csc_session_info.credential_id, digests)
+        return CSCAuthorizationInfo(sad=sad)
+
+
+@pytest.fixture(scope="module")
+async def gateway(
+    harness: Harness, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, Any]]:
+    """The gateway on TLS with two enrolled users, alice and bob (both of dev-as)."""
+    stack = harness.stack
+    folder = tmp_path_factory.mktemp("csc")
+    server = stack.pki.issue("csc-gateway", server=True)
+    settings = CscSettings(
+        gateway_id=GATEWAY,
+        listen_port=PORT,
+        tls_cert_file=server / "cert.pem",
+        tls_key_file=server / "key.pem",
+        sam_profile=stack.profile("ssa-1"),
+        store_file=folder / "credentials.sqlite3",
+        authorization_servers={"dev-as": stack.pki.jws_key("dev-as").parent / "jws-pub.pem"},
+    )
+    ca = x509.load_pem_x509_certificate(stack.pki.ca_file.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+
+    async def certify(request: bytes) -> tuple[bytes, list[bytes]]:
+        return stack.pki.issue_from_request(request), [ca]
+
+    store = SqliteCredentialStore(settings.store_file)
+    store.migrate()
+    credentials: dict[str, Credential] = {}
+    async with SamClient.from_profile(stack.profile("ssa-1")) as sam:
+        for user in ("alice-csc", "bob-csc"):
+            credentials[user] = await enrolment.enrol(
+                sam,
+                store,
+                certify,
+                issuer="dev-as",
+                subject=user,
+                signer=user,
+                distinguished_name=f"CN={user},O=Example",
+            )
+    context = ssl.create_default_context(cafile=str(stack.pki.ca_file))
+    async with (
+        running(settings) as url,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+    ):
+        yield {"url": url, "session": session, "credentials": credentials, "ca": ca, "store": store}
+
+
+def _token(harness: Harness, user: str, **options: Any) -> str:
+    return harness.dev_as.issue_service_token(GATEWAY, user, **options)
+
+
+async def _post(gateway: dict[str, Any], path: str, body: Any, token: str | None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with gateway["session"].post(
+        f"{gateway['url']}/csc/v2/{path}", json=body, headers=headers
+    ) as reply:
+        return reply.status, await reply.json()
+
+
+async def test_pyhanko_signs_a_pdf_through_the_gateway_and_it_validates(
+    harness: Harness, gateway: dict[str, Any], tmp_path: Path
+) -> None:
+    credential = gateway["credentials"]["alice-csc"]
+    session_info = CSCServiceSessionInfo(
+        gateway["url"], credential.credential_id, oauth_token=_token(harness, "alice-csc"), api_ver="v2"
+    )
+    info = await fetch_certs_in_csc_credential(gateway["session"], session_info)
+    manager = DevAsAuthorizationManager(session_info, info, harness.dev_as, harness.sam_id, "alice-csc")
+    signer = CSCSigner(gateway["session"], manager)
+    writer = IncrementalPdfFileWriter(io.BytesIO(blank_pdf("signed through CSC")))
+    meta = signers.PdfSignatureMetadata(field_name="Signature1", subfilter=SigSeedSubFilter.PADES)
+    signed = (await signers.PdfSigner(meta, signer).async_sign_pdf(writer)).getvalue()
+
+    root = asn1_x509.Certificate.load(gateway["ca"])
+    status = await async_validate_pdf_signature(
+        PdfFileReader(io.BytesIO(signed)).embedded_signatures[0],
+        ValidationContext(trust_roots=[root], allow_fetching=False),
+    )
+    assert status.intact and status.valid and status.trusted
+    path = tmp_path / "signed-csc.pdf"
+    path.write_bytes(signed)
+    pdfsig = await asyncio.to_thread(
+        subprocess.run, ["pdfsig", str(path)], capture_output=True, text=True, check=False
+    )
+    assert "Signature Validation: Signature is Valid." in pdfsig.stdout, pdfsig.stdout + pdfsig.stderr
+
+
+async def test_credentials_are_listed_and_described_for_their_user_only(
+    harness: Harness, gateway: dict[str, Any]
+) -> None:
+    alice, bob = gateway["credentials"]["alice-csc"], gateway["credentials"]["bob-csc"]
+    status, listed = await _post(gateway, "credentials/list", {}, _token(harness, "alice-csc"))
+    assert (status, listed["credentialIDs"]) == (200, [alice.credential_id])
+    status, info = await _post(
+        gateway,
+        "credentials/info",
+        {"credentialID": alice.credential_id, "certificates": "chain"},
+        _token(harness, "alice-csc"),
+    )
+    assert status == 200 and info["SCAL"] == "2" and info["multisign"] == 100
+    assert info["key"]["status"] == "enabled" and info["key"]["curve"] == "1.2.840.10045.3.1.7"
+    assert "1.2.840.10045.4.3.2" in info["key"]["algo"] and len(info["cert"]["certificates"]) == 2
+    # bob's credential, asked for by alice: the same answer as for one that does not exist
+    for credential_id in (bob.credential_id, "no-such-credential"):
+        status, refused = await _post(
+            gateway, "credentials/info", {"credentialID": credential_id}, _token(harness, "alice-csc")
+        )
+        assert (status, refused["error"], refused["error_description"]) == (
+            400,
+            "invalid_request",
+            "Invalid parameter credentialID",
+        )
+    status, refused = await _post(
+        gateway, "credentials/list", {"userID": "bob-csc"}, _token(harness, "alice-csc")
+    )
+    assert (status, refused["error"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (None, (401, "invalid_token")),
+        ("not-a-jwt", (401, "invalid_token")),
+        ("other-gateway", (401, "invalid_token")),
+        ("expired", (401, "invalid_token")),
+        ("other-as", (401, "invalid_token")),
+        ("no-service-scope", (403, "insufficient_scope")),
+    ],
+)
+async def test_a_call_without_a_good_service_token_is_refused(
+    harness: Harness, gateway: dict[str, Any], token: str | None, expected: tuple[int, str]
+) -> None:
+    tokens = {
+        "other-gateway": harness.dev_as.issue_service_token("another-gateway", "alice-csc"),
+        "expired": harness.dev_as.issue_service_token(GATEWAY, "alice-csc", lifetime=-120),
+        "other-as": harness.other_as.issue_service_token(GATEWAY, "alice-csc"),
+        "no-service-scope": harness.dev_as.issue_service_token(GATEWAY, "alice-csc", scope="credential"),
+    }
+    status, refused = await _post(gateway, "credentials/list", {}, tokens.get(token or "", token))
+    assert (status, refused["error"]) == expected
+    assert "credentialIDs" not in refused
+
+
+async def test_sign_hash_maps_sam_refusals_and_answers_a_retry_with_the_same_signatures(
+    harness: Harness, gateway: dict[str, Any]
+) -> None:
+    alice = gateway["credentials"]["alice-csc"]
+    digest = hashlib.sha256(b"a document").digest()
+    sad = harness.dev_as.issue_sad(harness.sam_id, "alice-csc", alice.credential_id, [digest])
+    v1 = {  # the v1 names pyHanko sends
+        "credentialID": alice.credential_id,
+        "SAD": sad,
+        "hash": [base64.b64encode(digest).decode()],
+        "hashAlgo": "2.16.840.1.101.3.4.2.1",
+        "signAlgo": "1.2.840.10045.4.3.2",
+    }
+    token = _token(harness, "alice-csc")
+    first = await _post(gateway, "signatures/signHash", v1, token)
+    again = await _post(gateway, "signatures/signHash", v1, token)  # the response was lost
+    assert first[0] == 200 and again == first
+    v2 = {
+        "credentialID": alice.credential_id,
+        "SAD": sad,
+        "hashes": v1["hash"],
+        "hashAlgorithmOID": v1["hashAlgo"],
+        "signAlgo": v1["signAlgo"],
+    }
+    assert await _post(gateway, "signatures/signHash", v2, token) == first  # the same call in v2 names
+
+    other = hashlib.sha256(b"another document").digest()
+    status, refused = await _post(
+        gateway, "signatures/signHash", {**v2, "hashes": [base64.b64encode(other).decode()]}, token
+    )
+    assert (status, refused["error"]) == (400, "invalid_request") and "SAD" in refused["error_description"]
+    assert refused.get("request_id")  # the SAM's, to find its audit record
+    status, refused = await _post(gateway, "signatures/signHash", {**v2, "hash": ["AAAA"]}, token)
+    assert (status, refused["error"]) == (400, "invalid_request")  # the two spellings disagree
+    bob = gateway["credentials"]["bob-csc"]
+    status, refused = await _post(
+        gateway, "signatures/signHash", {**v2, "credentialID": bob.credential_id}, token
+    )
+    assert (status, refused["error_description"]) == (400, "Invalid parameter credentialID")
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "content_type", "expected"),
+    [
+        ("credentials/list", b"{not json", "application/json", 400),
+        ("credentials/list", b"[1, 2]", "application/json", 400),
+        ("credentials/list", b"{}", "text/plain", 400),
+        ("credentials/list", b'{"a": "' + b"x" * 1_100_000 + b'"}', "application/json", 413),
+        ("credentials/list", b'{"maxResults": "ten"}', "application/json", 400),
+        ("signatures/signDoc", b"{}", "application/json", 404),  # not offered
+    ],
+)
+async def test_a_malformed_call_gets_a_csc_error_document(
+    harness: Harness, gateway: dict[str, Any], path: str, data: bytes, content_type: str, expected: int
+) -> None:
+    headers = {"Authorization": f"Bearer {_token(harness, 'alice-csc')}", "Content-Type": content_type}
+    async with gateway["session"].post(
+        f"{gateway['url']}/csc/v2/{path}", data=data, headers=headers
+    ) as reply:
+        document = await reply.json(content_type=None)
+        assert reply.status == expected
+    assert document["error"] == "invalid_request" and document["error_description"]
