@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from worker.asyncapi import asyncapi
+from worker.csc.openapi import openapi
 from worker.domain.audit import AuditCheckpointEntry, AuditRecordEntry
 from worker.domain.authorization import SAD_TYPE_DELETION, SAD_TYPE_SIGNATURE, SKAD_TYPE_ASSIGNMENT, SadClaims
 from worker.domain.contract import (
@@ -102,6 +103,7 @@ def render() -> dict[str, bytes]:
     }
     document = asyncapi(_REPLIES, _STATUS)
     rendered["asyncapi.yaml"] = yaml.safe_dump(document, sort_keys=False, width=100).encode()
+    rendered["csc-openapi.yaml"] = yaml.safe_dump(openapi(), sort_keys=False, width=100).encode()
     return rendered
 
 

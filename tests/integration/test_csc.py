@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
+import yaml
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -125,12 +127,29 @@ def _token(harness: Harness, user: str, **options: Any) -> str:
     return harness.dev_as.issue_service_token(GATEWAY, user, **options)
 
 
+OPENAPI = yaml.safe_load((Path(__file__).resolve().parents[2] / "schemas" / "csc-openapi.yaml").read_text())
+
+
+def conforms(path: str, status: int, document: Any) -> None:
+    """``document``, answered with ``status`` at ``path``, is what schemas/csc-openapi.yaml says."""
+    described = OPENAPI["paths"][path]["post"]["responses"][str(status)]
+    schema = described["content"]["application/json"]["schema"]
+    jsonschema.Draft202012Validator({**schema, "components": OPENAPI["components"]}).validate(document)
+
+
 async def _post(gateway: dict[str, Any], path: str, body: Any, token: str | None) -> tuple[int, Any]:
+    """A call, its answer held to the OpenAPI document."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with gateway["session"].post(
-        f"{gateway['url']}/csc/v2/{path}", json=body, headers=headers
-    ) as reply:
-        return reply.status, await reply.json()
+    url = f"{gateway['url']}/csc/v2/{path}"
+    async with gateway["session"].post(url, json=body, headers=headers) as reply:
+        status, document = reply.status, await reply.json()
+    conforms(f"/csc/v2/{path}", status, document)
+    return status, document
+
+
+async def test_info_says_what_is_offered(gateway: dict[str, Any]) -> None:
+    status, info = await _post(gateway, "info", {}, None)
+    assert status == 200 and "signatures/signHash" in info["methods"] and info["specs"].startswith("2.")
 
 
 async def test_pyhanko_signs_a_pdf_through_the_gateway_and_it_validates(
@@ -167,6 +186,10 @@ async def test_credentials_are_listed_and_described_for_their_user_only(
     alice, bob = gateway["credentials"]["alice-csc"], gateway["credentials"]["bob-csc"]
     status, listed = await _post(gateway, "credentials/list", {}, _token(harness, "alice-csc"))
     assert (status, listed["credentialIDs"]) == (200, [alice.credential_id])
+    status, listed = await _post(
+        gateway, "credentials/list", {"credentialInfo": True, "certInfo": True}, _token(harness, "alice-csc")
+    )
+    assert status == 200 and listed["credentialInfos"][0]["cert"]["subjectDN"] == "CN=alice-csc,O=Example"
     status, info = await _post(
         gateway,
         "credentials/info",
@@ -279,3 +302,5 @@ async def test_a_malformed_call_gets_a_csc_error_document(
         document = await reply.json(content_type=None)
         assert reply.status == expected
     assert document["error"] == "invalid_request" and document["error_description"]
+    if path != "signatures/signDoc":
+        conforms(f"/csc/v2/{path}", expected, document)

@@ -76,3 +76,15 @@ def test_audit_entries_match_their_published_schema() -> None:
     entries, _ = chain_batch("n", "i", AuditLog.service, ChainHead(), [(event, 1)], 2, lambda _: bytes(64))
     AuditRecordEntry.model_validate(entries[0])
     AuditCheckpointEntry.model_validate(entries[1])
+
+
+def test_the_csc_gateway_document_is_valid_openapi_3_1() -> None:
+    from openapi_spec_validator import validate
+
+    document = yaml.safe_load((ROOT / "schemas" / "csc-openapi.yaml").read_text())
+    validate(document)
+    assert document["openapi"] == "3.1.0"
+    offered = {"info", "credentials/list", "credentials/info", "signatures/signHash"}
+    assert {f"/csc/{v}/{name}" for v in ("v1", "v2") for name in offered} == set(document["paths"])
+    sign_hash = document["components"]["schemas"]["SignHashBody"]["properties"]
+    assert {"hashes", "hash", "hashAlgorithmOID", "hashAlgo", "SAD", "credentialID"} <= set(sign_hash)

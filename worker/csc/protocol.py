@@ -28,6 +28,7 @@ __all__ = [
     "CredentialInfoRequest",
     "CredentialsListRequest",
     "CscError",
+    "SignHashBody",
     "SignHashRequest",
     "credential_info",
     "error_for_sam_code",
@@ -86,7 +87,9 @@ class CredentialInfoRequest(_Request):
     authInfo: bool = False
 
 
-class _SignHashWire(_Request):
+class SignHashBody(_Request):
+    """The signHash body as sent: CSC v2 names, and v1 names pyHanko still sends."""
+
     credentialID: str = Field(min_length=1, max_length=MAX_ID)
     SAD: str = Field(min_length=1, max_length=MAX_SAD)
     hashes: list[str] | None = Field(default=None, min_length=1, max_length=MAX_HASHES)
@@ -112,7 +115,7 @@ class SignHashRequest:
 
     @classmethod
     def of(cls, document: dict[str, Any]) -> SignHashRequest:
-        wire = parse(_SignHashWire, document)
+        wire = parse(SignHashBody, document)
         if wire.operationMode != "S":
             raise invalid("operationMode: only synchronous signing (S) is offered")
         hashes = _one_of("hashes", wire.hashes, "hash", wire.hash)
