@@ -26,21 +26,11 @@ import yaml
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.pdf_utils.reader import PdfFileReader
-from pyhanko.sign import signers
-from pyhanko.sign.fields import SigSeedSubFilter
-from pyhanko.sign.signers.csc_signer import (
-    CSCAuthorizationInfo,
-    CSCAuthorizationManager,
-    CSCServiceSessionInfo,
-    CSCSigner,
-    fetch_certs_in_csc_credential,
-)
 from pyhanko.sign.validation import async_validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
-from sam_devtools.authorization_server import DevAuthorizationServer
+from sam_devtools.csc_client import sign_pdf
 from tests.conftest import PORT_BASE
 from tests.integration.conftest import Harness
 from worker.client import SamClient
@@ -54,27 +44,6 @@ pytestmark = pytest.mark.integration
 
 GATEWAY = "csc-test-gateway"
 PORT = PORT_BASE + 51
-
-
-class DevAsAuthorizationManager(CSCAuthorizationManager):
-    """pyHanko's authorization manager, answered by the dev AS: a SAD (a credential-scoped
-    token) for exactly the hashes pyHanko is about to have signed."""
-
-    def __init__(
-        self,
-        session_info: CSCServiceSessionInfo,
-        info: Any,
-        authority: DevAuthorizationServer,
-        sam_id: str,
-        user: str,
-    ) -> None:
-        super().__init__(session_info, info)
-        self.authority, self.sam_id, self.user = authority, sam_id, user
-
-    async def authorize_signature(self, hash_b64s: list[str]) -> CSCAuthorizationInfo:
-        digests = [base64.b64decode(h) for h in hash_b64s]
-        sad = self.authority.issue_sad(self.sam_id, self.user, self.csc_session_info.credential_id, digests)
-        return CSCAuthorizationInfo(sad=sad)
 
 
 @pytest.fixture(scope="module")
@@ -156,15 +125,17 @@ async def test_pyhanko_signs_a_pdf_through_the_gateway_and_it_validates(
     harness: Harness, gateway: dict[str, Any], tmp_path: Path
 ) -> None:
     credential = gateway["credentials"]["alice-csc"]
-    session_info = CSCServiceSessionInfo(
-        gateway["url"], credential.credential_id, oauth_token=_token(harness, "alice-csc"), api_ver="v2"
+    unsigned = blank_pdf("signed through CSC")
+    signed = await sign_pdf(
+        gateway["session"],
+        gateway["url"],
+        credential.credential_id,
+        harness.dev_as,
+        GATEWAY,
+        harness.sam_id,
+        "alice-csc",
+        unsigned,
     )
-    info = await fetch_certs_in_csc_credential(gateway["session"], session_info)
-    manager = DevAsAuthorizationManager(session_info, info, harness.dev_as, harness.sam_id, "alice-csc")
-    signer = CSCSigner(gateway["session"], manager)
-    writer = IncrementalPdfFileWriter(io.BytesIO(blank_pdf("signed through CSC")))
-    meta = signers.PdfSignatureMetadata(field_name="Signature1", subfilter=SigSeedSubFilter.PADES)
-    signed = (await signers.PdfSigner(meta, signer).async_sign_pdf(writer)).getvalue()
 
     root = asn1_x509.Certificate.load(gateway["ca"])
     status = await async_validate_pdf_signature(
