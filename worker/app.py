@@ -165,7 +165,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         await results_channel.set_qos(prefetch_count=200)
         results_channel.close_callbacks.add(lost("a broker channel was closed"))
         results = StreamResultStore(publish_channel, results_channel, settings.ledger_timeout_seconds)
-        marked_results = MarkedResults(results_channel, settings.ledger_timeout_seconds)
+        marks = MarkedResults(results_channel, settings.ledger_timeout_seconds)
         service = SamService(
             static,
             configuration,
@@ -176,7 +176,7 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
             sealer,
             audit,
             results,
-            marked_results,
+            marks,
             metrics=metrics,
         )
         consumer = RequestConsumer(
@@ -226,7 +226,6 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         log.info("worker %s stopping", settings.instance)
         await consumer.stop()
         await results.stop()
-        await marked_results.stop()
         await audit.close()
         if health is not None:
             await health.stop()

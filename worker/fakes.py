@@ -186,7 +186,7 @@ class MemoryLedger:
     async def append(self, data: dict[str, Any]) -> Verdict:
         self.position += 1
         self.records.append(data)
-        return self.reducer.apply(data)
+        return self.reducer.apply(data, self.position)
 
     async def read_to(self, position: int) -> None:
         if position > self.position:
@@ -214,25 +214,23 @@ class MemoryResults:
 
 
 class MarkedResultsIn:
-    """The ``ResultReader`` of results that travelled in their ``answered`` mark, over a
-    log's ``records`` (``MemoryLedger.records``, ``SharedStream.records``): found only by
-    the request and attempt they were kept for, as ``MarkedResults`` finds them."""
+    """The ``MarkReader`` over a log's ``records`` (``MemoryLedger.records``,
+    ``SharedStream.records``; a record's position is its index): the result of
+    ``request``'s ``attempt`` in the mark at that position, as ``MarkedResults`` reads
+    it."""
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self.records = records
 
-    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
-        for record in self.records:
-            result = record.get("result") if "answered" in record else None
-            if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (
-                request,
-                attempt,
-            ):
-                try:
-                    return StoredResult.from_record(result)
-                except (KeyError, TypeError, ValueError):
-                    break
-        raise SamError(ErrorCode.ledger_unavailable, "sam.sad-use has no such result")
+    async def read(self, position: int, request: str, attempt: int) -> StoredResult:
+        record = self.records[position] if 0 <= position < len(self.records) else {}
+        result = record.get("result") if "answered" in record else None
+        if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (request, attempt):
+            try:
+                return StoredResult.from_record(result)
+            except (KeyError, TypeError, ValueError):
+                pass
+        raise SamError(ErrorCode.ledger_unavailable, "sam.sad-use has no such result there")
 
 
 class SharedStream:
@@ -255,7 +253,7 @@ class ReplicaLedger:
         verdict = None
         while self.position < position:
             self.position += 1
-            verdict = self.reducer.apply(self.stream.records[self.position])
+            verdict = self.reducer.apply(self.stream.records[self.position], self.position)
         return verdict
 
     async def append(self, data: dict[str, Any]) -> Verdict:

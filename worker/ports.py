@@ -27,8 +27,8 @@ __all__ = [
     "Hsm",
     "IncomingRequest",
     "Ledger",
+    "MarkReader",
     "Reply",
-    "ResultReader",
     "ResultStore",
     "StoredResult",
     "WrappedKey",
@@ -136,24 +136,34 @@ class StoredResult:
         return cls(int(record["status"]), base64.b64decode(record["body"], validate=True), trace)
 
 
-class ResultReader(Protocol):
-    """Where results wait for repeats of their request, read only when a repeat comes — so
-    no worker holds or reads the results of others on the way of an ordinary request.
+class MarkReader(Protocol):
+    """Reads a result that travelled in its ``answered`` mark back from the log, at the
+    mark's position (``Claimed.mark``): one message read per repeat, whatever else is in
+    the log, so no caller's repeats can hold up another's.
 
-    Errors: ``SamError(ledger_unavailable)`` when the store does not answer in time."""
+    Errors: ``SamError(ledger_unavailable)`` when the log does not answer in time or holds
+    no such result there."""
 
-    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
-        """The result of ``attempt`` of ``request`` (``RequestIdentity.exact``), stored at
-        ``stored_at`` (epoch seconds)."""
+    async def read(self, position: int, request: str, attempt: int) -> StoredResult:
+        """The result of ``attempt`` of ``request`` (``RequestIdentity.exact``)."""
         ...
 
 
-class ResultStore(ResultReader, Protocol):
-    """A ``ResultReader`` written once per answered request whose result is too large to
-    travel in its ``answered`` mark (``sam.results`` in production)."""
+class ResultStore(Protocol):
+    """Where results too large to travel in their ``answered`` mark wait for repeats of
+    their request (``sam.results`` in production): written once per such request, read
+    only when a repeat comes — so no worker holds or reads the results of others on the
+    way of an ordinary request.
+
+    Errors: ``SamError(ledger_unavailable)`` when the store does not answer in time."""
 
     async def put(self, request: str, attempt: int, result: StoredResult) -> None:
-        """Return once the result of ``attempt`` of ``request`` is durable."""
+        """Return once the result of ``attempt`` of ``request`` (``RequestIdentity.exact``)
+        is durable."""
+        ...
+
+    async def get(self, request: str, attempt: int, stored_at: int) -> StoredResult:
+        """The result of ``attempt`` of ``request``, stored at ``stored_at`` (epoch seconds)."""
         ...
 
 

@@ -91,8 +91,8 @@ from worker.ports import (
     Hsm,
     IncomingRequest,
     Ledger,
+    MarkReader,
     Reply,
-    ResultReader,
     ResultStore,
     StoredResult,
     WrappedKey,
@@ -258,7 +258,7 @@ class SamService:
         sealer: KeyPairSealer,
         audit: AuditSink,
         results: ResultStore,
-        marked_results: ResultReader,
+        marks: MarkReader,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
         result_in_mark_bytes: int = RESULT_IN_MARK_BYTES,
@@ -275,7 +275,7 @@ class SamService:
         self._sealer = sealer
         self._audit = audit
         self._results = results
-        self._marked_results = marked_results
+        self._marks = marks
         self._result_in_mark_bytes = result_in_mark_bytes
         self._clock = clock
         self._handlers: dict[Operation, Callable[[_Caller], Awaitable[Reply]]] = {
@@ -479,8 +479,10 @@ class SamService:
     async def _stored(self, identity: RequestIdentity, verdict: Claimed, trace: _Trace) -> Reply:
         assert verdict.answered_at is not None
         self._count_repeat(RepeatAnswer.stored_result)
-        store = self._marked_results if verdict.in_mark else self._results
-        result = await store.get(identity.exact, verdict.attempt, verdict.answered_at)
+        if verdict.mark is not None:
+            result = await self._marks.read(verdict.mark, identity.exact, verdict.attempt)
+        else:
+            result = await self._results.get(identity.exact, verdict.attempt, verdict.answered_at)
         trace.restore(result.trace)
         trace.note = f"a repeat: answered with the result of attempt {verdict.attempt}"
         return Reply(result.status, result.body, repeat=True)

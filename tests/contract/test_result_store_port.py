@@ -2,10 +2,11 @@
 ``StreamResultStore`` on a real RabbitMQ stream of the test session: a result comes back
 as stored, found by its request and attempt among others; one never stored is
 ``ledger_unavailable`` within the bound, not a hang; a store that cannot take a result
-says so (``ledger_unavailable``) rather than pretending. And one for the ``ResultReader``
+says so (``ledger_unavailable``) rather than pretending. And one for the ``MarkReader``
 of results kept in their answered marks, over ``MarkedResultsIn`` on a ``MemoryLedger``
-and over ``MarkedResults`` on a ``StreamLedger``'s real stream: the same two promises,
-among claims and marks without a result."""
+and over ``MarkedResults`` on a ``StreamLedger``'s real stream, at the position the
+replica's ``SadUseLog`` noted: the same two promises, among claims and marks without a
+result; and a read costs the same however much of the log lies before the mark."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.contract import bench_stream
 from worker.domain.ledgers import RequestIdentity, SadUseLog
 from worker.errors import ErrorCode, SamError
 from worker.fakes import MarkedResultsIn, MemoryLedger, MemoryResults
-from worker.ports import ResultReader, ResultStore, StoredResult
+from worker.ports import MarkReader, ResultStore, StoredResult
 from worker.transport.ledger import StreamLedger
 from worker.transport.results import MarkedResults, StreamResultStore
 
@@ -78,63 +79,69 @@ async def test_a_store_without_its_stream_refuses_to_take_a_result(stack: Stack)
 # --- results kept in their answered marks ------------------------------------------------
 
 Append = Callable[[dict[str, Any]], Awaitable[object]]
-Marks = tuple[Append, ResultReader]
+Marks = tuple[Append, SadUseLog, MarkReader]
 
 
-async def _stream_marks(stack: Stack) -> AsyncIterator[tuple[Append, ResultReader]]:
+async def _stream_marks(stack: Stack) -> AsyncIterator[Marks]:
     async with bench_stream(stack, "marks") as (connection, _, name):
         consume, publish = await connection.channel(), await connection.channel(publisher_confirms=True)
         await consume.set_qos(prefetch_count=100)
-        ledger = StreamLedger(name, SadUseLog(30), consume, publish, TIMEOUT)
+        log = SadUseLog(30)
+        ledger = StreamLedger(name, log, consume, publish, TIMEOUT)
         await ledger.start()
         read = await connection.channel()
         await read.set_qos(prefetch_count=200)
-        reader = MarkedResults(read, TIMEOUT, stream=name)
         try:
-            yield ledger.append, reader
+            yield ledger.append, log, MarkedResults(read, TIMEOUT, stream=name)
         finally:
-            await reader.stop()
             await ledger.stop()
 
 
 @pytest.fixture(params=["memory", pytest.param("stream", marks=pytest.mark.integration)])
-async def marks(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Append, ResultReader]]:
+async def marks(request: pytest.FixtureRequest) -> AsyncIterator[Marks]:
     if request.param == "memory":
-        ledger = MemoryLedger(SadUseLog(30))
-        yield ledger.append, MarkedResultsIn(ledger.records)
+        log = SadUseLog(30)
+        ledger = MemoryLedger(log)
+        yield ledger.append, log, MarkedResultsIn(ledger.records)
         return
     async for opened in _stream_marks(request.getfixturevalue("stack")):
         yield opened
 
 
-async def _answer(append: Append, n: int, with_result: bool = True) -> RequestIdentity:
-    """Request ``n`` claimed and answered, its result in the mark (or not)."""
+async def _answer(marks: Marks, n: int, with_result: bool = True) -> tuple[RequestIdentity, int | None]:
+    """Request ``n`` claimed and answered, its result in the mark (or not); and where the
+    replica's log says the mark is."""
+    append, log, _ = marks
     identity = RequestIdentity.of("ssa-1", f"message-{n}", "signatures.create", b"%d" % n, None)
     now = int(time.time())
     await append(SadUseLog.claim(identity, now, now + 60))
     result = _result(n).as_record(identity.exact, 0) if with_result else None
     await append(SadUseLog.answered(identity, 0, now, now, result))
-    return identity
+    answer = log.answer_of(identity, now)
+    assert answer is not None
+    return identity, answer.mark
 
 
-async def test_a_result_in_its_mark_comes_back_as_kept_among_others(
-    marks: tuple[Append, ResultReader],
-) -> None:
-    append, reader = marks
-    identities = [await _answer(append, n, with_result=n % 3 != 0) for n in range(9)]
-    now = int(time.time())
-    assert await reader.get(identities[4].exact, 0, now) == _result(4)
-    assert await reader.get(identities[8].exact, 0, now) == _result(8)
+async def test_a_result_in_its_mark_comes_back_as_kept_among_others(marks: Marks) -> None:
+    answered = [await _answer(marks, n, with_result=n % 3 != 0) for n in range(9)]
+    reader = marks[2]
+    assert [mark is None for _, mark in answered] == [n % 3 == 0 for n in range(9)]
+    for n in (4, 8, 1):
+        identity, mark = answered[n]
+        assert mark is not None
+        assert await reader.read(mark, identity.exact, 0) == _result(n)
 
 
-async def test_a_result_in_no_mark_is_unavailable_within_the_bound(
-    marks: tuple[Append, ResultReader],
-) -> None:
-    append, reader = marks
-    without, with_result = await _answer(append, 3, with_result=False), await _answer(append, 4)
+async def test_a_result_in_no_mark_is_unavailable_within_the_bound(marks: Marks) -> None:
+    (without, _), (other, mark) = await _answer(marks, 3, with_result=False), await _answer(marks, 4)
+    assert mark is not None
     started = time.monotonic()
-    for request, attempt in ((without.exact, 0), (with_result.exact, 1)):
+    for position, request, attempt in (
+        (mark, without.exact, 0),
+        (mark, other.exact, 1),
+        (mark + 10**6, other.exact, 0),
+    ):
         with pytest.raises(SamError) as refused:
-            await reader.get(request, attempt, int(time.time()))
+            await marks[2].read(position, request, attempt)
         assert refused.value.code is ErrorCode.ledger_unavailable
-    assert time.monotonic() - started < 2 * TIMEOUT + 1
+    assert time.monotonic() - started < 3 * TIMEOUT + 1

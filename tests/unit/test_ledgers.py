@@ -147,7 +147,7 @@ def _verdict(verdict: object) -> object:
                 SadUseLog.answered(_A, 0, 7, _NOW, {"request": _A.exact, "attempt": 0}),
                 SadUseLog.claim(_A, _NOW, _FAR),
             ],
-            [Claimed(0), None, Claimed(0, 7, in_mark=True)],
+            [Claimed(0), None, Claimed(0, 7, mark=1)],  # where the mark is: read back from there
         ),
         # a repeat before any answer takes over; the first attempt's mark is then refused
         (
@@ -184,7 +184,7 @@ def test_request_claims_decide_one_answering_attempt(
     records: list[dict[str, object]], expected: list[object]
 ) -> None:
     log = SadUseLog(clock_skew=30)
-    assert [_verdict(log.apply(record)) for record in records] == expected
+    assert [_verdict(log.apply(record, position)) for position, record in enumerate(records)] == expected
 
 
 def test_claims_are_forgotten_with_their_window() -> None:

@@ -17,7 +17,7 @@ class _Reducer:
     def __init__(self) -> None:
         self.applied = 0
 
-    def apply(self, record: dict[str, Any]) -> SamError | None:
+    def apply(self, record: dict[str, Any], position: int = -1) -> SamError | None:
         self.applied += 1
         return None
 

@@ -50,11 +50,12 @@ class Claimed:
     """The verdict on a request claim: the attempt that now owns the request (0: the first;
     more: a repeat took it over from an attempt that never answered with a result), or,
     with ``answered_at``, the attempt whose result was stored then — the repeat gets it,
-    from the ``answered`` mark itself when ``in_mark``, else from the result store."""
+    from the ``answered`` mark itself at log position ``mark`` when it carried the result,
+    else from the result store."""
 
     attempt: int
     answered_at: int | None = None
-    in_mark: bool = False
+    mark: int | None = None
 
 
 # What a record gets in log order: accepted (None), refused (the SamError) or, for a
@@ -64,9 +65,11 @@ Verdict = SamError | Claimed | None
 
 class Reducer(Protocol):
     """The rule of one ledger: applies a record and returns its verdict, which depends
-    only on the records applied before it."""
+    only on the records applied before it. ``position``: where the record is in the log
+    (the stream offset of its message; -1 when unknown), for reducers that remember where
+    to read a record back."""
 
-    def apply(self, data: Mapping[str, Any]) -> Verdict: ...
+    def apply(self, data: Mapping[str, Any], position: int = -1) -> Verdict: ...
 
 
 def _digest(*parts: bytes) -> str:
@@ -115,7 +118,7 @@ class RequestClaim:
     exp: int
     attempt: int = 0
     answered_at: int | None = None
-    in_mark: bool = False  # the result travels in the answered mark
+    mark: int | None = None  # the log position of the answered mark that carries the result
 
 
 class ConfigurationLog:
@@ -141,7 +144,7 @@ class ConfigurationLog:
             "request_jws": request_jws,
         }
 
-    def apply(self, data: Mapping[str, Any]) -> SamError | None:
+    def apply(self, data: Mapping[str, Any], position: int = -1) -> SamError | None:
         try:
             user_id, body = str(data["user_id"]), base64.b64decode(data["body"])
             key = self._admins.get(user_id)
@@ -205,7 +208,7 @@ class KeyEventLog:
             record["request"] = request
         return record
 
-    def apply(self, data: Mapping[str, Any]) -> SamError | None:
+    def apply(self, data: Mapping[str, Any], position: int = -1) -> SamError | None:
         try:
             event, key_pair = KeyEvent(str(data.get("event"))), str(data["key_pair"])
             revision, signer = int(data["revision"]), data.get("signer")
@@ -312,8 +315,8 @@ class SadUseLog:
         request: RequestIdentity, attempt: int, at: int, now: int, result: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The mark that ``attempt``'s result is stored (``at``: when, to find it) — in the
-        mark itself, as ``result``, when given. A replica keeps only that it is there: the
-        result is read back from the log when a repeat wants it."""
+        mark itself, as ``result``, when given. A replica keeps only where the mark is in the
+        log: the result is read back from there when a repeat wants it."""
         record = {"answered": request.key, "attempt": attempt, "at": at, "t": now}
         if result is not None:
             record["result"] = result
@@ -338,7 +341,7 @@ class SadUseLog:
         known = self.request(request, now)
         if known is None or known.answered_at is None or known.fingerprint != request.fingerprint:
             return None
-        return Claimed(known.attempt, known.answered_at, known.in_mark)
+        return Claimed(known.attempt, known.answered_at, known.mark)
 
     def request(self, request: RequestIdentity, now: int) -> RequestClaim | None:
         """What this replica has applied of ``request``'s claims, if its window is not past
@@ -350,7 +353,7 @@ class SadUseLog:
         """How many uses and claims are remembered (the window the lifetimes bound)."""
         return len(self.used) + len(self.requests)
 
-    def apply(self, data: Mapping[str, Any]) -> Verdict:
+    def apply(self, data: Mapping[str, Any], position: int = -1) -> Verdict:
         if "key_events" in data:
             position = data["key_events"]
             if not isinstance(position, int):
@@ -364,7 +367,10 @@ class SadUseLog:
                 return self._claim(data)
             if "answered" in data:
                 return self._answered(
-                    str(data["answered"]), int(data["attempt"]), int(data["at"]), "result" in data
+                    str(data["answered"]),
+                    int(data["attempt"]),
+                    int(data["at"]),
+                    position if "result" in data else None,
                 )
             exp = int(data.get("exp", 0))
         except (KeyError, TypeError, ValueError):
@@ -409,13 +415,13 @@ class SadUseLog:
         # a repeat does not extend the window: it is its first claim's, which every
         # replica, one started later too, has read
         if known.answered_at is not None:
-            return Claimed(known.attempt, known.answered_at, known.in_mark)
+            return Claimed(known.attempt, known.answered_at, known.mark)
         known.attempt += 1
         return Claimed(known.attempt)
 
-    def _answered(self, request: str, attempt: int, at: int, in_mark: bool) -> SamError | None:
+    def _answered(self, request: str, attempt: int, at: int, mark: int | None) -> SamError | None:
         known = self.requests.get(request)
         if known is None or known.attempt != attempt or known.answered_at is not None:
             return SamError(ErrorCode.request_taken_over)
-        known.answered_at, known.in_mark = at, in_mark
+        known.answered_at, known.mark = at, mark
         return None

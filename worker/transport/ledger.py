@@ -159,12 +159,9 @@ class StreamLedger:
             self._sent[batch.id] = batch
             body = orjson.dumps({"id": batch.id, "records": batch.records})
             try:
-                # stamped, so a reader looking for the results marks carry (``MarkedResults``)
-                # knows when it has read past a time
-                message = aio_pika.Message(
-                    body, content_type="application/json", timestamp=datetime.datetime.now(datetime.UTC)
+                await self._publish_channel.default_exchange.publish(
+                    aio_pika.Message(body, content_type="application/json"), routing_key=self.stream
                 )
-                await self._publish_channel.default_exchange.publish(message, routing_key=self.stream)
             except Exception as exc:  # the publisher must outlive any one failure
                 self._failed()
                 self._sent.pop(batch.id, None)
@@ -177,14 +174,15 @@ class StreamLedger:
                         waiter.set_exception(error)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        offset = (message.headers or {}).get("x-stream-offset")
+        position = offset if isinstance(offset, int) else -1
         try:
             content = orjson.loads(message.body)
             batch_id, records = str(content.get("id")), content.get("records") or []
-            verdicts = [self.reducer.apply(record if isinstance(record, dict) else {}) for record in records]
+            verdicts = [self.reducer.apply(r if isinstance(r, dict) else {}, position) for r in records]
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             log.error("unreadable message in %s: %s", self.stream, type(exc).__name__)
             batch_id, verdicts = "", []
-        offset = (message.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self.position = offset
             if self._readers:

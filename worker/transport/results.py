@@ -1,16 +1,16 @@
 """Results kept for repeats of their request: ``sam.results`` (the ``ResultStore`` port)
-and the ``answered`` marks of ``sam.sad-use`` (a ``ResultReader``).
+and the ``answered`` marks of ``sam.sad-use`` (the ``MarkReader`` port).
 
 Every request that acted (signed, generated, changed a key pair) keeps its result before
 its ``answered`` mark is read back from ``sam.sad-use``. A small result (a few
 signatures, most key-pair changes) travels in the mark itself, so it costs no message of
-its own; a larger one is put here first, confirmed, and the mark names only when. Nobody
-tails ``sam.results``, and no worker keeps the results it reads in ``sam.sad-use``: a
-reader reads a stream only while repeats of answered requests wait for their results,
-from a little before the earliest time their marks name, and stops when none waits — so
-no worker holds the results of others, and a burst of repeats (a caller retrying many
-requests at once) costs one pass over the stream, not one each. Both streams' retention
-outlives the longest repeat window.
+its own, and every replica notes where in the log that mark is: a repeat reads that one
+message back (``MarkedResults``). A larger one is put in ``sam.results`` first,
+confirmed, and the mark names only when: nobody tails that stream; a reader reads it
+only while repeats of answered requests wait for their results, from a little before the
+earliest time their marks name, and stops when none waits — a burst of repeats costs one
+pass over the stream, not one each. No worker holds the results of others. Both streams'
+retention outlives the longest repeat window.
 """
 
 from __future__ import annotations
@@ -43,15 +43,22 @@ _READ_BACK_SECONDS = 2
 _KEPT = 256
 
 
-class _StreamResults:
-    """Results read from a stream on demand: ``get`` waits for one reader, shared by every
-    waiting ``get``, that consumes on ``read_channel`` (with a prefetch set) from the
-    earliest time wanted and stops when nothing is wanted any more. The read channel stays
-    open: closing a channel while deliveries on it are still being acked makes RabbitMQ
-    close the whole connection (504, "expected 'channel.open'"). ``_results_in`` says which
-    results a message holds."""
+class StreamResultStore:
+    """The ``ResultStore`` on ``sam.results``: ``put`` publishes one message a result, with
+    confirms, on ``publish_channel`` (mandatory: no route is a failure); ``get`` waits for
+    one reader, shared by every waiting ``get``, that consumes on ``read_channel`` (with a
+    prefetch set) from the earliest time wanted and stops when nothing is wanted any more.
+    The read channel stays open: closing a channel while deliveries on it are still being
+    acked makes RabbitMQ close the whole connection (504, "expected 'channel.open'")."""
 
-    def __init__(self, read_channel: AbstractChannel, timeout: float, stream: str) -> None:
+    def __init__(
+        self,
+        publish_channel: AbstractChannel,
+        read_channel: AbstractChannel,
+        timeout: float,
+        stream: str = RESULTS_STREAM,
+    ) -> None:
+        self._channel = publish_channel
         self._reader = read_channel
         self._timeout = timeout
         self._stream = stream
@@ -59,16 +66,42 @@ class _StreamResults:
         self._wakeup = asyncio.Event()
         self._scanning: asyncio.Task[None] | None = None
         self._start = 0  # the time the running pass started at
-        self._passed = 0.0  # the latest time stamped on a message the running pass read
+        self._passed = 0.0  # the latest time stamped on a result the running pass read
         self._rewind = False  # a result wanted now may lie behind the running pass
         # by request, attempt and time: the same request sent again after its window is
         # claimed anew, and its attempt 0 is not the earlier one's
         self._kept: collections.OrderedDict[tuple[str, int, int], StoredResult] = collections.OrderedDict()
 
+    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
+        record = result.as_record(request, attempt)
+        message = aio_pika.Message(
+            orjson.dumps(record),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={_REQUEST_HEADER: request, _ATTEMPT_HEADER: attempt},
+            # not before the time the answered mark names: a reader that has passed a
+            # result stamped later than a wanted time knows to go back for it
+            timestamp=datetime.datetime.now(datetime.UTC),
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._channel.default_exchange.publish(
+                    message, routing_key=self._stream, mandatory=True
+                )
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise SamError(
+                ErrorCode.ledger_unavailable, f"{self._stream} did not take a result ({type(exc).__name__})"
+            ) from exc
+
     def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
-        """(request, attempt, record for ``StoredResult.from_record``) of each result in
-        ``message``."""
-        raise NotImplementedError
+        headers = message.headers or {}
+        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
+        if isinstance(request, str) and isinstance(attempt, int):
+            try:
+                record = orjson.loads(message.body)
+            except orjson.JSONDecodeError:
+                record = {}  # wanted and unreadable: said so, not waited out
+            yield request, attempt, record if isinstance(record, dict) else {}
 
     async def stop(self) -> None:
         """Stop reading (at shutdown): repeats still waiting get ``ledger_unavailable``."""
@@ -158,64 +191,64 @@ class _StreamResults:
         await message.ack()
 
 
-class StreamResultStore(_StreamResults):
-    """The ``ResultStore`` on ``sam.results``: ``put`` publishes one message a result, with
-    confirms, on ``publish_channel`` (mandatory: no route is a failure)."""
+class MarkedResults:
+    """The ``MarkReader`` on ``sam.sad-use``, whose messages are ``StreamLedger`` batches of
+    records: each read is a consumer of its own from the mark's offset, cancelled once
+    that message is read — a repeat costs one message read, and no other repeat (however
+    old, however many) stands before it. At most ``concurrent`` reads run at once (a
+    burst of repeats waits its turn, first come first served, within the timeout)."""
 
     def __init__(
         self,
-        publish_channel: AbstractChannel,
         read_channel: AbstractChannel,
         timeout: float,
-        stream: str = RESULTS_STREAM,
+        stream: str = SAD_USE_STREAM,
+        concurrent: int = 16,
     ) -> None:
-        super().__init__(read_channel, timeout, stream)
-        self._channel = publish_channel
+        self._reader = read_channel
+        self._timeout = timeout
+        self._stream = stream
+        self._slots = asyncio.Semaphore(concurrent)
 
-    async def put(self, request: str, attempt: int, result: StoredResult) -> None:
-        record = result.as_record(request, attempt)
-        message = aio_pika.Message(
-            orjson.dumps(record),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={_REQUEST_HEADER: request, _ATTEMPT_HEADER: attempt},
-            # not before the time the answered mark names: a reader that has passed a
-            # result stamped later than a wanted time knows to go back for it
-            timestamp=datetime.datetime.now(datetime.UTC),
-        )
+    async def read(self, position: int, request: str, attempt: int) -> StoredResult:
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._channel.default_exchange.publish(
-                    message, routing_key=self._stream, mandatory=True
-                )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            async with asyncio.timeout(self._timeout), self._slots:
+                body = await self._message_at(position)
+        except TimeoutError:
             raise SamError(
-                ErrorCode.ledger_unavailable, f"{self._stream} did not take a result ({type(exc).__name__})"
+                ErrorCode.ledger_unavailable, f"{self._stream} did not give the result in time"
+            ) from None
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise SamError(
+                ErrorCode.ledger_unavailable, f"{self._stream} cannot be read ({type(exc).__name__})"
             ) from exc
+        try:
+            for record in orjson.loads(body).get("records") or ():
+                result = record.get("result") if isinstance(record, dict) and "answered" in record else None
+                if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (
+                    request,
+                    attempt,
+                ):
+                    return StoredResult.from_record(result)
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            pass
+        raise SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds no such result at {position}")
 
-    def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
-        headers = message.headers or {}
-        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
-        if isinstance(request, str) and isinstance(attempt, int):
-            try:
-                record = orjson.loads(message.body)
-            except orjson.JSONDecodeError:
-                record = {}  # wanted and unreadable: said so, not waited out
-            yield request, attempt, record if isinstance(record, dict) else {}
+    async def _message_at(self, position: int) -> bytes:
+        """The body of the message at ``position``: a stream consumer starts at the chunk
+        holding it, so the messages before it in that chunk are passed over."""
+        found: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            offset = (message.headers or {}).get("x-stream-offset")
+            if isinstance(offset, int) and offset >= position and not found.done():
+                found.set_result(message.body if offset == position else b"{}")
+            await message.ack()
 
-class MarkedResults(_StreamResults):
-    """The ``ResultReader`` of results that travelled in their ``answered`` mark
-    (``SadUseLog.answered``) in ``sam.sad-use``, whose messages are ``StreamLedger``
-    batches of records."""
-
-    def __init__(self, read_channel: AbstractChannel, timeout: float, stream: str = SAD_USE_STREAM) -> None:
-        super().__init__(read_channel, timeout, stream)
-
-    def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
-        for record in orjson.loads(message.body).get("records") or ():
-            result = record.get("result") if isinstance(record, dict) and "answered" in record else None
-            if isinstance(result, dict):
-                request, attempt = result.get("request"), result.get("attempt")
-                if isinstance(request, str) and isinstance(attempt, int):
-                    yield request, attempt, result
+        queue = await self._reader.get_queue(self._stream, ensure=False)
+        tag = await queue.consume(on_message, arguments={"x-stream-offset": position})
+        try:
+            return await found
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(queue.cancel(tag), self._timeout)
