@@ -13,6 +13,8 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
+import os
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -275,3 +277,44 @@ async def test_a_malformed_call_gets_a_csc_error_document(
     assert document["error"] == "invalid_request" and document["error_description"]
     if path != "signatures/signDoc":
         conforms(f"/csc/v2/{path}", expected, document)
+
+
+def _curl_examples() -> list[str]:
+    """The ``sh`` blocks of docs/CSC.md's "Try it with curl", in order."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "CSC.md").read_text()
+    section = text.split("### Try it with curl", 1)[1].split("\n## ", 1)[0]
+    return [
+        block.split("\n", 1)[1] for block in section.split("```sh")[1:] for block in [block.split("```")[0]]
+    ]
+
+
+async def test_the_curl_examples_in_the_docs_work_as_written(
+    harness: Harness, gateway: dict[str, Any]
+) -> None:
+    alice = gateway["credentials"]["alice-csc"]
+    digest = hashlib.sha256(b"a document for curl").digest()
+    environment = {
+        "PATH": os.environ["PATH"],
+        "CSC": gateway["url"],
+        "CA": str(harness.stack.pki.ca_file),
+        "TOKEN": _token(harness, "alice-csc"),
+        "CREDENTIAL": alice.credential_id,
+        "SAD": harness.dev_as.issue_sad(harness.sam_id, "alice-csc", alice.credential_id, [digest]),
+        "HASH": base64.b64encode(digest).decode(),
+    }
+    answers = []
+    for block in _curl_examples():
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-c", block],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        answers.append(json.loads(done.stdout))
+    info, listed, described, signed, refused = answers
+    assert info["specs"].startswith("2.") and listed["credentialIDs"] == [alice.credential_id]
+    assert described["SCAL"] == "2" and len(signed["signatures"]) == 1
+    assert refused == {"error": "invalid_token", "error_description": "no bearer token"}
