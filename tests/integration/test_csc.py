@@ -1,7 +1,7 @@
 """The CSC gateway (``sam-csc``) against the test session's SAM: a credential enrolled
 through the SAM with the dev CA, then clients no one here wrote sign through it —
-pyHanko's ``CSCSigner`` makes a PAdES B-B signature that pyHanko and poppler's
-``pdfsig`` both validate. And what each bad call gets: no token, a token of another
+pyHanko's ``CSCSigner`` makes PAdES B-B and B-T (a local TSA) signatures that pyHanko
+and poppler's ``pdfsig`` both validate. And what each bad call gets: no token, a token of another
 gateway or without the ``service`` scope → 401/403 ``invalid_token``/``insufficient_scope``;
 another user's ``credentialID`` → the same ``invalid_request`` as one that does not exist,
 with nothing of it shown; a SAD for other hashes → ``invalid_request`` naming the SAD; a
@@ -25,10 +25,12 @@ import aiohttp
 import jsonschema
 import pytest
 import yaml
+from asn1crypto import keys as asn1_keys
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pyhanko.pdf_utils.reader import PdfFileReader
+from pyhanko.sign.timestamps.dummy_client import DummyTimeStamper
 from pyhanko.sign.validation import async_validate_pdf_signature
 from pyhanko_certvalidator import ValidationContext
 
@@ -123,11 +125,31 @@ async def test_info_says_what_is_offered(gateway: dict[str, Any]) -> None:
     assert status == 200 and "signatures/signHash" in info["methods"] and info["specs"].startswith("2.")
 
 
+@pytest.mark.parametrize("level", ["B-B", "B-T"])
 async def test_pyhanko_signs_a_pdf_through_the_gateway_and_it_validates(
-    harness: Harness, gateway: dict[str, Any], tmp_path: Path
+    harness: Harness, gateway: dict[str, Any], tmp_path: Path, level: str
 ) -> None:
+    """PAdES B-B, and B-T with a local time-stamping authority (pyHanko's own, with a
+    certificate of the dev CA)."""
     credential = gateway["credentials"]["alice-csc"]
-    unsigned = blank_pdf("signed through CSC")
+    timestamper = None
+    if level == "B-T":
+        folder = harness.stack.pki.issue("csc-test-tsa", timestamping=True)
+        tsa_key = serialization.load_pem_private_key((folder / "key.pem").read_bytes(), None)
+        timestamper = DummyTimeStamper(
+            asn1_x509.Certificate.load(
+                x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes()).public_bytes(
+                    serialization.Encoding.DER
+                )
+            ),
+            asn1_keys.PrivateKeyInfo.load(
+                tsa_key.private_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            ),
+        )
     signed = await sign_pdf(
         gateway["session"],
         gateway["url"],
@@ -136,7 +158,8 @@ async def test_pyhanko_signs_a_pdf_through_the_gateway_and_it_validates(
         GATEWAY,
         harness.sam_id,
         "alice-csc",
-        unsigned,
+        blank_pdf(f"signed through CSC ({level})"),
+        timestamper,
     )
 
     root = asn1_x509.Certificate.load(gateway["ca"])
@@ -145,6 +168,9 @@ async def test_pyhanko_signs_a_pdf_through_the_gateway_and_it_validates(
         ValidationContext(trust_roots=[root], allow_fetching=False),
     )
     assert status.intact and status.valid and status.trusted
+    if level == "B-T":
+        assert status.timestamp_validity is not None and status.timestamp_validity.valid
+        assert status.timestamp_validity.trusted
     path = tmp_path / "signed-csc.pdf"
     path.write_bytes(signed)
     pdfsig = await asyncio.to_thread(

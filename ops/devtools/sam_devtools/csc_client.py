@@ -26,6 +26,7 @@ from pyhanko.sign.signers.csc_signer import (
     CSCSigner,
     fetch_certs_in_csc_credential,
 )
+from pyhanko.sign.timestamps import TimeStamper
 
 from sam_devtools.authorization_server import DevAuthorizationServer
 
@@ -62,9 +63,10 @@ async def sign_pdf(
     sam_id: str,
     user: str,
     pdf: bytes,
+    timestamper: TimeStamper | None = None,
 ) -> bytes:
-    """``pdf`` signed (PAdES B-B) by pyHanko's ``CSCSigner`` through the gateway at
-    ``url``, as ``user`` with ``credential_id``."""
+    """``pdf`` signed by pyHanko's ``CSCSigner`` through the gateway at ``url``, as
+    ``user`` with ``credential_id``: PAdES B-B, or B-T with ``timestamper``."""
     token = authority.issue_service_token(gateway_id, user)
     session_info = CSCServiceSessionInfo(url, credential_id, oauth_token=token, api_ver="v2")
     info = await fetch_certs_in_csc_credential(session, session_info)
@@ -72,7 +74,8 @@ async def sign_pdf(
     signer = CSCSigner(session, manager)
     writer = IncrementalPdfFileWriter(io.BytesIO(pdf))
     meta = signers.PdfSignatureMetadata(field_name="Signature1", subfilter=SigSeedSubFilter.PADES)
-    return bytes((await signers.PdfSigner(meta, signer).async_sign_pdf(writer)).getvalue())
+    pdf_signer = signers.PdfSigner(meta, signer, timestamper=timestamper)
+    return bytes((await pdf_signer.async_sign_pdf(writer)).getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["DevPki", "private_key_pem", "public_key_pem"]
 
 
-def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     """The key as unencrypted PKCS#8 PEM (test tooling: never for a real key)."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -68,15 +68,19 @@ class DevPki:
         _write(self._ca_key_file, private_key_pem(key), secret=True)
         _write(self.ca_file, cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *, server: bool = False) -> Path:
-        """A certificate with CN=``name`` (client, or server for 127.0.0.1/localhost)."""
+    def issue(self, name: str, *, server: bool = False, timestamping: bool = False) -> Path:
+        """A certificate with CN=``name`` (client, server for 127.0.0.1/localhost, or a
+        time-stamping authority's)."""
         folder = self.root / name
         if (folder / "cert.pem").exists():
             return folder
         ca_key = serialization.load_pem_private_key(self._ca_key_file.read_bytes(), None)
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         ca = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
-        key = ec.generate_private_key(ec.SECP256R1())
+        # pyHanko's test TSA signs with RSA only
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(65537, 2048) if timestamping else ec.generate_private_key(ec.SECP256R1())
+        )
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
@@ -89,9 +93,11 @@ class DevPki:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                    [ExtendedKeyUsageOID.TIME_STAMPING]
+                    if timestamping
+                    else [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
                 ),
-                critical=False,
+                critical=timestamping,  # RFC 3161: a TSA's extended key usage is critical
             )
         )
         if server:
