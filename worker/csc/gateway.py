@@ -252,7 +252,9 @@ async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
+        log.info("%s %s: %d", request.method, request.path, response.status)
+        return response
     except CscError as exc:
         log.info("%s %s: %d %s (%s)", request.method, request.path, exc.status, exc.error, exc.description)
         headers = {"WWW-Authenticate": f'Bearer error="{exc.error}"'} if exc.status == 401 else None
