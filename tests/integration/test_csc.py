@@ -17,6 +17,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -344,3 +345,52 @@ async def test_the_curl_examples_in_the_docs_work_as_written(
     assert info["specs"].startswith("2.") and listed["credentialIDs"] == [alice.credential_id]
     assert described["SCAL"] == "2" and len(signed["signatures"]) == 1
     assert refused == {"error": "invalid_token", "error_description": "no bearer token"}
+
+
+async def test_an_operator_enrols_a_credential_with_the_cli_and_any_ca(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """``sam-csc enrol`` writes the request, a CA (here the dev CA, from outside the
+    gateway) certifies it, ``sam-csc finish`` enables it; ``finish`` of a credential that
+    awaits nothing is refused (exit 2)."""
+    stack = harness.stack
+    server = stack.pki.issue("csc-gateway", server=True)
+    config = tmp_path / "csc.toml"
+    config.write_text(
+        f'gateway_id = "{GATEWAY}"\ntls_cert_file = "{server / "cert.pem"}"\n'
+        f'tls_key_file = "{server / "key.pem"}"\nsam_profile = "{stack.profile("ssa-1")}"\n'
+        f'store_file = "{tmp_path / "store.sqlite3"}"\n'
+    )
+    sam_csc = str(Path(sys.executable).parent / "sam-csc")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sam_csc, "--config", str(config), *args], capture_output=True, text=True, check=False
+        )
+
+    enrolled = await asyncio.to_thread(
+        run,
+        "enrol",
+        "--user",
+        "erin",
+        "--issuer",
+        "dev-as",
+        "--dn",
+        "CN=erin,O=Example",
+        "--request-out",
+        str(tmp_path / "erin.csr"),
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    credential = enrolled.stdout.strip()
+    certificate = x509.load_der_x509_certificate(
+        stack.pki.issue_from_request((tmp_path / "erin.csr").read_bytes())
+    )
+    (tmp_path / "erin.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    finished = await asyncio.to_thread(
+        run, "finish", credential, str(tmp_path / "erin.pem"), str(stack.pki.ca_file)
+    )
+    assert finished.returncode == 0, finished.stderr
+    listed = await asyncio.to_thread(run, "credentials", "--user", "erin", "--issuer", "dev-as")
+    assert listed.stdout.split("\t")[:3] == [credential, "enabled", "secp256r1"]
+    again = await asyncio.to_thread(run, "finish", credential, str(tmp_path / "erin.pem"))
+    assert again.returncode == 2 and "awaits" in again.stderr

@@ -6,7 +6,6 @@ terminating proxy in front is the operator's choice, on the same host)."""
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -14,8 +13,9 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
+
+from worker.settings import load_from, toml_sources
 
 __all__ = ["CscSettings", "load_csc_settings"]
 
@@ -70,19 +70,10 @@ class CscSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = os.environ.get("SAM_CSC_CONFIG_FILE")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
-        return tuple(sources)
+        return toml_sources(settings_cls, init_settings, env_settings, "SAM_CSC_CONFIG_FILE")
 
 
 def load_csc_settings(config_file: Path | None = None, **overrides: object) -> CscSettings:
-    """Settings from ``config_file`` (TOML), then variables, then ``overrides``; a named
-    file must exist."""
-    if config_file is not None:
-        os.environ["SAM_CSC_CONFIG_FILE"] = str(config_file)
-    named = os.environ.get("SAM_CSC_CONFIG_FILE")
-    if named and not Path(named).is_file():
-        raise FileNotFoundError(f"settings file {named} does not exist or is not a file")
-    return CscSettings(**overrides)  # type: ignore[arg-type]
+    """Settings from ``config_file`` (TOML), then ``SAM_CSC_*`` variables, then
+    ``overrides``; a named file must exist."""
+    return load_from(CscSettings, "SAM_CSC_CONFIG_FILE", config_file, overrides)
