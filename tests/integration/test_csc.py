@@ -49,6 +49,7 @@ pytestmark = pytest.mark.integration
 
 GATEWAY = "csc-test-gateway"
 PORT = PORT_BASE + 51
+IDLE = 2.0  # seconds an idle connection may stay open
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ async def gateway(
         sam_profile=stack.profile("ssa-1"),
         store_file=folder / "credentials.sqlite3",
         authorization_servers={"dev-as": stack.pki.jws_key("dev-as").parent / "jws-pub.pem"},
+        idle_timeout_seconds=IDLE,
     )
     ca = x509.load_pem_x509_certificate(stack.pki.ca_file.read_bytes()).public_bytes(
         serialization.Encoding.DER
@@ -290,12 +292,15 @@ async def test_sign_hash_maps_sam_refusals_and_answers_a_retry_with_the_same_sig
         ("credentials/list", b'{"a": "' + b"x" * 1_100_000 + b'"}', "application/json", 413),
         ("credentials/list", b'{"maxResults": "ten"}', "application/json", 400),
         ("signatures/signDoc", b"{}", "application/json", 404),  # not offered
+        ("credentials/list", b"{}", "gzip", 400),  # says gzip, is not
     ],
 )
 async def test_a_malformed_call_gets_a_csc_error_document(
     harness: Harness, gateway: dict[str, Any], path: str, data: bytes, content_type: str, expected: int
 ) -> None:
     headers = {"Authorization": f"Bearer {_token(harness, 'alice-csc')}", "Content-Type": content_type}
+    if content_type == "gzip":
+        headers |= {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     async with gateway["session"].post(
         f"{gateway['url']}/csc/v2/{path}", data=data, headers=headers
     ) as reply:
@@ -394,3 +399,35 @@ async def test_an_operator_enrols_a_credential_with_the_cli_and_any_ca(
     assert listed.stdout.split("\t")[:3] == [credential, "enabled", "secp256r1"]
     again = await asyncio.to_thread(run, "finish", credential, str(tmp_path / "erin.pem"))
     assert again.returncode == 2 and "awaits" in again.stderr
+
+
+async def test_a_connection_that_sends_no_whole_request_is_closed(
+    harness: Harness, gateway: dict[str, Any]
+) -> None:
+    """A client that finishes TLS and then sends nothing, or trickles a header, is cut off
+    after ``idle_timeout_seconds``, so held connections cannot pile up (slowloris)."""
+    context = ssl.create_default_context(cafile=str(harness.stack.pki.ca_file))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", PORT, ssl=context, server_hostname="localhost"
+    )
+    trickler_reader, trickler = await asyncio.open_connection(
+        "127.0.0.1", PORT, ssl=context, server_hostname="localhost"
+    )
+    started = asyncio.get_running_loop().time()
+
+    async def trickle() -> None:
+        for byte in b"POST /csc/v2/info HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            trickler.write(bytes([byte]))
+            await trickler.drain()
+            await asyncio.sleep(0.5)
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        async with asyncio.timeout(IDLE * 5):
+            assert await reader.read() == b""  # closed by the gateway
+            assert await trickler_reader.read() == b""
+    finally:
+        trickling.cancel()
+        writer.close()
+        trickler.close()
+    assert asyncio.get_running_loop().time() - started >= IDLE * 0.9

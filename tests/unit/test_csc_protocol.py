@@ -76,6 +76,15 @@ def _without(name: str) -> dict[str, Any]:
         ({**V2, "signAlgo": "1.2.840.113549.1.1.10"}, "signAlgoParams"),  # PSS without its parameters
         ({**V2, "operationMode": "A"}, "operationMode"),  # asynchronous: not offered
         ({**V2, "hashes": "AAAA"}, "hashes"),
+        ({**V2, "hashes": [""]}, "hashes"),  # empty
+        ({**V2, "hashes": ["===="]}, "hashes"),
+        ({**V2, "hashes": ["!" + DIGEST]}, "hashes"),  # no character is silently dropped
+        ({**V2, "hashes": [" " + DIGEST]}, "hashes"),
+        ({**V2, "signAlgo": "1.2.840.113549.1.1.10", "signAlgoParams": "!!!"}, "signAlgoParams"),
+        ({**V2, "SAD": "x"}, "SAD"),  # not a compact JWT: the SAM would call it a bad envelope
+        ({**V2, "SAD": "a.b c.d"}, "SAD"),
+        ({**V2, "SAD": "a.b.c\n"}, "SAD"),
+        ({**V2, "SAD": "a.bé.c"}, "SAD"),
     ],
 )
 def test_a_bad_sign_hash_is_an_invalid_request_naming_its_parameter(body: Any, described: str) -> None:
@@ -99,12 +108,17 @@ def test_a_bad_sign_hash_is_an_invalid_request_naming_its_parameter(body: Any, d
         ("key_pair_disabled", (400, "invalid_request", "The credential is disabled")),
         ("key_pair_deleted", (400, "invalid_request", "Invalid parameter credentialID")),
         ("request_signature_invalid", (500, "server_error", None)),  # the gateway's own fault
+        ("key_pair_not_owned", (500, "server_error", None)),  # its store holds another SSA's key pair
+        ("invalid_properties", (400, "invalid_request", None)),  # any other 4xx: what was sent
+        ("schema_violation", (400, "invalid_request", None)),
+        ("some_future_outage", (503, "temporarily_unavailable", None)),  # a code of a newer SAM, by status
     ],
 )
 def test_a_sam_refusal_becomes_its_csc_error_with_the_sam_request_id(
     code: str, expected: tuple[int, str, str | None]
 ) -> None:
-    error = error_for_sam_code(code, "request-1")
+    status = {"invalid_properties": 400, "schema_violation": 400, "some_future_outage": 503}.get(code, 400)
+    error = error_for_sam_code(code, status, "request-1")
     assert (error.status, error.error) == expected[:2]
     if expected[2] is not None:
         assert error.description == expected[2]
@@ -175,6 +189,8 @@ def test_a_good_service_token_names_its_user() -> None:
         ("Bearer " + OTHER.issue_service_token("gw", "alice"), 401),  # signed by another key
         ("Bearer " + AS.sign_claims({"iss": "as-9", "aud": "gw", "sub": "a"}), 401),  # unknown issuer
         ("Bearer " + AS.sign_claims({"iss": "as-1", "aud": "gw", "sub": "a", "exp": "x", "iat": 1}), 401),
+        ("Bearer " + AS.issue_service_token("gw", "alice", nbf=int(time.time()) + 10_000), 401),
+        ("Bearer " + AS.issue_service_token("gw", "alice", nbf="now"), 401),
         ("Bearer " + AS.issue_service_token("gw", "alice", scope="credential"), 403),
         ("Bearer " + AS.issue_service_token("gw", "alice", scope=["service"]), 403),  # type: ignore[arg-type]
     ],

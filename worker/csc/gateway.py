@@ -164,7 +164,7 @@ def make_app(
                 message_id=message_id,
             )
         except SamRequestError as exc:
-            raise error_for_sam_code(str(exc.code), exc.request_id) from None
+            raise error_for_sam_code(str(exc.code), exc.status, exc.request_id) from None
         except SamTimeout as exc:
             raise CscError(
                 503, "temporarily_unavailable", "the signing service did not answer in time", exc.request_id
@@ -181,6 +181,11 @@ def make_app(
         return {"signatures": [base64.b64encode(s).decode() for s in signatures]}
 
     app = web.Application(client_max_size=options.max_body_bytes, middlewares=[_errors])
+
+    async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = "sam-csc"  # not the framework and its version
+
+    app.on_response_prepare.append(name_the_server)
     for version in ("v1", "v2"):
         for name, handler in (
             ("info", info),
@@ -235,6 +240,10 @@ def _json_endpoint(handler: Handler, body_timeout: float) -> Callable[[web.Reque
                 body = await request.read()
         except TimeoutError:
             raise CscError(408, "invalid_request", "the request body did not arrive in time") from None
+        except web.HTTPException:
+            raise  # 413: answered by the middleware
+        except Exception as exc:  # a Content-Encoding that does not decode, a broken chunk
+            raise invalid(f"the request body could not be read ({type(exc).__name__})") from None
         try:
             document = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError:

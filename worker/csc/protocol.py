@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -118,6 +119,8 @@ class SignHashRequest:
         wire = parse(SignHashBody, document)
         if wire.operationMode != "S":
             raise invalid("operationMode: only synchronous signing (S) is offered")
+        if not _COMPACT_JWS.fullmatch(wire.SAD):
+            raise invalid("Invalid parameter SAD: not a compact JWT")
         hashes = _one_of("hashes", wire.hashes, "hash", wire.hash)
         if hashes is None:
             raise invalid("Missing (or invalid type) array parameter hashes")
@@ -137,16 +140,29 @@ def _one_of(name: str, value: Any, v1_name: str, v1_value: Any) -> Any:
     return value if value is not None else v1_value
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+# a compact JWS: three base64url segments (the SAM checks the rest)
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
 def _base64(text: str, name: str) -> bytes:
+    """Canonical base64 or base64url, never empty: no character is dropped on the way,
+    so one value has one spelling's worth of meaning."""
     if len(text) > MAX_HASH_B64 and name == "hashes":
         raise invalid(f"Invalid parameter {name}: a value is too long for a hash")
     try:
-        return base64.b64decode(text, validate=True)
+        if _BASE64.fullmatch(text) and len(text) % 4 == 0:
+            decoded = base64.b64decode(text, validate=True)
+        elif _BASE64URL.fullmatch(text):
+            decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        else:
+            raise ValueError(name)
     except (binascii.Error, ValueError):
-        try:  # base64url, which some clients send
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except (binascii.Error, ValueError):
-            raise invalid(f"Invalid parameter {name}: not base64") from None
+        raise invalid(f"Invalid parameter {name}: not base64") from None
+    if not decoded:
+        raise invalid(f"Invalid parameter {name}: empty")
+    return decoded
 
 
 def parse(model: type[_M], document: Any) -> _M:
@@ -249,19 +265,40 @@ _REQUEST_CODES = {
 }
 
 
-def error_for_sam_code(code: str, request_id: str | None) -> CscError:
-    """The CSC error for a SAM error ``code`` (the SAM's stable codes)."""
+# Refusals that mean the gateway itself is misconfigured (its SSA account, key or
+# permissions), not that the client asked wrongly: the client cannot mend them
+_GATEWAY_FAULTS = {
+    "missing_user_id",
+    "unknown_user",
+    "request_signature_missing",
+    "request_signature_invalid",
+    "operation_not_permitted",
+    "reply_to_not_permitted",
+    "wrong_queue",
+    "key_pair_not_owned",
+    "internal_error",
+}
+
+
+def error_for_sam_code(code: str, status: int, request_id: str | None) -> CscError:
+    """The CSC error for a SAM refusal: its stable ``code`` and HTTP-like ``status``."""
     if code in _SAD_CODES:
         return CscError(400, "invalid_request", _SAD_CODES[code], request_id)
     if code.startswith("sad_"):  # the SAD does not authorize this: another signer, hash, key...
         return CscError(400, "invalid_request", f"Invalid parameter SAD ({code})", request_id)
-    if code in _UNAVAILABLE:
+    if code in _GATEWAY_FAULTS:
+        return CscError(500, "server_error", f"the signing service refused the gateway ({code})", request_id)
+    if code in _UNAVAILABLE or status == 503:
         return CscError(
             503, "temporarily_unavailable", f"the signing service is unavailable ({code})", request_id
         )
     if code in _REQUEST_CODES:
         return CscError(400, "invalid_request", _REQUEST_CODES[code], request_id)
-    return CscError(500, "server_error", f"the signing service refused the request ({code})", request_id)
+    if 400 <= status < 500:  # what the client sent, as the SAM saw it
+        return CscError(
+            400, "invalid_request", f"the signing service refused the request ({code})", request_id
+        )
+    return CscError(500, "server_error", f"the signing service failed ({code})", request_id)
 
 
 def sign_hash_message_id(issuer: str, user: str, request: SignHashRequest) -> str:

@@ -49,7 +49,13 @@ async def running(settings: CscSettings) -> AsyncIterator[str]:
         settings.name, settings.multisign, settings.max_body_bytes, settings.body_timeout_seconds
     )
     async with SamClient.from_profile(settings.sam_profile, timeout=settings.sam_timeout_seconds) as sam:
-        runner = web.AppRunner(make_app(options, tokens, store, sam), access_log=None)
+        # keepalive_timeout also bounds a connection that never sends a whole request (a
+        # TLS handshake done, then nothing or a header trickled byte by byte)
+        runner = web.AppRunner(
+            make_app(options, tokens, store, sam),
+            access_log=None,
+            keepalive_timeout=settings.idle_timeout_seconds,
+        )
         await runner.setup()
         # reuse_port: one process per core on one port, the kernel spreading connections
         site = web.TCPSite(

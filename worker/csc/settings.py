@@ -44,6 +44,12 @@ class CscSettings(BaseSettings):
     sam_timeout_seconds: float = Field(
         default=15.0, gt=0, le=300, description="per SAM call (the SDK retries twice)"
     )
+    idle_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=600,
+        description="an idle connection (or one that sends no whole request) is closed",
+    )
     body_timeout_seconds: float = Field(
         default=10.0, gt=0, le=300, description="for a request body to arrive"
     )

@@ -81,6 +81,9 @@ class ServiceTokenVerifier:
             raise _unauthorized("the token expired")
         if iat > now + self._skew or exp - iat > self._max_lifetime:
             raise _unauthorized("the token is from the future or lives too long")
+        nbf = claims.get("nbf")
+        if nbf is not None and (not isinstance(nbf, int) or isinstance(nbf, bool) or nbf > now + self._skew):
+            raise _unauthorized("the token is not valid yet")
         scope = claims.get("scope")
         if not isinstance(scope, str) or "service" not in scope.split():
             raise CscError(403, "insufficient_scope", "the token's scope has no service")
