@@ -165,7 +165,8 @@ async def run_worker(settings: WorkerSettings, ready_file: Path | None = None) -
         await results_channel.set_qos(prefetch_count=200)
         results_channel.close_callbacks.add(lost("a broker channel was closed"))
         results = StreamResultStore(publish_channel, results_channel, settings.ledger_timeout_seconds)
-        marks = MarkedResults(results_channel, settings.ledger_timeout_seconds)
+        # a channel of its own, reopened if closed: a repeat's read never ends the worker
+        marks = MarkedResults(connection, settings.ledger_timeout_seconds)
         service = SamService(
             static,
             configuration,

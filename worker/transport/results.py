@@ -24,7 +24,7 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from worker.errors import ErrorCode, SamError
 from worker.ports import StoredResult
@@ -196,19 +196,30 @@ class MarkedResults:
     records: each read is a consumer of its own from the mark's offset, cancelled once
     that message is read — a repeat costs one message read, and no other repeat (however
     old, however many) stands before it. At most ``concurrent`` reads run at once (a
-    burst of repeats waits its turn, first come first served, within the timeout)."""
+    burst of repeats waits its turn, first come first served, within the timeout).
+
+    The reads have a channel of their own, opened on ``connection`` when needed and again
+    if the broker closed it, with a small prefetch (a read wants one message, not the
+    stream after it). A timeout never cancels a consume or cancel RPC midway — aiormq
+    closes the whole channel when one is — so both run to their end in the background,
+    and a read that gave up still takes its consumer away."""
 
     def __init__(
         self,
-        read_channel: AbstractChannel,
+        connection: AbstractConnection,
         timeout: float,
         stream: str = SAD_USE_STREAM,
-        concurrent: int = 16,
+        concurrent: int = 8,
+        prefetch: int = 8,
     ) -> None:
-        self._reader = read_channel
+        self._connection = connection
         self._timeout = timeout
         self._stream = stream
+        self._prefetch = prefetch
         self._slots = asyncio.Semaphore(concurrent)
+        self._channel: AbstractChannel | None = None
+        self._opening: asyncio.Task[AbstractChannel] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def read(self, position: int, request: str, attempt: int) -> StoredResult:
         try:
@@ -225,14 +236,25 @@ class MarkedResults:
         try:
             for record in orjson.loads(body).get("records") or ():
                 result = record.get("result") if isinstance(record, dict) and "answered" in record else None
-                if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (
-                    request,
-                    attempt,
-                ):
+                named = (result.get("request"), result.get("attempt")) if isinstance(result, dict) else None
+                if isinstance(result, dict) and named == (request, attempt):
                     return StoredResult.from_record(result)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             pass
         raise SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds no such result at {position}")
+
+    async def _open_channel(self) -> AbstractChannel:
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        return channel
+
+    async def _channel_now(self) -> AbstractChannel:
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.ensure_future(self._open_channel())
+        self._channel = await asyncio.shield(self._opening)
+        return self._channel
 
     async def _message_at(self, position: int) -> bytes:
         """The body of the message at ``position``: a stream consumer starts at the chunk
@@ -243,12 +265,21 @@ class MarkedResults:
             offset = (message.headers or {}).get("x-stream-offset")
             if isinstance(offset, int) and offset >= position and not found.done():
                 found.set_result(message.body if offset == position else b"{}")
-            await message.ack()
+            with contextlib.suppress(Exception):  # the channel may be going: nothing to ack then
+                await message.ack()
 
-        queue = await self._reader.get_queue(self._stream, ensure=False)
-        tag = await queue.consume(on_message, arguments={"x-stream-offset": position})
+        queue = await (await self._channel_now()).get_queue(self._stream, ensure=False)
+        consuming = asyncio.ensure_future(queue.consume(on_message, arguments={"x-stream-offset": position}))
         try:
+            await asyncio.shield(consuming)
             return await found
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(queue.cancel(tag), self._timeout)
+            task = asyncio.ensure_future(self._cancel_once_consuming(queue, consuming))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _cancel_once_consuming(queue: AbstractQueue, consuming: asyncio.Future[str]) -> None:
+        with contextlib.suppress(Exception):
+            tag = await consuming
+            await queue.cancel(tag)
