@@ -76,6 +76,7 @@ def _without(name: str) -> dict[str, Any]:
         ({**V2, "signAlgo": "1.2.840.113549.1.1.10"}, "signAlgoParams"),  # PSS without its parameters
         ({**V2, "operationMode": "A"}, "operationMode"),  # asynchronous: not offered
         ({**V2, "hashes": "AAAA"}, "hashes"),
+        ({**V2, "hashAlgorithmOID": "2.16.840.1.101.3.4.2.2"}, "hashAlgorithmOID"),  # SHA-384 with ES256
         ({**V2, "hashes": [""]}, "hashes"),  # empty
         ({**V2, "hashes": ["===="]}, "hashes"),
         ({**V2, "hashes": ["!" + DIGEST]}, "hashes"),  # no character is silently dropped

@@ -131,6 +131,9 @@ class SignHashRequest:
             raise invalid(f"Invalid parameter signAlgo: {wire.signAlgo[:64]!r} is not offered")
         if wire.signAlgo == RSASSA_PSS and params is None:
             raise invalid("Missing parameter signAlgoParams: RSASSA-PSS needs its parameters")
+        named = _HASH_OF_SIGNATURE.get(wire.signAlgo)
+        if hash_oid is not None and named is not None and hash_oid != named:
+            raise invalid("Invalid parameter hashAlgorithmOID: not the hash signAlgo names")
         return cls(wire.credentialID, wire.SAD, decoded, hash_oid, wire.signAlgo, params)
 
 
@@ -140,6 +143,16 @@ def _one_of(name: str, value: Any, v1_name: str, v1_value: Any) -> Any:
     return value if value is not None else v1_value
 
 
+_SHA256, _SHA384, _SHA512 = "2.16.840.1.101.3.4.2.1", "2.16.840.1.101.3.4.2.2", "2.16.840.1.101.3.4.2.3"
+# the hash each signature algorithm names (RSASSA-PSS names it in its parameters)
+_HASH_OF_SIGNATURE = {
+    "1.2.840.10045.4.3.2": _SHA256,
+    "1.2.840.10045.4.3.3": _SHA384,
+    "1.2.840.10045.4.3.4": _SHA512,
+    "1.2.840.113549.1.1.11": _SHA256,
+    "1.2.840.113549.1.1.12": _SHA384,
+    "1.2.840.113549.1.1.13": _SHA512,
+}
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 # a compact JWS: three base64url segments (the SAM checks the rest)
