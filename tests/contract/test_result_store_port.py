@@ -11,6 +11,7 @@ result; and a read costs the same however much of the log lies before the mark."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -83,15 +84,22 @@ Append = Callable[[dict[str, Any]], Awaitable[object]]
 Marks = tuple[Append, SadUseLog, MarkReader]
 
 
-async def _stream_marks(stack: Stack) -> AsyncIterator[Marks]:
+@contextlib.asynccontextmanager
+async def _stream_marks(stack: Stack) -> AsyncIterator[tuple[Marks, Callable[..., MarkedResults]]]:
+    """Marks on a fresh stream, and a maker of more readers of it (``timeout``, ...)."""
     async with bench_stream(stack, "marks") as (connection, _, name):
         consume, publish = await connection.channel(), await connection.channel(publisher_confirms=True)
         await consume.set_qos(prefetch_count=100)
         log = SadUseLog(30)
         ledger = StreamLedger(name, log, consume, publish, TIMEOUT)
         await ledger.start()
+
+        def reader(timeout: float = TIMEOUT, **options: Any) -> MarkedResults:
+            return MarkedResults(connection, timeout, stream=name, **options)
+
         try:
-            yield ledger.append, log, MarkedResults(connection, TIMEOUT, stream=name)
+            yield (ledger.append, log, reader()), reader
+            assert not connection.is_closed and not consume.is_closed
         finally:
             await ledger.stop()
 
@@ -103,7 +111,7 @@ async def marks(request: pytest.FixtureRequest) -> AsyncIterator[Marks]:
         ledger = MemoryLedger(log)
         yield ledger.append, log, MarkedResultsIn(ledger.records)
         return
-    async for opened in _stream_marks(request.getfixturevalue("stack")):
+    async with _stream_marks(request.getfixturevalue("stack")) as (opened, _):
         yield opened
 
 
@@ -150,28 +158,18 @@ async def test_a_result_in_no_mark_is_unavailable_within_the_bound(marks: Marks)
 async def test_reads_that_time_out_leave_the_reader_and_its_connection_whole(stack: Stack) -> None:
     """Many reads at once, each given up on almost at once (a consume RPC cancelled midway
     would make aiormq close the channel): each is the result or ``ledger_unavailable``,
-    and a read afterwards still gets its result."""
-    async with bench_stream(stack, "marks") as (connection, _, name):
-        consume, publish = await connection.channel(), await connection.channel(publisher_confirms=True)
-        await consume.set_qos(prefetch_count=100)
-        log = SadUseLog(30)
-        ledger = StreamLedger(name, log, consume, publish, TIMEOUT)
-        await ledger.start()
-        try:
-            marks: Marks = (ledger.append, log, MarkedResults(connection, TIMEOUT, stream=name))
-            answered = [await _answer(marks, n) for n in range(40)]
-            hasty = MarkedResults(connection, 0.005, stream=name, concurrent=4)
-            outcomes = await asyncio.gather(
-                *(hasty.read(mark or 0, identity.exact, 0) for identity, mark in answered),
-                return_exceptions=True,
-            )
-            for outcome in outcomes:
-                assert isinstance(outcome, StoredResult) or (
-                    isinstance(outcome, SamError) and outcome.code is ErrorCode.ledger_unavailable
-                ), outcome
-            await asyncio.sleep(0.5)  # the given-up reads' consumers are cancelled meanwhile
-            identity, mark = answered[7]
-            assert mark is not None and await marks[2].read(mark, identity.exact, 0) == _result(7)
-            assert not connection.is_closed and not consume.is_closed
-        finally:
-            await ledger.stop()
+    and a read afterwards still gets its result, the connection and channels whole."""
+    async with _stream_marks(stack) as (marks, reader):
+        answered = [await _answer(marks, n) for n in range(40)]
+        hasty = reader(0.005, concurrent=4)
+        outcomes = await asyncio.gather(
+            *(hasty.read(mark or 0, identity.exact, 0) for identity, mark in answered),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            assert isinstance(outcome, StoredResult) or (
+                isinstance(outcome, SamError) and outcome.code is ErrorCode.ledger_unavailable
+            ), outcome
+        await asyncio.sleep(0.5)  # the given-up reads' consumers are cancelled meanwhile
+        identity, mark = answered[7]
+        assert mark is not None and await marks[2].read(mark, identity.exact, 0) == _result(7)
