@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 
 from worker.domain.algorithms import HsmMechanism, KeySpec, KeyType, SignatureScheme
 from worker.domain.audit import AuditEvent, AuditLog, ChainHead, chain_batch_signed_by, withheld_reply
-from worker.domain.ledgers import Reducer, Verdict
+from worker.domain.ledgers import Reducer, SadUseLog, Verdict
 from worker.errors import ErrorCode, SamError
 from worker.ports import GeneratedKeyPair, StoredResult, WrappedKey
 
@@ -224,8 +224,8 @@ class MarkedResultsIn:
 
     async def read(self, position: int, request: str, attempt: int) -> StoredResult:
         record = self.records[position] if 0 <= position < len(self.records) else {}
-        result = record.get("result") if "answered" in record else None
-        if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (request, attempt):
+        result = SadUseLog.result_in(record, request, attempt)
+        if result is not None:
             try:
                 return StoredResult.from_record(result)
             except (KeyError, TypeError, ValueError):

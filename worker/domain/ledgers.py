@@ -323,6 +323,16 @@ class SadUseLog:
         return record
 
     @staticmethod
+    def result_in(record: object, request: str, attempt: int) -> Mapping[str, Any] | None:
+        """The result of ``attempt`` of ``request`` (``RequestIdentity.exact``) that the
+        answered mark ``record`` carries, if it is that mark (as ``StoredResult.as_record``
+        wrote it)."""
+        result = record.get("result") if isinstance(record, dict) and "answered" in record else None
+        if isinstance(result, dict) and (result.get("request"), result.get("attempt")) == (request, attempt):
+            return result
+        return None
+
+    @staticmethod
     def key_events_mark(position: int) -> dict[str, Any]:
         return {"key_events": position}
 

@@ -19,13 +19,12 @@ import asyncio
 import collections
 import contextlib
 import datetime
-from collections.abc import Iterator
-from typing import Any
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
+from worker.domain.ledgers import SadUseLog
 from worker.errors import ErrorCode, SamError
 from worker.ports import StoredResult
 from worker.transport.topology import RESULTS_STREAM, SAD_USE_STREAM
@@ -92,16 +91,6 @@ class StreamResultStore:
             raise SamError(
                 ErrorCode.ledger_unavailable, f"{self._stream} did not take a result ({type(exc).__name__})"
             ) from exc
-
-    def _results_in(self, message: AbstractIncomingMessage) -> Iterator[tuple[str, int, dict[str, Any]]]:
-        headers = message.headers or {}
-        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
-        if isinstance(request, str) and isinstance(attempt, int):
-            try:
-                record = orjson.loads(message.body)
-            except orjson.JSONDecodeError:
-                record = {}  # wanted and unreadable: said so, not waited out
-            yield request, attempt, record if isinstance(record, dict) else {}
 
     async def stop(self) -> None:
         """Stop reading (at shutdown): repeats still waiting get ``ledger_unavailable``."""
@@ -172,22 +161,21 @@ class StreamResultStore:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if isinstance(message.timestamp, datetime.datetime):
             self._passed = max(self._passed, message.timestamp.timestamp())
-        if self._wanted:
+        headers = message.headers or {}
+        request, attempt = headers.get(_REQUEST_HEADER), headers.get(_ATTEMPT_HEADER)
+        wanted = (
+            self._wanted.pop((request, attempt), None)
+            if isinstance(request, str) and isinstance(attempt, int)
+            else None
+        )
+        if wanted is not None and not wanted[1].done():  # only a wanted result is parsed
             try:
-                found = list(self._results_in(message))
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-                found = []  # not one of ours: nothing a repeat waits for can be in it
-            for request, attempt, record in found:
-                wanted = self._wanted.pop((request, attempt), None)
-                if wanted is None or wanted[1].done():
-                    continue
-                try:
-                    wanted[1].set_result(StoredResult.from_record(record))
-                except (KeyError, TypeError, ValueError):
-                    wanted[1].set_exception(
-                        SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds an unreadable result")
-                    )
-                self._wakeup.set()
+                wanted[1].set_result(StoredResult.from_record(orjson.loads(message.body)))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                wanted[1].set_exception(
+                    SamError(ErrorCode.ledger_unavailable, f"{self._stream} holds an unreadable result")
+                )
+            self._wakeup.set()
         await message.ack()
 
 
@@ -235,9 +223,8 @@ class MarkedResults:
             ) from exc
         try:
             for record in orjson.loads(body).get("records") or ():
-                result = record.get("result") if isinstance(record, dict) and "answered" in record else None
-                named = (result.get("request"), result.get("attempt")) if isinstance(result, dict) else None
-                if isinstance(result, dict) and named == (request, attempt):
+                result = SadUseLog.result_in(record, request, attempt)
+                if result is not None:
                     return StoredResult.from_record(result)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             pass
