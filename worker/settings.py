@@ -9,7 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -22,19 +22,16 @@ from pydantic_settings import (
 from worker.domain.configuration import StaticConfiguration
 from worker.domain.contract import QueueClass
 
-_S = TypeVar("_S", bound=BaseSettings)
-
 __all__ = [
     "Infrastructure",
     "TlsFiles",
+    "TomlFileSettings",
     "WorkerSettings",
-    "load_from",
     "load_infrastructure",
     "load_settings",
     "load_static_configuration",
     "read_secret",
     "split_urls",
-    "toml_sources",
 ]
 
 
@@ -56,7 +53,41 @@ class TlsFiles(BaseModel):
     key_file: Path
 
 
-class WorkerSettings(BaseSettings):
+class TomlFileSettings(BaseSettings):
+    """Settings from arguments, then variables, then the TOML file that the variable
+    ``CONFIG_VARIABLE`` names, if any."""
+
+    CONFIG_VARIABLE: ClassVar[str] = "SAM_CONFIG_FILE"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = os.environ.get(cls.CONFIG_VARIABLE)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None, overrides: dict[str, object]) -> Self:
+        """From ``config_file`` (or the file ``CONFIG_VARIABLE`` names), then variables,
+        then ``overrides``. A settings file that is named must exist: silently running on
+        defaults and variables alone is not what its operator meant."""
+        if config_file is not None:
+            os.environ[cls.CONFIG_VARIABLE] = str(config_file)
+        named = os.environ.get(cls.CONFIG_VARIABLE)
+        if named and not Path(named).is_file():
+            raise FileNotFoundError(f"settings file {named} does not exist or is not a file")
+        return cls(**overrides)  # type: ignore[arg-type]
+
+
+class WorkerSettings(TomlFileSettings):
     """Settings of one worker process; ``SAM_<NAME>`` overrides the file."""
 
     model_config = SettingsConfigDict(env_prefix="SAM_", extra="forbid", frozen=True)
@@ -135,47 +166,10 @@ class WorkerSettings(BaseSettings):
     def tls(self) -> TlsFiles:
         return TlsFiles(ca_file=self.tls_ca_file, cert_file=self.tls_cert_file, key_file=self.tls_key_file)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return toml_sources(settings_cls, init_settings, env_settings, "SAM_CONFIG_FILE")
-
-
-def toml_sources(
-    settings_cls: type[BaseSettings],
-    init_settings: PydanticBaseSettingsSource,
-    env_settings: PydanticBaseSettingsSource,
-    variable: str,
-) -> tuple[PydanticBaseSettingsSource, ...]:
-    """Arguments, then variables, then the TOML file that ``variable`` names, if any."""
-    toml = os.environ.get(variable)
-    sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-    if toml:
-        sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
-    return tuple(sources)
-
-
-def load_from(cls: type[_S], variable: str, config_file: Path | None, overrides: dict[str, object]) -> _S:
-    """``cls`` from ``config_file`` (or the file ``variable`` names), then variables, then
-    ``overrides``. A settings file that is named must exist: silently running on defaults
-    and variables alone is not what its operator meant."""
-    if config_file is not None:
-        os.environ[variable] = str(config_file)
-    named = os.environ.get(variable)
-    if named and not Path(named).is_file():
-        raise FileNotFoundError(f"settings file {named} does not exist or is not a file")
-    return cls(**overrides)  # type: ignore[arg-type]
-
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> WorkerSettings:
     """Settings from ``config_file`` (TOML), then ``SAM_*`` variables, then ``overrides``."""
-    return load_from(WorkerSettings, "SAM_CONFIG_FILE", config_file, overrides)
+    return WorkerSettings.load(config_file, overrides)
 
 
 class KeyInfo(BaseModel):

@@ -7,23 +7,23 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from worker.settings import load_from, toml_sources
+from worker.settings import TomlFileSettings
 
 __all__ = ["CscSettings", "load_csc_settings"]
 
 
-class CscSettings(BaseSettings):
+class CscSettings(TomlFileSettings):
     """``SAM_CSC_<NAME>`` overrides the file."""
 
     model_config = SettingsConfigDict(env_prefix="SAM_CSC_", extra="forbid", frozen=True)
+    CONFIG_VARIABLE: ClassVar[str] = "SAM_CSC_CONFIG_FILE"
 
     gateway_id: str = Field(default="sam-csc", description="the audience service tokens must name")
     name: str = Field(default="sam-csc", description="the service name info reports")
@@ -67,19 +67,8 @@ class CscSettings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file are required (or plain_http on loopback)")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return toml_sources(settings_cls, init_settings, env_settings, "SAM_CSC_CONFIG_FILE")
-
 
 def load_csc_settings(config_file: Path | None = None, **overrides: object) -> CscSettings:
     """Settings from ``config_file`` (TOML), then ``SAM_CSC_*`` variables, then
     ``overrides``; a named file must exist."""
-    return load_from(CscSettings, "SAM_CSC_CONFIG_FILE", config_file, overrides)
+    return CscSettings.load(config_file, overrides)
