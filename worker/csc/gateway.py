@@ -108,7 +108,7 @@ def make_app(
             "description": options.description,
             "authType": ["oauth2code"],
             "methods": _METHODS,
-            "signAlgorithms": {"algos": _signature_algorithms()},
+            "signAlgorithms": {"algos": list(SIGNATURE_ALGORITHMS)},
         }
         if options.oauth2:
             answer["oauth2"] = options.oauth2
@@ -195,10 +195,6 @@ def make_app(
         ):
             app.router.add_post(f"/csc/{version}/{name}", _json_endpoint(handler, options.body_timeout))
     return app
-
-
-def _signature_algorithms() -> list[str]:
-    return list(SIGNATURE_ALGORITHMS)
 
 
 def _described(credential: Credential, options: GatewayOptions) -> CredentialDescription:
